@@ -1,0 +1,301 @@
+"""Benchmark machinery: suites of cases, each timing fastdf against baselines in one run.
+
+A suite is a function ``(device, quick) -> list[Case]`` registered with :func:`suite`.
+A :class:`Case` names a shape and builds, on demand, its providers: zero-argument callables,
+the first one fastdf's, the rest baselines. Every baseline's ratio is its time over the
+first provider's, measured in the same run (DESIGN.md §6). Suites live in
+``fastdf/bench/suites/<name>.py`` and register on import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import pkgutil
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+SUITES: dict[str, "Suite"] = {}
+
+
+class Skip(Exception):
+    """Raised by a provider (or a case's setup) that cannot run here; the reason is recorded."""
+
+
+@dataclasses.dataclass
+class Case:
+    """One shape. ``setup(device)`` returns ``{provider: fn}`` (ours first). ``flops`` and
+    ``bytes`` (the floor: each input read once, each output written once) turn times into
+    TFLOP/s and GB/s; ``bytes_by``/``flops_by`` override them per provider."""
+
+    name: str
+    setup: Callable[[torch.device], dict[str, Callable[[], object]]]
+    flops: float | None = None
+    bytes: float | None = None
+    flops_by: dict[str, float] = dataclasses.field(default_factory=dict)
+    bytes_by: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Suite:
+    name: str
+    cases: Callable[[torch.device, bool], list[Case]]
+    help: str
+
+
+def suite(name: str, help: str = ""):
+    """Register ``fn(device, quick) -> list[Case]`` as suite ``name``."""
+
+    def decorate(fn):
+        SUITES[name] = Suite(name, fn, help or (fn.__doc__ or "").strip().splitlines()[0])
+        return fn
+
+    return decorate
+
+
+def load_suites() -> dict[str, Suite]:
+    from . import suites
+
+    for info in pkgutil.iter_modules(suites.__path__):
+        importlib.import_module(f"{suites.__name__}.{info.name}")
+    return SUITES
+
+
+# ---------------------------------------------------------------------------- timing
+
+
+def time_gpu(fn, quick: bool) -> float:
+    """Median milliseconds with CUDA events; do_bench clears L2 between repetitions."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100, return_mode="median")
+
+
+def time_cpu(fn, quick: bool) -> float:
+    """Median wall-clock milliseconds (CPU numbers show algorithmic wins only)."""
+    fn()  # warm-up
+    budget = 0.5 if quick else 2.0
+    samples, start = [], time.perf_counter()
+    while len(samples) < 3 or (time.perf_counter() - start < budget and len(samples) < 50):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
+
+
+def peak_memory_mb(fn, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+# ---------------------------------------------------------------------------- environment
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure_ceilings(device) -> dict:
+    """The card's copy bandwidth and bf16 matmul rate, measured once (DESIGN.md §6)."""
+    if device.type != "cuda":
+        return {}
+    n = 1 << 28  # 512 MiB of bf16 each way: far larger than L2
+    src = torch.randn(n // 2, device=device, dtype=torch.float32).view(torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = time_gpu(lambda: dst.copy_(src), quick=True)
+    copy_gbps = 2 * src.numel() * src.element_size() / ms / 1e6
+    del src, dst
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = time_gpu(lambda: a @ b, quick=True)
+    return {"copy_GBps": round(copy_gbps, 1), "bf16_matmul_TFLOPs": round(2 * 8192**3 / ms / 1e9, 1)}
+
+
+def environment(device) -> dict:
+    from fastdf import __version__, _native
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "fastdf": __version__,
+        "commit": _git_commit(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU: {_cpu_name()}",
+        "fastdf._C": _native.unavailable_reason() or "available",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    info["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return info
+
+
+# ---------------------------------------------------------------------------- running
+
+
+def run_case(suite_name: str, case: Case, device, quick: bool, memory: bool = True) -> list[dict]:
+    rows = []
+    timer = time_gpu if device.type == "cuda" else time_cpu
+    try:
+        providers = case.setup(device)
+    except Skip as why:
+        return [dict(suite=suite_name, case=case.name, provider="*", error=f"skipped: {why}")]
+    for provider, fn in providers.items():
+        row = dict(suite=suite_name, case=case.name, provider=provider)
+        try:
+            row["ms"] = timer(fn, quick)
+            if memory:
+                row["peak_MB"] = peak_memory_mb(fn, device)
+        except Skip as why:
+            row["error"] = f"skipped: {why}"
+        except Exception as err:  # a broken baseline must not hide the other numbers
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        flops = case.flops_by.get(provider, case.flops)
+        nbytes = case.bytes_by.get(provider, case.bytes)
+        if "ms" in row:
+            if flops:
+                row["TFLOPs"] = flops / row["ms"] / 1e9
+            if nbytes:
+                row["GBps"] = nbytes / row["ms"] / 1e6
+        rows.append(row)
+    ours = rows[0].get("ms") if rows else None
+    for row in rows[1:]:
+        if ours and row.get("ms"):
+            row["fastdf_speedup"] = row["ms"] / ours
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def run(names, device, quick: bool, progress: bool = True) -> list[dict]:
+    from tqdm.auto import tqdm
+
+    suites = load_suites()
+    unknown = [n for n in names if n not in suites]
+    if unknown:
+        raise SystemExit(f"unknown suite(s) {', '.join(unknown)}; available: {', '.join(sorted(suites))}")
+    work = [(name, case) for name in names for case in suites[name].cases(device, quick)]
+    rows = []
+    for name, case in tqdm(work, desc="fastdf.bench", unit="case", disable=not progress):
+        rows.extend(run_case(name, case, device, quick))
+    return rows
+
+
+# ---------------------------------------------------------------------------- reporting
+
+
+def _fmt(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def table(rows: list[dict]) -> str:
+    """Fixed-width table; 'vs fastdf' is the baseline's time over fastdf's (>1: fastdf faster)."""
+    header = ("suite", "case", "provider", "median ms", "TFLOP/s", "GB/s", "peak MB", "vs fastdf")
+    lines = []
+    for r in rows:
+        if "error" in r:
+            lines.append((r["suite"], r["case"], r["provider"], r["error"], "", "", "", ""))
+            continue
+        lines.append((
+            r["suite"], r["case"], r["provider"], _fmt(r.get("ms"), ".4g"), _fmt(r.get("TFLOPs"), ".1f"),
+            _fmt(r.get("GBps"), ".0f"), _fmt(r.get("peak_MB"), ".0f"),
+            _fmt(r.get("fastdf_speedup"), ".2f") + ("x" if r.get("fastdf_speedup") else ""),
+        ))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)] if lines else [len(h) for h in header]
+    widths[3] = min(widths[3], 60)
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    previous = (None, None)
+    for line in lines:
+        shown = list(line)
+        if (line[0], line[1]) == previous:
+            shown[0] = shown[1] = ""
+        previous = (line[0], line[1])
+        out.append("  ".join(str(x).ljust(w) for x, w in zip(shown, widths)).rstrip())
+    return "\n".join(out)
+
+
+def markdown(rows: list[dict], env: dict) -> str:
+    """The same results as a Markdown table (for BENCHMARKS.md)."""
+    out = [f"**{env['device']}** · torch {env['torch']} · Triton {env.get('triton')} · CUDA {env.get('cuda')} · "
+           f"commit {env.get('commit')} · {env['date']}", ""]
+    if env.get("ceilings"):
+        out += [f"Measured ceilings: {env['ceilings']}", ""]
+    out += ["| suite | case | provider | median ms | TFLOP/s | GB/s | peak MB | vs fastdf |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['suite']} | {r['case']} | {r['provider']} | {r['error']} | | | | |")
+            continue
+        speed = r.get("fastdf_speedup")
+        out.append(
+            f"| {r['suite']} | {r['case']} | {r['provider']} | {_fmt(r.get('ms'), '.4g')} | {_fmt(r.get('TFLOPs'), '.1f')} | "
+            f"{_fmt(r.get('GBps'), '.0f')} | {_fmt(r.get('peak_MB'), '.0f')} | {_fmt(speed, '.2f') + ('x' if speed else '')} |"
+        )
+    return "\n".join(out)
+
+
+def write_json(path, rows, env):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps({"environment": env, "results": rows}, indent=1, default=str) + "\n")
+
+
+def plot(path, rows, env):
+    """One horizontal bar per (case, baseline): how many times faster fastdf ran."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{r['suite']}: {r['case']} vs {r['provider']}", r["fastdf_speedup"]) for r in rows if r.get("fastdf_speedup")]
+    fig, ax = plt.subplots(figsize=(10, max(2.0, 0.32 * len(bars) + 1)))
+    if bars:
+        labels, values = zip(*bars)
+        ax.barh(range(len(values)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+        ax.set_yticks(range(len(values)), labels, fontsize=7)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+    else:
+        ax.text(0.5, 0.5, "no baseline ratios in this run", ha="center", va="center")
+    ax.set_xlabel("fastdf speedup (baseline time / fastdf time)")
+    ax.set_title(f"fastdf {env['fastdf']} on {env['device']} ({env.get('commit')})", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

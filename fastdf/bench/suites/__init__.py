@@ -1,0 +1,1 @@
+"""One module per suite; each registers itself with ``fastdf.bench.core.suite``."""

@@ -1,0 +1,1 @@
+"""Registration of fastdf ops in third-party interfaces (HF transformers)."""

@@ -1,0 +1,1 @@
+"""Thin nn.Modules over fastdf ops, drop-in replacements for common blocks."""

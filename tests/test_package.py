@@ -1,0 +1,76 @@
+"""The package imports, exposes the public API and reports unbuilt ops clearly."""
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastdf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_version():
+    assert isinstance(fastdf.__version__, str) and fastdf.__version__.count(".") >= 2
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["df_attention", "adaln_modulate", "gated_residual", "grouped_mm", "moe_experts", "sample",
+     "merge_attention_states", "shared_prefix_attention", "backend"],
+)
+def test_public_names(name):
+    assert callable(getattr(fastdf, name))
+
+
+def test_workflow_subpackages_import():
+    from fastdf import diffusion_forcing, esft, prover  # noqa: F401
+
+    assert callable(diffusion_forcing.scheduling_matrix)
+    for name in ("collect_routing_stats", "select_experts", "apply", "save", "load", "merge"):
+        assert callable(getattr(esft, name))
+    assert callable(prover.pass_at_k) and isinstance(prover.ProofSampler, type)
+
+
+def _pending_calls():
+    """Public entry points still waiting for their capability, with a call for each."""
+    from fastdf import diffusion_forcing, esft, prover
+
+    candidates = {
+        "df_attention": lambda: fastdf.df_attention(torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8), torch.zeros(1, 1, 1, 8)),
+        "scheduling_matrix": lambda: diffusion_forcing.scheduling_matrix("pyramid", 4, 4, uncertainty=1),
+        "collect_routing_stats": lambda: esft.collect_routing_stats(None, []),
+        "pass_at_k": lambda: prover.pass_at_k(4, 1, 1),
+    }
+    pending = []
+    for name, call in candidates.items():
+        try:
+            call()
+        except NotImplementedError as err:
+            pending.append((name, str(err)))
+        except Exception:
+            pass  # built: real argument checks answer these dummy calls
+    return pending
+
+
+def test_unbuilt_ops_name_their_capability():
+    for name, message in _pending_calls():
+        assert name in message and "issue #" in message, message
+
+
+def test_import_without_extension(tmp_path):
+    """fastdf imports from a source checkout where fastdf._C is absent."""
+    code = "import sys; sys.modules['fastdf._C'] = None; import fastdf; print(fastdf.__version__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    assert out.stdout.strip() == fastdf.__version__
+
+
+def test_kernels_subpackage_is_fastdf_kernels():
+    kernels = importlib.import_module("fastdf.kernels")
+    assert Path(kernels.__file__).parent.name == "kernels"
+    assert "kernels" not in sys.modules  # nothing imports a top-level `kernels`
