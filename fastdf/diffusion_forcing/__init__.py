@@ -12,10 +12,14 @@
   :class:`RewardGuidance` and :class:`HistoryGuidance`.
 """
 
+from .guidance import HistoryGuidance, RewardGuidance
 from .matrix import scheduling_matrix, to_training_levels
+from .protocol import DFCache, DFModel, check_model
+from .sampler import Sampler
 from .schedule import NoiseSchedule
 from .training import sample_training_levels, training_step
 
 __all__ = [
-    "NoiseSchedule", "sample_training_levels", "scheduling_matrix", "to_training_levels", "training_step",
+    "DFCache", "DFModel", "HistoryGuidance", "NoiseSchedule", "RewardGuidance", "Sampler", "check_model",
+    "sample_training_levels", "scheduling_matrix", "to_training_levels", "training_step",
 ]
