@@ -158,22 +158,32 @@ def shared_prefix_attention_reference(q: Tensor, k_prefix: Tensor, v_prefix: Ten
     G, N, Hq, D = q.shape
     Hkv, P, S = k_prefix.shape[1], k_prefix.shape[2], k_suffix.shape[3]
     gs = Hq // Hkv
+    prefix_lens = prefix_lens.to(q.device).clamp(0, P)
+    suffix_lens = suffix_lens.to(q.device).clamp(0, S)
+    # Keys past every length are never visible: skip them (a decode cache is mostly empty).
+    P = int(prefix_lens.max()) if G else 0
+    S = int(suffix_lens.max()) if G * N else 0
+    k_prefix, v_prefix = k_prefix[:, :, :P], v_prefix[:, :, :P]
+    k_suffix, v_suffix = k_suffix[:, :, :, :S], v_suffix[:, :, :, :S]
     qf = q.to(acc).reshape(G, N, Hkv, gs, D)
     q_rows = qf.permute(0, 2, 1, 3, 4).reshape(G, Hkv, N * gs, D)  # all samples of a prompt: one M dim
     s_p = (q_rows @ k_prefix.to(acc).transpose(-1, -2)) * scale  # [G, Hkv, N*gs, P]
-    visible_p = torch.arange(P, device=q.device)[None, :] < prefix_lens.to(q.device)[:, None]  # [G, P]
+    visible_p = torch.arange(P, device=q.device)[None, :] < prefix_lens[:, None]  # [G, P]
     s_p = s_p.masked_fill(~visible_p[:, None, None, :], float("-inf"))
     s_p = s_p.reshape(G, Hkv, N, gs, P).permute(0, 2, 1, 3, 4)  # [G, N, Hkv, gs, P]
     s_s = torch.einsum("gnhjd,gnhsd->gnhjs", qf, k_suffix.to(acc)) * scale
-    visible_s = torch.arange(S, device=q.device) < suffix_lens.to(q.device)[..., None]  # [G, N, S]
+    visible_s = torch.arange(S, device=q.device) < suffix_lens[..., None]  # [G, N, S]
     s_s = s_s.masked_fill(~visible_s[:, :, None, None, :], float("-inf"))
     scores = torch.cat([s_p, s_s], -1)
     lse = torch.logsumexp(scores, -1)
     finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(scores - finite[..., None])
+    # Values behind invisible keys may be anything (uninitialised cache): 0 * NaN is NaN.
+    v_p = v_prefix.to(acc).masked_fill(~visible_p[:, None, :, None], 0)
+    v_s = v_suffix.to(acc).masked_fill(~visible_s[:, :, None, :, None], 0)
     p_p = p[..., :P].permute(0, 2, 1, 3, 4).reshape(G, Hkv, N * gs, P)
-    o_p = (p_p @ v_prefix.to(acc)).reshape(G, Hkv, N, gs, D).permute(0, 2, 1, 3, 4)
-    o_s = torch.einsum("gnhjs,gnhsd->gnhjd", p[..., P:], v_suffix.to(acc))
+    o_p = (p_p @ v_p).reshape(G, Hkv, N, gs, D).permute(0, 2, 1, 3, 4)
+    o_s = torch.einsum("gnhjs,gnhsd->gnhjd", p[..., P:], v_s)
     o = (o_p + o_s).reshape(G, N, Hq, D).to(q.dtype)
     return o, lse.reshape(G, N, Hq)
 
