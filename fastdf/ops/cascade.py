@@ -178,9 +178,12 @@ def shared_prefix_attention_reference(q: Tensor, k_prefix: Tensor, v_prefix: Ten
     lse = torch.logsumexp(scores, -1)
     finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     p = torch.exp(scores - finite[..., None])
-    # Values behind invisible keys may be anything (uninitialised cache): 0 * NaN is NaN.
-    v_p = v_prefix.to(acc).masked_fill(~visible_p[:, None, :, None], 0)
-    v_s = v_suffix.to(acc).masked_fill(~visible_s[:, :, None, :, None], 0)
+    # Values behind invisible keys may be anything (an uninitialised cache): 0 * NaN is NaN.
+    v_p, v_s = v_prefix.to(acc), v_suffix.to(acc)
+    if not bool(visible_p.all()):
+        v_p = v_p.masked_fill(~visible_p[:, None, :, None], 0)
+    if not bool(visible_s.all()):
+        v_s = v_s.masked_fill(~visible_s[:, :, None, :, None], 0)
     p_p = p[..., :P].permute(0, 2, 1, 3, 4).reshape(G, Hkv, N * gs, P)
     o_p = (p_p @ v_p).reshape(G, Hkv, N, gs, D).permute(0, 2, 1, 3, 4)
     o_s = torch.einsum("gnhjs,gnhsd->gnhjd", p[..., P:], v_s)

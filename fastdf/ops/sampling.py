@@ -66,26 +66,29 @@ def sample_reference(logits: Tensor, uniforms: Tensor, temperature: Tensor, top_
     inf = torch.tensor(float("inf"), dtype=acc, device=x.device)
 
     non_finite = torch.isnan(x).any(-1) | (x == inf).any(-1)
-    x = torch.where(non_finite[:, None], torch.zeros_like(x), x)
     m = x.max(-1).values
-    no_finite = m == -inf
-    x = torch.where(no_finite[:, None], torch.zeros_like(x), x)
-    m = torch.where(no_finite, torch.zeros_like(m), m)
+    no_finite = ~non_finite & (m == -inf)
+    bad = non_finite | no_finite
+    if bool(bad.any()):  # give bad rows harmless values; their ids become -1 below
+        x = torch.where(bad[:, None], torch.zeros_like(x), x)
+        m = torch.where(bad, torch.zeros_like(m), m)
     greedy = temperature == 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
     e = torch.exp((x - m[:, None]) / t[:, None])
 
     # top-k: logits at least the k-th largest.
     k = torch.where((top_k <= 0) | (top_k >= vocab), torch.full_like(top_k, vocab), top_k)
-    xs, order = torch.sort(x, dim=-1, descending=True, stable=True)
+    xs, order = torch.sort(x, dim=-1, descending=True)  # tie order is irrelevant: ties move together
     kth = xs.gather(-1, (k - 1)[:, None]).squeeze(-1)
     in_k = xs >= kth[:, None]
     cum = torch.cumsum(e.gather(-1, order) * in_k, -1)
     mass_k = cum[:, -1]
-    # top-p: the mass of {x >= xs[j]} is the running mass at the end of xs[j]'s tie group.
-    neg = (-xs).contiguous()
-    group_end = torch.searchsorted(neg, neg, right=True) - 1
-    upper = cum.gather(-1, group_end)
+    # top-p: the mass of {x >= xs[j]} is the running mass at the end of xs[j]'s tie group
+    # (the nearest group end at or after j: a reversed running minimum, cum being sorted).
+    group_last = torch.ones_like(in_k)
+    group_last[:, :-1] = xs[:, :-1] != xs[:, 1:]
+    ends = torch.where(group_last, cum, torch.full_like(cum, float("inf")))
+    upper = ends.flip(-1).cummin(-1).values.flip(-1)
     ok = in_k & (upper >= top_p[:, None] * mass_k[:, None])
     first = ok.to(torch.int8).argmax(-1)
     tau_p = torch.where(ok.any(-1) & (top_p < 1), xs.gather(-1, first[:, None]).squeeze(-1), -inf)
@@ -95,7 +98,7 @@ def sample_reference(logits: Tensor, uniforms: Tensor, temperature: Tensor, top_
 
     w = torch.where(x >= tau[:, None], e, torch.zeros_like(e))
     cw = torch.cumsum(w, -1).cummax(-1).values  # cummax: a parallel cumsum need not be monotone
-    last = vocab - 1 - (w > 0).flip(-1).to(torch.int8).argmax(-1)
+    last = torch.where(w > 0, torch.arange(vocab, device=x.device), -1).amax(-1)  # last token with weight
     status = torch.where(non_finite, STATUS_NON_FINITE, torch.where(no_finite, STATUS_NO_FINITE, STATUS_OK))
     greedy_ids = x.argmax(-1)
 

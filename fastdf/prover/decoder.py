@@ -101,20 +101,21 @@ class PrefixDecoder:
         logits = self.lm_head(hidden)
         return logits.double() if logits.dtype == torch.float64 else logits.float()
 
-    def step(self, tokens, positions, group, slot, cache):
-        """One decode step for the active samples.
+    def step(self, tokens, positions, group, slot, cache, t):
+        """One decode step for the batch rows.
 
-        tokens, positions, group, slot: int64 ``[B]`` (sample b sits at ``(group[b],
-        slot[b])`` of the ``[G, N]`` layout). ``cache`` is a :class:`DecodeCache`; this
-        step's K/V go to suffix position ``cache.step``. Returns logits ``[B, V]``.
+        tokens, positions, group, slot: int64 ``[B]`` (row b sits at ``(group[b],
+        slot[b])`` of the ``[G, N]`` layout, rows in layout order). ``t``: int64 tensor,
+        the suffix position this step's K/V go to (a tensor, so a CUDA graph of the step
+        replays for every t). Returns logits ``[B, V]``.
         """
         B = tokens.shape[0]
         G, N = cache.suffix_lens.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         h = self.base.embed_tokens(tokens)[:, None, :]
         cos, sin = self.base.rotary_emb(h, positions[:, None])
-        t = cache.step
-        dense = B == G * N  # every slot active, in layout order: views, no scatter
+        t = t.expand(B)
+        dense = B == G * N  # every slot filled, in layout order: views, no scatter
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             x = layer.input_layernorm(h)
@@ -139,11 +140,38 @@ class PrefixDecoder:
         return self.logits(h[:, 0])
 
 
+class StepGraph:
+    """``PrefixDecoder.step`` captured in a CUDA graph for one batch layout: replaying it
+    costs one launch instead of ~40 per layer. Inputs are copied into static buffers;
+    the returned logits buffer is overwritten by the next replay. Rebuild it whenever the
+    layout or the cache tensors change (compaction)."""
+
+    def __init__(self, decoder, cache, tokens, positions, group, slot, t):
+        self.static = [tokens.clone(), positions.clone(), group.clone(), slot.clone()]
+        self.t = t.clone()
+        side = torch.cuda.Stream(tokens.device)
+        side.wait_stream(torch.cuda.current_stream(tokens.device))
+        with torch.cuda.stream(side):  # warm-up: compiles kernels, settles the allocator
+            for _ in range(2):
+                decoder.step(*self.static, cache, self.t)
+        torch.cuda.current_stream(tokens.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = decoder.step(*self.static, cache, self.t)
+
+    def __call__(self, tokens, positions, t):
+        self.static[0].copy_(tokens)
+        self.static[1].copy_(positions)
+        self.t.copy_(t)
+        self.graph.replay()
+        return self.logits
+
+
 class DecodeCache:
     """Prefix K/V per prompt (stored once) and per-sample suffix K/V, for every layer.
 
     ``suffix_lens [G, N]`` is the number of visible suffix keys of each slot (0 for an
-    empty slot); ``step`` the suffix position the next token writes.
+    empty slot).
     """
 
     def __init__(self, keys, values, prefix_lens, num_samples, max_new_tokens):
@@ -154,7 +182,6 @@ class DecodeCache:
         self.k_suffix = [torch.empty(shape, dtype=k.dtype, device=k.device) for k in keys]
         self.v_suffix = [torch.empty(shape, dtype=k.dtype, device=k.device) for k in keys]
         self.suffix_lens = torch.zeros(G, num_samples, dtype=torch.int32, device=keys[0].device)
-        self.step = 0
 
     def compact(self, groups, slots):
         """Keep layout cells ``[groups[g], slots[g, n]]`` (int64 ``[G']`` and ``[G', N']``):

@@ -11,13 +11,14 @@ they stop costing compute.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Sequence
 
 import torch
 
 from ..ops import _checks
 from ..ops.sampling import sample as sample_tokens
-from .decoder import DecodeCache, PrefixDecoder
+from .decoder import DecodeCache, PrefixDecoder, StepGraph
 
 FINISH_REASONS = ("stop", "eos", "length")
 
@@ -58,12 +59,16 @@ class ProofSampler:
     >>> [c.text for c in out[0]]      # 32 completions of the one prompt
 
     The model's weights are used as they are (no copy); its dtype and device are kept.
+    On CUDA the decode step runs as a CUDA graph (``cuda_graphs=False`` to decode eagerly):
+    a 1B model's step is otherwise bound by launching ~40 kernels per layer.
     """
 
-    def __init__(self, model, tokenizer=None):
+    def __init__(self, model, tokenizer=None, *, cuda_graphs: bool = True):
         self.decoder = PrefixDecoder(model)
         self.model = model
         self.tokenizer = tokenizer
+        self.cuda_graphs = cuda_graphs  # capture the decode step in CUDA graphs (CUDA models only)
+        self._keep_finished = False  # tests: the graph-mode batch policy without graphs
 
     # ------------------------------------------------------------------ public API
 
@@ -176,22 +181,30 @@ class ProofSampler:
 
     @torch.inference_mode()
     def _generate(self, prompts, num_samples, max_new_tokens, knobs, penalty, stop, eos, generator, progress):
+        """The decode loop. Batch rows are the samples placed in the ``[G, N]`` layout, in
+        layout order. Eagerly, finished samples leave the batch at once. With CUDA graphs
+        (``self.cuda_graphs``), the batch keeps its shape, finished rows computing
+        unused tokens, until at most half its rows are alive or a prompt is done; then
+        the batch and layout shrink together and the step graph is captured again."""
         from tqdm.auto import tqdm
 
         dec = self.decoder
         device = dec.device
         G, N = len(prompts), num_samples
         dec.check_length(max(len(p) for p in prompts) + max_new_tokens)
+        graphs = self.cuda_graphs and device.type == "cuda"
+        keep = graphs or self._keep_finished
         keys, values, prefix_lens, logits = dec.prefill(prompts)
         cache = DecodeCache(keys, values, prefix_lens, N, max_new_tokens)
         vocab = logits.shape[-1]
 
-        # Layout bookkeeping: cell (g, n) of the [G', N'] layout holds sample sample_of[g, n] (-1: empty).
+        # Cell (g, n) of the layout holds sample sample_of[g, n] (-1: none, or finished).
         sample_of = torch.arange(G * N, device=device).view(G, N)
-        group = torch.arange(G, device=device).repeat_interleave(N)  # active samples, layout order
+        group = torch.arange(G, device=device).repeat_interleave(N)  # per batch row
         slot = torch.arange(N, device=device).repeat(G)
-        ids = torch.arange(G * N, device=device)  # global sample id of each active sample
-        positions = prefix_lens.to(torch.int64).repeat_interleave(N)
+        ids = list(range(G * N))  # sample id per batch row
+        alive = [True] * (G * N)
+        start = prefix_lens.to(torch.int64).repeat_interleave(N)  # position of a row's first new token
 
         seen = None
         if penalty != 1.0:
@@ -201,61 +214,95 @@ class ProofSampler:
                 prompt_seen[g, ids_g[ids_g < vocab]] = True  # ids past the lm_head cannot be penalised (as HF)
             logits = apply_repetition_penalty(logits, prompt_seen, penalty)
             seen = prompt_seen.repeat_interleave(N, 0)
-        tokens = sample_tokens(logits, indices=group.clone(), generator=generator, **knobs)
+        new_tokens = sample_tokens(logits, indices=group.clone(), generator=generator, **knobs)
+        tokens = new_tokens
 
         generated = [[] for _ in range(G * N)]
         reasons = [None] * (G * N)
         eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
         window = max((len(s) for s in stop), default=0) + 16
+        step_fn = None
         bar = tqdm(total=max_new_tokens, desc="fastdf.prover decode", unit="tok", disable=not progress, leave=False)
         for step in range(max_new_tokens):
-            host_tokens = tokens.tolist()
-            host_ids = ids.tolist()
-            for i, tok in zip(host_ids, host_tokens):
+            # Bookkeeping of the tokens just drawn (alive rows only, in batch order).
+            rows = [r for r in range(len(ids)) if alive[r]]
+            done = torch.isin(new_tokens, eos_t).tolist() if eos else [False] * len(rows)
+            finished = []
+            for r, tok, is_eos in zip(rows, new_tokens.tolist(), done):
+                i = ids[r]
                 generated[i].append(tok)
-            done = torch.isin(tokens, eos_t) if eos else torch.zeros_like(tokens, dtype=torch.bool)
-            finished = done.tolist()
-            for b, i in enumerate(host_ids):
-                if finished[b]:
+                if is_eos:
                     reasons[i] = "eos"
                 elif stop and self._has_stop(generated[i], stop, window):
                     reasons[i] = "stop"
-                    finished[b] = True
                 elif step + 1 == max_new_tokens:
                     reasons[i] = "length"
-                    finished[b] = True
+                else:
+                    continue
+                finished.append(r)
             bar.update(1)
-            keep = ~torch.tensor(finished, dtype=torch.bool, device=device)
-            if not bool(keep.any()):
+            if seen is not None:
+                seen[torch.tensor(rows, device=device), new_tokens] = True
+            if len(finished) == len(rows):
                 break
-            if seen is not None:
-                seen[torch.arange(tokens.shape[0], device=device), tokens] = True
-            if not bool(keep.all()):
-                sample_of[group[~keep], slot[~keep]] = -1
-                cache.suffix_lens[group[~keep], slot[~keep]] = 0
-                tokens, ids, positions, group, slot = (t[keep] for t in (tokens, ids, positions, group, slot))
-                if seen is not None:
-                    seen = seen[keep]
-                sample_of, group, slot = self._maybe_compact(cache, sample_of, group, slot)
-            bar.set_postfix(active=int(tokens.shape[0]))
+            if finished:
+                for r in finished:
+                    alive[r] = False
+                dead = torch.tensor(finished, device=device)
+                sample_of[group[dead], slot[dead]] = -1
+                cache.suffix_lens[group[dead], slot[dead]] = 0
+                compacted = self._maybe_compact(cache, sample_of)
+                if not keep or compacted is not None:
+                    live = torch.tensor([r for r in range(len(ids)) if alive[r]], device=device)
+                    tokens, start, group, slot = (x[live] for x in (tokens, start, group, slot))
+                    ids = [i for i, a in zip(ids, alive) if a]
+                    alive = [True] * len(ids)
+                    if seen is not None:
+                        seen = seen[live]
+                if compacted is not None:
+                    sample_of, group, slot = compacted
+                    step_fn = None
+            bar.set_postfix(active=len(rows) - len(finished))
             cache.suffix_lens[group, slot] = step + 1
-            cache.step = step
-            logits = dec.step(tokens, positions + step, group, slot, cache)
+            t = torch.tensor(step, device=device)
+            if graphs and step_fn is None:
+                step_fn = self._graph(cache, tokens, start + step, group, slot, t)
+                graphs = step_fn is not None
+            if graphs:
+                logits = step_fn(tokens, start + step, t)
+            else:
+                logits = dec.step(tokens, start + step, group, slot, cache, t)
+            if not all(alive):
+                live = torch.tensor([r for r in range(len(ids)) if alive[r]], device=device)
+                logits = logits[live]
             if seen is not None:
-                logits = apply_repetition_penalty(logits, seen, penalty)
-            tokens = sample_tokens(logits, generator=generator, **knobs)
+                logits = apply_repetition_penalty(logits, seen if all(alive) else seen[live], penalty)
+            new_tokens = sample_tokens(logits, generator=generator, **knobs)
+            tokens = new_tokens if all(alive) else tokens.index_put((live,), new_tokens)
         bar.close()
         return [[(generated[g * N + n], reasons[g * N + n]) for n in range(N)] for g in range(G)]
 
+    def _graph(self, cache, tokens, positions, group, slot, t):
+        """The decode step for this layout as a CUDA graph, or None (with a warning) if
+        capture fails: the eager step computes the same."""
+        try:
+            return StepGraph(self.decoder, cache, tokens, positions, group, slot, t)
+        except Exception as err:
+            warnings.warn(f"fastdf.prover: CUDA graph capture failed ({type(err).__name__}: {err}); decoding eagerly",
+                          RuntimeWarning, stacklevel=3)
+            self.cuda_graphs = False
+            return None
+
     @staticmethod
-    def _maybe_compact(cache, sample_of, group, slot):
-        """Shrink the layout once at most half its cells are active or a prompt is done:
-        prompts without active samples leave, and each prompt keeps only active slots."""
+    def _maybe_compact(cache, sample_of):
+        """Shrink the layout once at most half its cells hold live samples or a prompt is
+        done: prompts without live samples leave, each prompt keeps only live slots.
+        Returns the new (sample_of, group, slot) of the live samples, or None."""
         live = sample_of >= 0
         per_group = live.sum(1)
         cells = sample_of.numel()
         if int(per_group.min()) > 0 and 2 * int(live.sum()) > cells:
-            return sample_of, group, slot
+            return None
         groups = (per_group > 0).nonzero()[:, 0]
         width = int(per_group.max())
         # For each kept prompt: its live slots first (in slot order), padded with empty ones.

@@ -30,14 +30,16 @@ def test_greedy_equals_hf_generate(model, tokenizer):
         assert per[0].finish_reason == ("eos" if want[-1] == 2 and len(want) < 14 else "length")
 
 
-def test_eos_and_early_prompts_leave_the_batch(model_factory, tokenizer):
+@pytest.mark.parametrize("keep_finished", [False, True])
+def test_eos_and_early_prompts_leave_the_batch(model_factory, tokenizer, keep_finished):
     """EOS chosen from prompt 0's greedy output: prompt 0 stops early (its prompt leaves the
     layout), the others still match HF token for token."""
     model = model_factory("llama")
     first = hf_greedy(model, tokenizer, PROMPTS[0], 12)
     eos = first[3]
-    out = ProofSampler(model, tokenizer).sample(PROMPTS, num_samples=2, max_new_tokens=12, temperature=0.0,
-                                                eos_token_id=eos, progress=False)
+    sampler = ProofSampler(model, tokenizer)
+    sampler._keep_finished = keep_finished
+    out = sampler.sample(PROMPTS, num_samples=2, max_new_tokens=12, temperature=0.0, eos_token_id=eos, progress=False)
     for prompt, per in zip(PROMPTS, out):
         want = hf_greedy(model, tokenizer, prompt, 12, eos_token_id=eos)
         assert per[0].token_ids == want and per[1].token_ids == want
@@ -45,10 +47,12 @@ def test_eos_and_early_prompts_leave_the_batch(model_factory, tokenizer):
     assert out[0][0].finish_reason == "eos" and out[0][0].num_tokens <= 4
 
 
-def test_decode_steps_match_hf_forward_through_compaction(model_factory, tokenizer, monkeypatch):
+@pytest.mark.parametrize("keep_finished", [False, True])
+def test_decode_steps_match_hf_forward_through_compaction(model_factory, tokenizer, monkeypatch, keep_finished):
     """Scripted tokens (samples finish at different steps, so the layout shrinks twice:
     once by slots, once by a whole prompt): the logits handed to the sampler at every step
-    equal HF's full forward over prompt + tokens so far."""
+    equal HF's full forward over prompt + tokens so far. keep_finished: the CUDA-graph
+    batch policy (finished rows stay in the batch until compaction)."""
     model = model_factory("qwen2")
     eos = 2
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
@@ -76,7 +80,9 @@ def test_decode_steps_match_hf_forward_through_compaction(model_factory, tokeniz
         return compact(self, groups, slots)
 
     monkeypatch.setattr(sampler_module.DecodeCache, "compact", spy)
-    out = ProofSampler(model, tokenizer).sample_ids(prompts, 3, 6, eos_token_id=eos, progress=False)
+    sampler = ProofSampler(model, tokenizer)
+    sampler._keep_finished = keep_finished
+    out = sampler.sample_ids(prompts, 3, 6, eos_token_id=eos, progress=False)
     assert [len(t) for per in out for t, _ in per] == [3, 6, 6, 2, 5, 4]
     assert layouts == [(2, 2), (1, 2)]  # half the slots empty, then a prompt done
     for step, rows in enumerate(seen):
@@ -154,12 +160,15 @@ def test_sampling_is_seeded_and_reasons_are_consistent(model_factory, tokenizer)
     model = model_factory("mistral")
     sampler = ProofSampler(model, tokenizer)
     kw = dict(num_samples=6, max_new_tokens=10, temperature=1.0, top_p=0.95, min_p=0.01, seed=3,
-              eos_token_id=[5, 9, 11, 40, 77], progress=False)
+              eos_token_id=[5, 9, 11, 40, 77], repetition_penalty=1.2, progress=False)
     a = sampler.sample(PROMPTS, **kw)
     b = sampler.sample(PROMPTS, **kw)
     c = sampler.sample(PROMPTS, **{**kw, "seed": 4})
+    sampler._keep_finished = True  # the CUDA-graph batch policy draws the same tokens
+    d = sampler.sample(PROMPTS, **kw)
     ids = lambda out: [[x.token_ids for x in per] for per in out]  # noqa: E731
-    assert ids(a) == ids(b) and ids(a) != ids(c)
+    assert ids(a) == ids(b) == ids(d) and ids(a) != ids(c)
+    assert len({x.finish_reason for per in a for x in per}) == 2  # some stop early, some run out
     for per in a:
         for x in per:
             if x.finish_reason == "eos":
@@ -190,3 +199,26 @@ def test_bad_arguments(model_factory, tokenizer):
 
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         ProofSampler(NotALM(), tokenizer)
+
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager_and_hf(model_factory, tokenizer):
+    """On the GPU (Triton attention, CUDA sampling): the CUDA-graph decode loop draws the
+    same tokens as the eager loop, and greedy still equals HF generate."""
+    import warnings
+
+    model = model_factory("qwen2", dtype=torch.float32).cuda()
+    kw = dict(num_samples=8, max_new_tokens=12, temperature=0.9, top_p=0.9, seed=1, eos_token_id=[5, 9, 11, 40],
+              progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns and decodes eagerly: fail instead
+        graphed = ProofSampler(model, tokenizer, cuda_graphs=True).sample(PROMPTS, **kw)
+        greedy = ProofSampler(model, tokenizer, cuda_graphs=True).sample(PROMPTS, num_samples=2, max_new_tokens=10,
+                                                                         temperature=0.0, progress=False)
+    eager = ProofSampler(model, tokenizer, cuda_graphs=False).sample(PROMPTS, **kw)
+    assert [[c.token_ids for c in per] for per in graphed] == [[c.token_ids for c in per] for per in eager]
+    for prompt, per in zip(PROMPTS, greedy):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.cuda()
+        want = model.generate(ids, do_sample=False, max_new_tokens=10)[0, ids.shape[1]:].tolist()
+        assert per[0].token_ids == want[: per[0].num_tokens]
