@@ -9,15 +9,21 @@
 // exceeds u * S (S the kept mass, u the caller's uniform draw).
 //
 // Passes over the row:
-//  A  max, argmax, the online softmax sum Z, a non-finite flag, and a speculative
-//     candidate list in shared memory: every logit within kCandidateNats * T of the
-//     running maximum (a superset of those within it of the final maximum).
+//  A  max, argmax, the online softmax sum Z, a non-finite flag, and a candidate list in
+//     shared memory: the indices of every logit within a span (16 T at first) of the
+//     running maximum. When the list nears capacity (early on, before the row's head is
+//     seen, the running maximum admits much of the bulk) the block compacts it against
+//     the maximum so far, halving the span if too many survive; the list always holds
+//     every logit within the final span of the final maximum.
 //  -  thresholds by radix select (11/11/10-bit digits, count and mass histograms) over
 //     the candidates when the answer provably lies among them (no overflow; for top-k at
 //     least k candidates; for top-p the candidates' mass reaches the target), else over
 //     the whole row (one pass per digit: exact, slower).
-//  D  inverse CDF over the row in vocabulary order with early exit: per chunk a block scan
-//     of the kept mass; the chunk whose total crosses u * S is searched.
+//  D  inverse CDF in vocabulary order. When the kept set lies among the candidates and
+//     holds at most kMaxKept tokens (top-p / top-k / min-p on a peaked distribution, the
+//     usual case), its indices are sorted in shared memory and scanned there: no second
+//     read of the row. Otherwise the row is read again with early exit: per chunk a
+//     block scan of the kept mass; the chunk whose total crosses u * S is searched.
 // Float prefix sums from a block scan are not exactly monotone, so the pick is the first
 // index with positive weight whose prefix exceeds the target, and when rounding leaves
 // no such index, the last index with positive weight: the result is always a kept token.
@@ -36,7 +42,9 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBins = 2048;  // 11-bit digits (the last of three digits has 10 bits)
 constexpr int kMaxCandidates = 6144;
-constexpr float kCandidateNats = 16.f;  // e^-16 ~ 1e-7: the tail beyond it rarely matters
+constexpr int kMaxKept = 1024;  // kept sets up to this size are drawn from in shared memory
+constexpr float kCandidateNats = 16.f;  // initial span below the max (in temperatures): e^-16 ~ 1e-7
+constexpr float kMinSpanT = 2.f;        // the span never shrinks below this many temperatures
 
 template <typename T> __device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
 template <> __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -57,9 +65,12 @@ __device__ __forceinline__ float key_float(uint32_t k) {
 __device__ __forceinline__ float weight(float d, float inv_t) { return d == 0.f ? 1.f : expf(d * inv_t); }
 
 struct Shared {
-  uint32_t count[kBins];
+  union {
+    uint32_t count[kBins];  // radix histograms
+    int kept[kBins];        // afterwards: the kept tokens' indices
+  };
   float mass[kBins];
-  uint32_t cand[kMaxCandidates];
+  int cand[kMaxCandidates];  // candidate token indices
   uint32_t scan_c[kWarps];
   float scan_m[kWarps];
   float red_max[kWarps];
@@ -67,7 +78,9 @@ struct Shared {
   float red_z[kWarps];
   int red_bad[kWarps];
   uint32_t run_max_key;
+  float span;  // candidates: every logit >= running max - span (in logits, not temperatures)
   int n_cand;
+  int n_kept;
   int pick;
   int result;
   uint32_t above_c;
@@ -171,6 +184,8 @@ struct Row {
   int64_t vocab;
   int64_t stride;
 
+  __device__ __forceinline__ float at(int64_t i) const { return to_float(ptr[i * stride]); }
+
   __device__ __forceinline__ void load(int64_t base, float (&x)[kItems]) const {
     if (kVec && base + kItems <= vocab) {
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr + base));
@@ -184,14 +199,18 @@ struct Row {
   }
 };
 
-// Sources of (key, logit) pairs for the radix select: the candidate list, or the whole row.
+// Sources of (key, logit, index) triples: the candidate list (indices into the row, whose
+// logits come back from L2), or the whole row.
+template <typename T, bool kVec>
 struct Candidates {
-  const uint32_t* keys;
+  Row<T, kVec> row;
+  const int* idx;
   int n;
   template <typename F> __device__ __forceinline__ void for_each(F&& f) const {
     for (int i = threadIdx.x; i < n; i += kThreads) {
-      const uint32_t k = keys[i];
-      f(k, key_float(k));
+      const int j = idx[i];
+      const float x = row.at(j);
+      f(float_key(x), x, j);
     }
   }
 };
@@ -207,13 +226,13 @@ struct RowElements {
       row.load(base, x);
 #pragma unroll
       for (int j = 0; j < N; ++j)
-        if (base + j < row.vocab) f(float_key(x[j]), x[j]);
+        if (base + j < row.vocab) f(float_key(x[j]), x[j], static_cast<int>(base + j));
     }
   }
 };
 
-// Warp-aggregated append of a key to the candidate list (all lanes of the warp call it).
-__device__ __forceinline__ void append(bool keep, uint32_t key, int cap, Shared& sm) {
+// Warp-aggregated append of a token index to the candidate list (all lanes of the warp call it).
+__device__ __forceinline__ void append(bool keep, int index, int cap, Shared& sm) {
   const unsigned mask = __ballot_sync(0xffffffffu, keep);
   if (mask == 0u) return;
   const int lane = threadIdx.x & 31;
@@ -223,22 +242,66 @@ __device__ __forceinline__ void append(bool keep, uint32_t key, int cap, Shared&
   base = __shfl_sync(0xffffffffu, base, leader);
   if (keep) {
     const int pos = base + __popc(mask & ((1u << lane) - 1u));
-    if (pos < cap) sm.cand[pos] = key;
+    if (pos < cap) sm.cand[pos] = index;
   }
+}
+
+// Drop candidates below the block's maximum so far minus the span; if more than kBins
+// would survive, halve the span (down to kMinSpanT temperatures) and try again. The span
+// only shrinks and the maximum only grows, so the list always holds every logit within
+// the final span of the final maximum. If even the smallest span keeps too many, the
+// list is marked overflowed (the exact whole-row path takes over). Block-wide.
+template <typename T, bool kVec>
+__device__ void compact_candidates(const Row<T, kVec>& row, float temperature, int cap, Shared& sm) {
+  const int n = sm.n_cand;
+  const float top = key_float(sm.run_max_key);
+  float span = sm.span;
+  int kept = 0;
+  for (;;) {
+    const float cut = top - span;
+    __syncthreads();
+    if (threadIdx.x == 0) sm.n_kept = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += kThreads) {
+      const int j = sm.cand[i];
+      if (row.at(j) >= cut) {
+        const int pos = atomicAdd(&sm.n_kept, 1);
+        if (pos < kBins) sm.kept[pos] = j;
+      }
+    }
+    __syncthreads();
+    kept = sm.n_kept;
+    if (kept <= kBins || span <= kMinSpanT * temperature) break;
+    span *= 0.5f;
+  }
+  if (kept <= kBins) {
+    for (int i = threadIdx.x; i < kept; i += kThreads) sm.cand[i] = sm.kept[i];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    sm.n_cand = kept <= kBins ? kept : cap + 1;
+    sm.span = span;
+  }
+  __syncthreads();
 }
 
 // Pass A. Leaves m, argmax, z, bad and the candidate list in shared memory.
 template <typename T, bool kVec>
-__device__ void scan_row(const Row<T, kVec>& row, float inv_t, float cand_span, bool greedy, int cap, Shared& sm) {
+__device__ void scan_row(const Row<T, kVec>& row, float temperature, float inv_t, bool greedy, int cap, Shared& sm) {
   constexpr int N = Row<T, kVec>::kItems;
+  constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * N;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float tmax = -INFINITY, tz = 0.f;
   int targ = INT_MAX, bad = 0;
-  for (int64_t chunk = 0; chunk < row.vocab; chunk += static_cast<int64_t>(kThreads) * N) {
+  float x[N], next[N];
+  row.load(static_cast<int64_t>(threadIdx.x) * N, next);
+  for (int64_t chunk = 0; chunk < row.vocab; chunk += kChunk) {
     const int64_t base = chunk + static_cast<int64_t>(threadIdx.x) * N;
-    float x[N];
-    row.load(base, x);
+#pragma unroll
+    for (int j = 0; j < N; ++j) x[j] = next[j];
+    if (chunk + kChunk < row.vocab) row.load(base + kChunk, next);  // in flight while this chunk is processed
     const float block_max = key_float(*reinterpret_cast<volatile uint32_t*>(&sm.run_max_key));
+    const float cand_span = *reinterpret_cast<volatile float*>(&sm.span);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const bool valid = base + j < row.vocab;
@@ -253,13 +316,19 @@ __device__ void scan_row(const Row<T, kVec>& row, float inv_t, float cand_span, 
           tz += weight(v - tmax, inv_t);
         }
       }
-      if (!greedy) append(valid && v > -INFINITY && v >= fmaxf(block_max, tmax) - cand_span, float_key(v), cap, sm);
+      if (!greedy)
+        append(valid && v > -INFINITY && v >= fmaxf(block_max, tmax) - cand_span, static_cast<int>(base + j), cap, sm);
     }
     if (!greedy) {
       float wmax = tmax;
 #pragma unroll
       for (int o = 16; o; o >>= 1) wmax = fmaxf(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
       if (lane == 0 && wmax > -INFINITY) atomicMax(&sm.run_max_key, float_key(wmax));
+      // Until the row's head is seen, the running maximum sits in the bulk and admits much
+      // of it: compact before the next chunk could overflow the list. Every warp appends
+      // before it votes, so the last voter sees every append of this chunk.
+      const int n = *reinterpret_cast<volatile int*>(&sm.n_cand);
+      if (__syncthreads_or(n <= cap && n > cap - kChunk)) compact_candidates(row, temperature, cap, sm);
     }
   }
 #pragma unroll
@@ -325,7 +394,7 @@ __device__ Selected radix_select(const Source& src, uint32_t low, bool by_mass, 
     }
     if (threadIdx.x == 0) sm.pick = -1;
     __syncthreads();
-    src.for_each([&](uint32_t key, float x) {
+    src.for_each([&](uint32_t key, float x, int) {
       if (key < low) return;
       if (used > 0 && (key >> (32 - used)) != prefix) return;
       const uint32_t bin = (key >> shift) & static_cast<uint32_t>(nbins - 1);
@@ -392,10 +461,82 @@ __device__ Selected radix_select(const Source& src, uint32_t low, bool by_mass, 
 template <typename Source>
 __device__ float mass_at_least(const Source& src, uint32_t tau, float m, float inv_t, Shared& sm) {
   float acc = 0.f;
-  src.for_each([&](uint32_t key, float x) {
+  src.for_each([&](uint32_t key, float x, int) {
     if (key >= tau) acc += weight(x - m, inv_t);
   });
   return block_sum(acc, sm);
+}
+
+// The kept candidates' indices into sm.kept (any order); returns how many there are
+// (only the first kMaxKept are stored).
+template <typename Source>
+__device__ int collect_kept(const Source& src, uint32_t tau, Shared& sm) {
+  if (threadIdx.x == 0) sm.n_kept = 0;
+  __syncthreads();
+  src.for_each([&](uint32_t key, float, int j) {
+    if (key >= tau) {
+      const int pos = atomicAdd(&sm.n_kept, 1);
+      if (pos < kMaxKept) sm.kept[pos] = j;
+    }
+  });
+  __syncthreads();
+  const int n = sm.n_kept;
+  __syncthreads();
+  return n;
+}
+
+// Inverse CDF over at most kMaxKept kept tokens held in shared memory: sort their indices
+// (bitonic, padded with INT_MAX) so the scan runs in vocabulary order, as pass D does.
+template <typename T, bool kVec>
+__device__ int draw_kept(const Row<T, kVec>& row, int n, float m, float inv_t, float u, Shared& sm) {
+  int* a = sm.kept;
+  for (int i = n + static_cast<int>(threadIdx.x); i < kMaxKept; i += kThreads) a[i] = INT_MAX;
+  __syncthreads();
+  for (int k = 2; k <= kMaxKept; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = threadIdx.x; i < kMaxKept; i += kThreads) {
+        const int partner = i ^ j;
+        if (partner > i) {
+          const int lo = a[i], hi = a[partner];
+          if ((lo > hi) == ((i & k) == 0)) {
+            a[i] = hi;
+            a[partner] = lo;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  constexpr int kPer = kMaxKept / kThreads;
+  const int first = static_cast<int>(threadIdx.x) * kPer;  // each thread scans consecutive entries
+  float w[kPer], loc[kPer], acc = 0.f;
+  int last = -1;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const int v = a[first + j];
+    w[j] = v != INT_MAX ? weight(row.at(v) - m, inv_t) : 0.f;
+    acc += w[j];
+    loc[j] = acc;
+    if (w[j] > 0.f) last = v;
+  }
+  uint32_t ec, tc;
+  float em, total;
+  block_exclusive_scan(0u, acc, ec, em, tc, total, sm);
+  if (threadIdx.x == 0) sm.pick = INT_MAX;
+  __syncthreads();
+  const float target = u * total;
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    if (w[j] > 0.f && em + loc[j] > target) {
+      atomicMin(&sm.pick, a[first + j]);
+      break;
+    }
+  }
+  __syncthreads();
+  const int pick = sm.pick;
+  __syncthreads();
+  if (pick != INT_MAX) return pick;
+  return block_max_int(last, sm);
 }
 
 // Pass D: the first kept index whose running mass exceeds target (vocabulary order).
@@ -461,9 +602,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   if (threadIdx.x == 0) {
     sm.n_cand = 0;
     sm.run_max_key = float_key(-INFINITY);
+    sm.span = kCandidateNats * temperature;
   }
   __syncthreads();
-  scan_row(row, inv_t, kCandidateNats * temperature, greedy, cap, sm);
+  scan_row(row, temperature, inv_t, greedy, cap, sm);
   const float m = sm.m;
   if (sm.bad || m == -INFINITY) {
     if (threadIdx.x == 0) {
@@ -489,8 +631,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   bool done = false;
   const int n_cand = sm.n_cand;
   if (n_cand <= cap) {
-    const Candidates cands{sm.cand, n_cand};
-    const uint32_t cut = float_key(m - kCandidateNats * temperature);
+    const Candidates<T, kVec> cands{row, sm.cand, n_cand};
+    const uint32_t cut = float_key(m - sm.span);
     uint32_t tk = 0u, tp = 0u;
     float mass_k = z;
     bool ok = true;
@@ -511,6 +653,15 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
         kept_mass = z;
         done = true;
       } else if (tau >= cut) {
+        const int n_kept = collect_kept(cands, tau, sm);
+        if (n_kept <= kMaxKept) {
+          const int pick = draw_kept(row, n_kept, m, inv_t, uniforms[i], sm);
+          if (threadIdx.x == 0) {
+            out[i] = pick;
+            status[i] = kSampleOk;
+          }
+          return;
+        }
         kept_mass = mass_at_least(cands, tau, m, inv_t, sm);
         done = true;
       }

@@ -27,11 +27,12 @@ def exact_distribution(x, temperature, top_k, top_p, min_p):
     if 0 < top_k < vocab:
         keep &= x >= torch.sort(x, descending=True).values[top_k - 1]
     if top_p < 1:
-        mass_k = p[keep].sum()
-        for v in torch.unique(x[keep]).flip(0):  # descending distinct logits
-            if p[keep & (x >= v)].sum() >= top_p * mass_k:
-                keep &= x >= v
-                break
+        # Mass of each distinct kept logit, then of every upper set {x >= v}, descending v.
+        values, group = torch.unique(x[keep], return_inverse=True)
+        mass = torch.zeros_like(values).index_add_(0, group, p[keep])
+        upper = mass.flip(0).cumsum(0)
+        first = int((upper >= top_p * p[keep].sum()).nonzero()[0, 0])
+        keep &= x >= values.flip(0)[first]
     if min_p > 0:
         keep &= p >= min_p * p.max()
     q = torch.where(keep, p, torch.zeros_like(p))
@@ -277,9 +278,11 @@ def test_cuda_candidate_and_whole_row_paths(cap):
     try:
         with fastdf.backend("cuda"):
             g = torch.Generator().manual_seed(14)
-            logits = 3 * torch.randn(4, 32000, generator=g)
+            logits = 3 * torch.randn(5, 32000, generator=g)
             logits[:, :20] += 12  # a peaked head over a long tail
-            knobs = [(1.0, 0, 0.9, 0.0), (0.7, 30, 1.0, 0.0), (1.0, 5, 0.8, 0.05), (1.3, 0, 1.0, 0.1)]
+            logits[4, :3000] += 12  # a wide head: more than 1024 tokens kept, fewer than 6144 candidates
+            knobs = [(1.0, 0, 0.9, 0.0), (0.7, 30, 1.0, 0.0), (1.0, 5, 0.8, 0.05), (1.3, 0, 1.0, 0.1),
+                     (1.0, 0, 0.99, 0.0)]
             t, k, p, mp = (torch.tensor(c) for c in zip(*knobs))
             check_frequencies(logits.cuda(), knobs, 20000, temperature=t.float().cuda(), top_k=k.long().cuda(),
                               top_p=p.float().cuda(), min_p=mp.float().cuda())
