@@ -10,11 +10,10 @@
 //
 // Passes over the row:
 //  A  max, argmax, the online softmax sum Z, a non-finite flag, and a candidate list in
-//     shared memory: the indices of every logit within a span (16 T at first) of the
-//     running maximum. When the list nears capacity (early on, before the row's head is
-//     seen, the running maximum admits much of the bulk) the block compacts it against
-//     the maximum so far, halving the span if too many survive; the list always holds
-//     every logit within the final span of the final maximum.
+//     shared memory: the indices of every logit within 16 T of the running maximum and
+//     above a floor. When the list nears capacity (early on, before the row's head is
+//     seen, the running maximum admits much of the bulk) the block compacts it, raising
+//     the floor; the list always holds every logit >= max(floor, max - 16 T).
 //  -  thresholds by radix select (11/11/10-bit digits, count and mass histograms) over
 //     the candidates when the answer provably lies among them (no overflow; for top-k at
 //     least k candidates; for top-p the candidates' mass reaches the target), else over
@@ -43,8 +42,8 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kBins = 2048;  // 11-bit digits (the last of three digits has 10 bits)
 constexpr int kMaxCandidates = 6144;
 constexpr int kMaxKept = 1024;  // kept sets up to this size are drawn from in shared memory
-constexpr float kCandidateNats = 16.f;  // initial span below the max (in temperatures): e^-16 ~ 1e-7
-constexpr float kMinSpanT = 2.f;        // the span never shrinks below this many temperatures
+constexpr float kCandidateNats = 16.f;  // candidates span this many temperatures below the max: e^-16 ~ 1e-7
+constexpr float kMinSpanT = 2.f;        // a compaction never cuts closer than this to the running max
 
 template <typename T> __device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
 template <> __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -78,7 +77,7 @@ struct Shared {
   float red_z[kWarps];
   int red_bad[kWarps];
   uint32_t run_max_key;
-  float span;  // candidates: every logit >= running max - span (in logits, not temperatures)
+  float cand_floor;  // candidates: every logit >= max(floor, running max - kCandidateNats T)
   int n_cand;
   int n_kept;
   int pick;
@@ -246,19 +245,22 @@ __device__ __forceinline__ void append(bool keep, int index, int cap, Shared& sm
   }
 }
 
-// Drop candidates below the block's maximum so far minus the span; if more than kBins
-// would survive, halve the span (down to kMinSpanT temperatures) and try again. The span
-// only shrinks and the maximum only grows, so the list always holds every logit within
-// the final span of the final maximum. If even the smallest span keeps too many, the
-// list is marked overflowed (the exact whole-row path takes over). Block-wide.
+// Raise the candidates' floor and drop what falls below it. The cut is the block's
+// maximum so far minus the span, halved (down to kMinSpanT temperatures) until at most
+// kBins candidates survive. Early in the row, before its head is seen, the maximum sits
+// in the bulk and this floor is low; once the head shows up, max - span overtakes it.
+// The floor only rises and the maximum only grows, so the list always holds every logit
+// >= max(floor, final max - span). If even the smallest span keeps too many, the list is
+// marked overflowed (the exact whole-row path takes over). Block-wide.
 template <typename T, bool kVec>
-__device__ void compact_candidates(const Row<T, kVec>& row, float temperature, int cap, Shared& sm) {
+__device__ void compact_candidates(const Row<T, kVec>& row, float span, float temperature, int cap, Shared& sm) {
   const int n = sm.n_cand;
   const float top = key_float(sm.run_max_key);
-  float span = sm.span;
+  const float low = sm.cand_floor;
+  float cut = low;
   int kept = 0;
-  for (;;) {
-    const float cut = top - span;
+  for (float s = span;; s *= 0.5f) {
+    cut = fmaxf(low, top - s);
     __syncthreads();
     if (threadIdx.x == 0) sm.n_kept = 0;
     __syncthreads();
@@ -271,8 +273,7 @@ __device__ void compact_candidates(const Row<T, kVec>& row, float temperature, i
     }
     __syncthreads();
     kept = sm.n_kept;
-    if (kept <= kBins || span <= kMinSpanT * temperature) break;
-    span *= 0.5f;
+    if (kept <= kBins || s <= kMinSpanT * temperature) break;
   }
   if (kept <= kBins) {
     for (int i = threadIdx.x; i < kept; i += kThreads) sm.cand[i] = sm.kept[i];
@@ -280,7 +281,7 @@ __device__ void compact_candidates(const Row<T, kVec>& row, float temperature, i
   __syncthreads();
   if (threadIdx.x == 0) {
     sm.n_cand = kept <= kBins ? kept : cap + 1;
-    sm.span = span;
+    sm.cand_floor = cut;
   }
   __syncthreads();
 }
@@ -291,6 +292,7 @@ __device__ void scan_row(const Row<T, kVec>& row, float temperature, float inv_t
   constexpr int N = Row<T, kVec>::kItems;
   constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * N;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float span = kCandidateNats * temperature;
   float tmax = -INFINITY, tz = 0.f;
   int targ = INT_MAX, bad = 0;
   float x[N], next[N];
@@ -301,7 +303,7 @@ __device__ void scan_row(const Row<T, kVec>& row, float temperature, float inv_t
     for (int j = 0; j < N; ++j) x[j] = next[j];
     if (chunk + kChunk < row.vocab) row.load(base + kChunk, next);  // in flight while this chunk is processed
     const float block_max = key_float(*reinterpret_cast<volatile uint32_t*>(&sm.run_max_key));
-    const float cand_span = *reinterpret_cast<volatile float*>(&sm.span);
+    const float low = *reinterpret_cast<volatile float*>(&sm.cand_floor);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const bool valid = base + j < row.vocab;
@@ -317,7 +319,8 @@ __device__ void scan_row(const Row<T, kVec>& row, float temperature, float inv_t
         }
       }
       if (!greedy)
-        append(valid && v > -INFINITY && v >= fmaxf(block_max, tmax) - cand_span, static_cast<int>(base + j), cap, sm);
+        append(valid && v > -INFINITY && v >= fmaxf(low, fmaxf(block_max, tmax) - span), static_cast<int>(base + j),
+               cap, sm);
     }
     if (!greedy) {
       float wmax = tmax;
@@ -328,7 +331,7 @@ __device__ void scan_row(const Row<T, kVec>& row, float temperature, float inv_t
       // of it: compact before the next chunk could overflow the list. Every warp appends
       // before it votes, so the last voter sees every append of this chunk.
       const int n = *reinterpret_cast<volatile int*>(&sm.n_cand);
-      if (__syncthreads_or(n <= cap && n > cap - kChunk)) compact_candidates(row, temperature, cap, sm);
+      if (__syncthreads_or(n <= cap && n > cap - kChunk)) compact_candidates(row, span, temperature, cap, sm);
     }
   }
 #pragma unroll
@@ -602,7 +605,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   if (threadIdx.x == 0) {
     sm.n_cand = 0;
     sm.run_max_key = float_key(-INFINITY);
-    sm.span = kCandidateNats * temperature;
+    sm.cand_floor = -INFINITY;
   }
   __syncthreads();
   scan_row(row, temperature, inv_t, greedy, cap, sm);
@@ -632,7 +635,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   const int n_cand = sm.n_cand;
   if (n_cand <= cap) {
     const Candidates<T, kVec> cands{row, sm.cand, n_cand};
-    const uint32_t cut = float_key(m - sm.span);
+    const uint32_t cut = float_key(fmaxf(sm.cand_floor, m - kCandidateNats * temperature));
     uint32_t tk = 0u, tp = 0u;
     float mass_k = z;
     bool ok = true;
