@@ -207,7 +207,7 @@ def _pow2(x, low=16):
 def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix_lens, scale, o, lse, splits=None):
     """Launch both kernels. prefix_lens int32 [G], suffix_lens int32 [G, N] (contiguous);
     o [G, N, Hq, D] and lse [G, N, Hq] (contiguous) are written. ``splits`` overrides the
-    number of key splits of the prefix (default: enough programs for about two waves)."""
+    number of key splits of the prefix (default: enough programs for about one wave)."""
     import torch
 
     G, N, Hq, D = q.shape
@@ -226,7 +226,8 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix
     if splits is None:
         if q.is_cuda:
             sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            splits = max(1, min(triton.cdiv(max(P, 1), 256), triton.cdiv(2 * sms, programs)))
+            # One wave: more splits only add partial-state traffic (fp32 o per split).
+            splits = max(1, min(triton.cdiv(max(P, 1), 256), triton.cdiv(sms, programs)))
         else:
             splits = 1
     split_len = triton.cdiv(triton.cdiv(max(P, 1), splits), block_n) * block_n

@@ -214,21 +214,24 @@ class ProofSampler:
                 prompt_seen[g, ids_g[ids_g < vocab]] = True  # ids past the lm_head cannot be penalised (as HF)
             logits = apply_repetition_penalty(logits, prompt_seen, penalty)
             seen = prompt_seen.repeat_interleave(N, 0)
-        new_tokens = sample_tokens(logits, indices=group.clone(), generator=generator, **knobs)
+        new_tokens = sample_tokens(logits, indices=group.clone(), generator=generator, check_nan=False, **knobs)
         tokens = new_tokens
 
         generated = [[] for _ in range(G * N)]
         reasons = [None] * (G * N)
-        eos_t = torch.tensor(eos, dtype=torch.int64, device=device)
+        eos_t = torch.tensor(eos or [-2], dtype=torch.int64, device=device)  # -2: no token is EOS
         window = max((len(s) for s in stop), default=0) + 16
         step_fn = None
         bar = tqdm(total=max_new_tokens, desc="fastdf.prover decode", unit="tok", disable=not progress, leave=False)
         for step in range(max_new_tokens):
             # Bookkeeping of the tokens just drawn (alive rows only, in batch order).
             rows = [r for r in range(len(ids)) if alive[r]]
-            done = torch.isin(new_tokens, eos_t).tolist() if eos else [False] * len(rows)
+            # One device-to-host transfer per step: the tokens and their EOS flags.
+            host = torch.stack([new_tokens, torch.isin(new_tokens, eos_t).to(new_tokens.dtype)]).tolist()
+            if -1 in host[0]:
+                raise ValueError("the model produced NaN or +inf logits (or a row with no finite logit)")
             finished = []
-            for r, tok, is_eos in zip(rows, new_tokens.tolist(), done):
+            for r, tok, is_eos in zip(rows, host[0], host[1]):
                 i = ids[r]
                 generated[i].append(tok)
                 if is_eos:
@@ -277,7 +280,7 @@ class ProofSampler:
                 logits = logits[live]
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen if all(alive) else seen[live], penalty)
-            new_tokens = sample_tokens(logits, generator=generator, **knobs)
+            new_tokens = sample_tokens(logits, generator=generator, check_nan=False, **knobs)
             tokens = new_tokens if all(alive) else tokens.index_put((live,), new_tokens)
         bar.close()
         return [[(generated[g * N + n], reasons[g * N + n]) for n in range(N)] for g in range(G)]

@@ -194,6 +194,12 @@ def test_bad_arguments(model_factory, tokenizer):
     with pytest.raises(ValueError, match="needs a tokenizer"):
         ProofSampler(model).sample("x")
 
+    broken = model_factory("llama")
+    with torch.no_grad():
+        broken.lm_head.weight[7, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or \\+inf logits"):
+        ProofSampler(broken, tokenizer).sample("x", num_samples=2, max_new_tokens=3, progress=False)
+
     class NotALM(torch.nn.Module):
         config = type("Config", (), {"model_type": "gpt2"})()
 

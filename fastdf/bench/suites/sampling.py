@@ -120,7 +120,7 @@ def _e2e_cases(device, quick):
     else:
         cfg = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22 if not quick else 8,
                    num_attention_heads=32, num_key_value_heads=4, vocab_size=32000)
-        runs = [(16, 512, 32)] if quick else [(64, 2048, 512)]
+        runs = [(32, 1024, 128)] if quick else [(64, 2048, 512)]
         dtype = torch.bfloat16
     cases = []
     for k, prompt_len, new in runs:
