@@ -90,21 +90,26 @@ struct Shared {
   int bad;
 };
 
+// Inclusive scan over the lanes of a warp of (count, mass) pairs.
+__device__ __forceinline__ void warp_inclusive_scan(uint32_t& c, float& m, int lane) {
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint32_t tc = __shfl_up_sync(0xffffffffu, c, o);
+    const float tm = __shfl_up_sync(0xffffffffu, m, o);
+    if (lane >= o) {
+      c += tc;
+      m += tm;
+    }
+  }
+}
+
 // Exclusive scan over threads (thread order) of (count, mass) pairs, plus the totals.
 __device__ __forceinline__ void block_exclusive_scan(uint32_t c, float m, uint32_t& ex_c, float& ex_m,
                                                      uint32_t& tot_c, float& tot_m, Shared& sm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   uint32_t ic = c;
   float im = m;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const uint32_t tc = __shfl_up_sync(0xffffffffu, ic, o);
-    const float tm = __shfl_up_sync(0xffffffffu, im, o);
-    if (lane >= o) {
-      ic += tc;
-      im += tm;
-    }
-  }
+  warp_inclusive_scan(ic, im, lane);
   uint32_t wc = __shfl_up_sync(0xffffffffu, ic, 1);
   float wm = __shfl_up_sync(0xffffffffu, im, 1);
   if (lane == 0) {
@@ -119,15 +124,7 @@ __device__ __forceinline__ void block_exclusive_scan(uint32_t c, float m, uint32
   if (warp == 0) {
     uint32_t sc = lane < kWarps ? sm.scan_c[lane] : 0u;
     float sv = lane < kWarps ? sm.scan_m[lane] : 0.f;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const uint32_t tc = __shfl_up_sync(0xffffffffu, sc, o);
-      const float tm = __shfl_up_sync(0xffffffffu, sv, o);
-      if (lane >= o) {
-        sc += tc;
-        sv += tm;
-      }
-    }
+    warp_inclusive_scan(sc, sv, lane);
     if (lane < kWarps) {
       sm.scan_c[lane] = sc;
       sm.scan_m[lane] = sv;
@@ -173,6 +170,18 @@ __device__ __forceinline__ void merge_max(float& m, int& arg, float& z, float om
   if (!greedy) z = (m == nm ? z : z * weight(m - nm, inv_t)) + (om == nm ? oz : oz * weight(om - nm, inv_t));
   arg = om > m ? oarg : (m > om ? arg : min(arg, oarg));
   m = nm;
+}
+
+// The warp's combined state in every lane; non-finite flags are OR-ed.
+__device__ __forceinline__ void warp_merge_max(float& m, int& arg, float& z, int& bad, float inv_t, bool greedy) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) {
+    const float om = __shfl_xor_sync(0xffffffffu, m, o);
+    const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
+    const float oz = __shfl_xor_sync(0xffffffffu, z, o);
+    bad |= __shfl_xor_sync(0xffffffffu, bad, o);
+    merge_max(m, arg, z, om, oa, oz, inv_t, greedy);
+  }
 }
 
 // A logits row; each thread reads 16 bytes of consecutive elements per chunk.
@@ -334,14 +343,7 @@ __device__ void scan_row(const Row<T, kVec>& row, float temperature, float inv_t
       if (__syncthreads_or(n <= cap && n > cap - kChunk)) compact_candidates(row, span, temperature, cap, sm);
     }
   }
-#pragma unroll
-  for (int o = 16; o; o >>= 1) {
-    const float om = __shfl_xor_sync(0xffffffffu, tmax, o);
-    const int oa = __shfl_xor_sync(0xffffffffu, targ, o);
-    const float oz = __shfl_xor_sync(0xffffffffu, tz, o);
-    bad |= __shfl_xor_sync(0xffffffffu, bad, o);
-    merge_max(tmax, targ, tz, om, oa, oz, inv_t, greedy);
-  }
+  warp_merge_max(tmax, targ, tz, bad, inv_t, greedy);
   if (lane == 0) {
     sm.red_max[warp] = tmax;
     sm.red_arg[warp] = targ;
@@ -354,14 +356,7 @@ __device__ void scan_row(const Row<T, kVec>& row, float temperature, float inv_t
     int wa = lane < kWarps ? sm.red_arg[lane] : INT_MAX;
     float wz = lane < kWarps ? sm.red_z[lane] : 0.f;
     int wb = lane < kWarps ? sm.red_bad[lane] : 0;
-#pragma unroll
-    for (int o = 16; o; o >>= 1) {
-      const float om = __shfl_xor_sync(0xffffffffu, wm, o);
-      const int oa = __shfl_xor_sync(0xffffffffu, wa, o);
-      const float oz = __shfl_xor_sync(0xffffffffu, wz, o);
-      wb |= __shfl_xor_sync(0xffffffffu, wb, o);
-      merge_max(wm, wa, wz, om, oa, oz, inv_t, greedy);
-    }
+    warp_merge_max(wm, wa, wz, wb, inv_t, greedy);
     if (lane == 0) {
       sm.m = wm;
       sm.argmax = wa;

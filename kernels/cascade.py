@@ -86,6 +86,20 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_block(q, k, v, kmask, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+    """One key block of online softmax (log2 domain). Every block holds a visible key, so
+    the new running max is finite."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(kmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefix_kernel(
     q_ptr, k_ptr, v_ptr, lens_ptr, po_ptr, pl_ptr,
     M, GS, HKV, P, D, SPLIT,
@@ -119,15 +133,8 @@ def _prefix_kernel(
         keys = kb + offs_n
         kmask = keys < end
         k = tl.load(k_base + keys[:, None] * sk2 + d[None, :] * sk3, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(kmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # every block holds a visible key: finite
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + keys[:, None] * sv2 + d[None, :] * sv3, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k, v, kmask, m_i, l_i, acc, qk_scale, PRECISION)
     has = l_i > 0
     safe_l = tl.where(has, l_i, 1.0)
     lse = tl.where(has, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
@@ -169,15 +176,8 @@ def _suffix_merge_kernel(
         keys = kb + offs_n
         kmask = keys < length
         k = tl.load(k_base + keys[:, None] * sk3 + d[None, :] * sk4, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        s = tl.where(kmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + keys[:, None] * sv3 + d[None, :] * sv4, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k, v, kmask, m_i, l_i, acc, qk_scale, PRECISION)
     # Fold in the prefix partials: a normalised state (o, lse) is (m = lse, l = 1, acc = o).
     row = n * GS + j
     for sp in range(0, SPLITS):
