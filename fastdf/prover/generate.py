@@ -40,11 +40,16 @@ def generate(model, input_ids, logits_processor=None, stopping_criteria=None, ge
                              num_return_sequences=64, temperature=0.8, top_p=0.95, max_new_tokens=512)
 
     Returns the same ``[B * num_return_sequences, prompt + new]`` tensor as HF (finished
-    sequences padded with the pad token). Supported: sampling or greedy, temperature,
-    top_k, top_p, min_p, repetition_penalty, EOS, max_new_tokens/max_length and
-    stop_strings (pass ``tokenizer=``). Seeded by the global torch RNG, as HF sampling is.
-    Beam search, streamers, scores/logits outputs and other processors raise
-    ``NotImplementedError``.
+    sequences padded with the pad token; a ``GenerateDecoderOnlyOutput`` with only
+    ``sequences`` under ``return_dict_in_generate``). Supported: sampling or greedy,
+    temperature, top_k, top_p, min_p, repetition_penalty, EOS, max_new_tokens/max_length.
+    Seeded by the global torch RNG, as HF sampling is. Beam search, streamers,
+    scores/logits outputs and other processors raise ``NotImplementedError``.
+
+    Stop strings: transformers 5.24 drops the ``tokenizer`` kwarg before building its
+    stop-string criterion when ``custom_generate`` is a callable, so ``generate`` itself
+    raises for ``stop_strings`` before reaching this function; use
+    ``ProofSampler.sample(..., stop=[...])``, which also cuts the text at the stop string.
     """
     config = generation_config if generation_config is not None else model.generation_config
     if streamer is not None:
