@@ -68,3 +68,187 @@ def merge_states(o_a, lse_a, o_b, lse_b, o, lse, sizes, strides):
         *s_la, *s_lb, *s_l,
         BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
     )
+
+
+# ---------------------------------------------------------------------------- shared prefix
+#
+# Decode step of N samples per prompt. Kernel 1 (prefix): for one prompt g and KV head h,
+# the N samples x (Hq/Hkv) query heads that read that KV head are the M rows of one tile,
+# so each prefix key block is loaded once and multiplied with every row (a matrix
+# product, not N matrix-vector products). Long prefixes are split along the keys
+# (split-K) so small grids still fill the GPU; every split writes a normalised partial
+# state (o, natural-log lse). Kernel 2 (suffix + merge): one program per (g, sample, KV
+# head) attends over the sample's own suffix keys and folds the prefix partials in by
+# log-sum-exp, writing the final output in q's dtype.
+
+LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_block(q, k, v, kmask, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
+    """One key block of online softmax (log2 domain). Every block holds a visible key, so
+    the new running max is finite."""
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    s = tl.where(kmask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefix_kernel(
+    q_ptr, k_ptr, v_ptr, lens_ptr, po_ptr, pl_ptr,
+    M, GS, HKV, P, D, SPLIT,
+    sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
+    qk_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_gh = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    g = (pid_gh // HKV).to(tl.int64)
+    h = pid_gh % HKV
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    n = rows // GS
+    head = h * GS + rows % GS
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(q_ptr + g * sq0 + n[:, None] * sq1 + head[:, None] * sq2 + d[None, :] * sq3,
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    length = tl.minimum(tl.maximum(tl.load(lens_ptr + g), 0), P)
+    start = pid_s * SPLIT
+    end = tl.minimum(start + SPLIT, length)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base = k_ptr + g * sk0 + h * sk1
+    v_base = v_ptr + g * sv0 + h * sv1
+    offs_n = tl.arange(0, BLOCK_N)
+    for kb in tl.range(start, end, BLOCK_N):
+        keys = kb + offs_n
+        kmask = keys < end
+        k = tl.load(k_base + keys[:, None] * sk2 + d[None, :] * sk3, mask=kmask[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(v_base + keys[:, None] * sv2 + d[None, :] * sv3, mask=kmask[:, None] & dmask[None, :], other=0.0)
+        m_i, l_i, acc = _attend_block(q, k, v, kmask, m_i, l_i, acc, qk_scale, PRECISION)
+    has = l_i > 0
+    safe_l = tl.where(has, l_i, 1.0)
+    lse = tl.where(has, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+    part = (pid_s * tl.num_programs(1) + pid_gh).to(tl.int64) * M
+    tl.store(po_ptr + (part + rows[:, None]) * D + d[None, :], acc / safe_l[:, None], mask=rmask[:, None] & dmask[None, :])
+    tl.store(pl_ptr + part + rows, lse, mask=rmask)
+
+
+@triton.jit
+def _suffix_merge_kernel(
+    q_ptr, k_ptr, v_ptr, lens_ptr, po_ptr, pl_ptr, o_ptr, lse_ptr,
+    N, GS, HKV, S, D, SPLITS, M, GH,
+    sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sk4, sv0, sv1, sv2, sv3, sv4, sn0, sn1,
+    so0, so1, so2, so3,
+    qk_scale,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_gn = tl.program_id(0)
+    h = tl.program_id(1)
+    g = pid_gn // N
+    n = pid_gn % N
+    j = tl.arange(0, BLOCK_H)
+    jmask = j < GS
+    head = h * GS + j
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    qmask = jmask[:, None] & dmask[None, :]
+    g64 = g.to(tl.int64)
+    n64 = n.to(tl.int64)
+    q = tl.load(q_ptr + g64 * sq0 + n64 * sq1 + head[:, None] * sq2 + d[None, :] * sq3, mask=qmask, other=0.0)
+    length = tl.minimum(tl.maximum(tl.load(lens_ptr + g64 * sn0 + n64 * sn1), 0), S)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    k_base = k_ptr + g64 * sk0 + n64 * sk1 + h * sk2
+    v_base = v_ptr + g64 * sv0 + n64 * sv1 + h * sv2
+    offs_n = tl.arange(0, BLOCK_N)
+    for kb in tl.range(0, length, BLOCK_N):
+        keys = kb + offs_n
+        kmask = keys < length
+        k = tl.load(k_base + keys[:, None] * sk3 + d[None, :] * sk4, mask=kmask[:, None] & dmask[None, :], other=0.0)
+        v = tl.load(v_base + keys[:, None] * sv3 + d[None, :] * sv4, mask=kmask[:, None] & dmask[None, :], other=0.0)
+        m_i, l_i, acc = _attend_block(q, k, v, kmask, m_i, l_i, acc, qk_scale, PRECISION)
+    # Fold in the prefix partials: a normalised state (o, lse) is (m = lse, l = 1, acc = o).
+    row = n * GS + j
+    for sp in range(0, SPLITS):
+        part = (sp * GH + g * HKV + h).to(tl.int64) * M
+        lse_s = tl.load(pl_ptr + part + row, mask=jmask, other=float("-inf")) * 1.4426950408889634
+        o_s = tl.load(po_ptr + (part + row[:, None]) * D + d[None, :], mask=qmask, other=0.0)
+        m_new = tl.maximum(m_i, lse_s)
+        safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: weights 0, not NaN
+        alpha = tl.exp2(m_i - safe)
+        beta = tl.exp2(lse_s - safe)
+        l_i = l_i * alpha + beta
+        acc = acc * alpha[:, None] + beta[:, None] * o_s
+        m_i = m_new
+    has = l_i > 0
+    safe_l = tl.where(has, l_i, 1.0)
+    out = acc / safe_l[:, None]
+    tl.store(o_ptr + g64 * so0 + n64 * so1 + head[:, None] * so2 + d[None, :] * so3,
+             out.to(o_ptr.dtype.element_ty), mask=qmask)
+    lse = tl.where(has, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+    tl.store(lse_ptr + pid_gn.to(tl.int64) * HKV * GS + head, lse, mask=jmask)
+
+
+def _pow2(x, low=16):
+    return max(low, triton.next_power_of_2(int(x)))
+
+
+def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix_lens, scale, o, lse, splits=None):
+    """Launch both kernels. prefix_lens int32 [G], suffix_lens int32 [G, N] (contiguous);
+    o [G, N, Hq, D] and lse [G, N, Hq] (contiguous) are written. ``splits`` overrides the
+    number of key splits of the prefix (default: enough programs for about one wave)."""
+    import torch
+
+    G, N, Hq, D = q.shape
+    Hkv, P = k_prefix.shape[1], k_prefix.shape[2]
+    S = k_suffix.shape[3]
+    gs = Hq // Hkv
+    M = N * gs
+    block_d = _pow2(D)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    qk_scale = scale * LOG2E
+    # Tiles: the larger the head dim, the smaller the query tile (registers).
+    block_m = min(128 if D <= 128 else 64, _pow2(M))
+    block_n = 64 if D <= 128 else 32
+    m_tiles = triton.cdiv(M, block_m)
+    programs = G * Hkv * m_tiles
+    if splits is None:
+        if q.is_cuda:
+            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+            # One wave: more splits only add partial-state traffic (fp32 o per split).
+            splits = max(1, min(triton.cdiv(max(P, 1), 256), triton.cdiv(sms, programs)))
+        else:
+            splits = 1
+    split_len = triton.cdiv(triton.cdiv(max(P, 1), splits), block_n) * block_n
+    splits = triton.cdiv(max(P, 1), split_len)
+    part_o = torch.empty((splits, G * Hkv, M, D), device=q.device, dtype=torch.float32)
+    part_l = torch.empty((splits, G * Hkv, M), device=q.device, dtype=torch.float32)
+    warps = 4 if block_m * block_d <= 64 * 128 else 8
+    _prefix_kernel[(m_tiles, G * Hkv, splits)](
+        q, k_prefix, v_prefix, prefix_lens, part_o, part_l,
+        M, gs, Hkv, P, D, split_len,
+        *q.stride(), *k_prefix.stride(), *v_prefix.stride(),
+        qk_scale,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
+        num_warps=warps, num_stages=3,
+    )
+    _suffix_merge_kernel[(G * N, Hkv)](
+        q, k_suffix, v_suffix, suffix_lens, part_o, part_l, o, lse,
+        N, gs, Hkv, S, D, splits, M, G * Hkv,
+        *q.stride(), *k_suffix.stride(), *v_suffix.stride(), *suffix_lens.stride(),
+        *o.stride(),
+        qk_scale,
+        BLOCK_H=_pow2(gs), BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
+        num_warps=4, num_stages=3,
+    )

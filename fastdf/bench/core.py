@@ -43,6 +43,9 @@ class Case:
     bytes: float | None = None
     flops_by: dict[str, float] = dataclasses.field(default_factory=dict)
     bytes_by: dict[str, float] = dataclasses.field(default_factory=dict)
+    # ``timer(fn, quick) -> ms`` replacing the default (e.g. one warm-up and one timed run
+    # for end-to-end cases that take seconds per call).
+    timer: Callable[[Callable[[], object], bool], float] | None = None
 
 
 @dataclasses.dataclass
@@ -90,6 +93,22 @@ def time_cpu(fn, quick: bool) -> float:
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(samples)
+
+
+def time_once(fn, quick: bool) -> float:
+    """Wall-clock milliseconds of one run after one warm-up run (GPU work synchronised):
+    for end-to-end cases that take seconds per call."""
+    def run():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) * 1e3
+
+    run()
+    return run() if quick else min(run(), run())
 
 
 def peak_memory_mb(fn, device) -> float | None:
@@ -172,7 +191,7 @@ def environment(device) -> dict:
 
 def run_case(suite_name: str, case: Case, device, quick: bool, memory: bool = True) -> list[dict]:
     rows = []
-    timer = time_gpu if device.type == "cuda" else time_cpu
+    timer = case.timer or (time_gpu if device.type == "cuda" else time_cpu)
     try:
         providers = case.setup(device)
     except Skip as why:

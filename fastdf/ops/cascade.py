@@ -143,11 +143,159 @@ def merge_attention_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tenso
     return _merge_op(o_a, lse_a, o_b, lse_b)
 
 
-def shared_prefix_attention(q, k_prefix, v_prefix, k_suffix, v_suffix, *, prefix_lens=None, suffix_lens=None,
-                            scale=None):
+# ---------------------------------------------------------------------------- shared prefix
+
+SHARED_PREFIX = Op("shared_prefix_attention", prefer=("triton", "torch"))
+
+
+def shared_prefix_attention_reference(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, k_suffix: Tensor,
+                                      v_suffix: Tensor, prefix_lens: Tensor, suffix_lens: Tensor, scale: float):
+    """Readable torch reference: one softmax over each sample's visible prefix and suffix
+    keys (fp32 math, fp64 for fp64 inputs). Returns ``(o, lse)``; ``lse`` is natural-log
+    float32 (float64 for fp64), ``-inf`` with ``o = 0`` where no key is visible. The
+    prefix part is one batched matrix product per (prompt, KV head), as in the kernel."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    G, N, Hq, D = q.shape
+    Hkv, P, S = k_prefix.shape[1], k_prefix.shape[2], k_suffix.shape[3]
+    gs = Hq // Hkv
+    prefix_lens = prefix_lens.to(q.device).clamp(0, P)
+    suffix_lens = suffix_lens.to(q.device).clamp(0, S)
+    # Keys past every length are never visible: skip them (a decode cache is mostly empty).
+    P = int(prefix_lens.max()) if G else 0
+    S = int(suffix_lens.max()) if G * N else 0
+    k_prefix, v_prefix = k_prefix[:, :, :P], v_prefix[:, :, :P]
+    k_suffix, v_suffix = k_suffix[:, :, :, :S], v_suffix[:, :, :, :S]
+    qf = q.to(acc).reshape(G, N, Hkv, gs, D)
+    q_rows = qf.permute(0, 2, 1, 3, 4).reshape(G, Hkv, N * gs, D)  # all samples of a prompt: one M dim
+    s_p = (q_rows @ k_prefix.to(acc).transpose(-1, -2)) * scale  # [G, Hkv, N*gs, P]
+    visible_p = torch.arange(P, device=q.device)[None, :] < prefix_lens[:, None]  # [G, P]
+    s_p = s_p.masked_fill(~visible_p[:, None, None, :], float("-inf"))
+    s_p = s_p.reshape(G, Hkv, N, gs, P).permute(0, 2, 1, 3, 4)  # [G, N, Hkv, gs, P]
+    s_s = torch.einsum("gnhjd,gnhsd->gnhjs", qf, k_suffix.to(acc)) * scale
+    visible_s = torch.arange(S, device=q.device) < suffix_lens[..., None]  # [G, N, S]
+    s_s = s_s.masked_fill(~visible_s[:, :, None, None, :], float("-inf"))
+    scores = torch.cat([s_p, s_s], -1)
+    lse = torch.logsumexp(scores, -1)
+    finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    p = torch.exp(scores - finite[..., None])
+    # Values behind invisible keys may be anything (an uninitialised cache): 0 * NaN is NaN.
+    v_p, v_s = v_prefix.to(acc), v_suffix.to(acc)
+    if not bool(visible_p.all()):
+        v_p = v_p.masked_fill(~visible_p[:, None, :, None], 0)
+    if not bool(visible_s.all()):
+        v_s = v_s.masked_fill(~visible_s[:, :, None, :, None], 0)
+    p_p = p[..., :P].permute(0, 2, 1, 3, 4).reshape(G, Hkv, N * gs, P)
+    o_p = (p_p @ v_p).reshape(G, Hkv, N, gs, D).permute(0, 2, 1, 3, 4)
+    o_s = torch.einsum("gnhjs,gnhsd->gnhjd", p[..., P:], v_s)
+    o = (o_p + o_s).reshape(G, N, Hq, D).to(q.dtype)
+    return o, lse.reshape(G, N, Hq)
+
+
+@SHARED_PREFIX.register("torch")
+def _shared_prefix_torch(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix_lens, scale):
+    o, lse = shared_prefix_attention_reference(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix_lens,
+                                               scale)
+    return o, lse.to(torch.float32) if q.dtype != torch.float64 else lse
+
+
+# Overrides the kernel's choice of prefix key splits (tests use it to cover split-K).
+TRITON_PREFIX_SPLITS: list = [None]
+
+
+def _triton_supports(q, *_):
+    if q.dtype not in _checks.FLOAT_DTYPES:
+        return "float64 is not compiled (use the torch backend)"
+    if q.shape[-1] > 256:
+        return f"head dim {q.shape[-1]} > 256"
+    return None
+
+
+@SHARED_PREFIX.register("triton", supports=_triton_supports)
+def _shared_prefix_triton(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix_lens, scale):
+    from fastdf.kernels.cascade import shared_prefix
+
+    G, N, Hq, D = q.shape
+    o = _alloc.empty((G, N, Hq, D), dtype=q.dtype, device=q.device)
+    lse = _alloc.empty((G, N, Hq), dtype=torch.float32, device=q.device)
+    if o.numel():
+        shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens.to(torch.int32).contiguous(),
+                      suffix_lens.to(torch.int32).contiguous(), scale, o, lse, splits=TRITON_PREFIX_SPLITS[0])
+    return o, lse
+
+
+@custom_op(SHARED_PREFIX)
+def _shared_prefix_op(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, k_suffix: Tensor, v_suffix: Tensor,
+                      prefix_lens: Tensor, suffix_lens: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    ...
+
+
+@_shared_prefix_op.register_fake
+def _(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix_lens, scale):
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(q.shape[:-1], dtype=lse_dtype))
+
+
+def _lengths(name, lens, shape, limit, device):
+    if lens is None:
+        return torch.full(shape, limit, dtype=torch.int32, device=device)
+    _checks.tensor(name, lens, dtypes=(torch.int32, torch.int64))
+    _checks.shape(name, lens, shape)
+    if lens.device != device:
+        raise ValueError(f"{name} is on {lens.device} but q is on {device}; put them on one device")
+    return lens
+
+
+def shared_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, k_suffix: Tensor, v_suffix: Tensor, *,
+                            prefix_lens: Tensor | None = None, suffix_lens: Tensor | None = None,
+                            scale: float | None = None, return_lse: bool = False):
     """Decode attention of N samples per prompt over the prompt's shared prefix K/V and
-    each sample's own suffix K/V (DESIGN.md §4). Not built yet."""
-    raise NotImplementedError(
-        "fastdf.shared_prefix_attention is not built yet: it arrives with the batched proof "
-        "sampling capability (issue #6, shared-prefix decode attention)"
-    )
+    each sample's own suffix K/V (one query per sample; DESIGN.md §4).
+
+    Args:
+        q: ``[G, N, Hq, D]`` (G prompts, N samples each), float32/float16/bfloat16.
+        k_prefix, v_prefix: ``[G, Hkv, P, D]``, the prompts' K/V, stored once per prompt.
+        k_suffix, v_suffix: ``[G, N, Hkv, S, D]``, each sample's generated tokens' K/V.
+        prefix_lens: int ``[G]`` visible prefix keys per prompt (default P).
+        suffix_lens: int ``[G, N]`` visible suffix keys per sample (default S).
+            Lengths outside ``[0, P]`` / ``[0, S]`` are clamped (never read out of bounds).
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return the natural-log log-sum-exp ``[G, N, Hq]`` (float32).
+
+    Returns ``[G, N, Hq, D]`` in q's dtype: each sample attends to its prompt's prefix and
+    its own suffix as one softmax. ``Hq % Hkv == 0`` (GQA/MQA). A sample with no visible
+    key gets zeros (lse ``-inf``). Any strides. The Triton kernel reads each prompt's
+    prefix K/V once per query tile of up to 128 (N x Hq/Hkv) rows (once per group when
+    N x Hq/Hkv <= 128) and runs the prefix part as a matrix product.
+
+    Decode-only: there is no backward. Inputs that require grad raise unless grad mode is
+    off (use ``torch.no_grad()`` / ``torch.inference_mode()``).
+    """
+    _checks.tensor("q", q, ndim=4, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
+    G, N, Hq, D = q.shape
+    _checks.tensor("k_prefix", k_prefix, ndim=4)
+    _checks.tensor("v_prefix", v_prefix, ndim=4)
+    _checks.tensor("k_suffix", k_suffix, ndim=5)
+    _checks.tensor("v_suffix", v_suffix, ndim=5)
+    _checks.same_dtype(q=q, k_prefix=k_prefix, v_prefix=v_prefix, k_suffix=k_suffix, v_suffix=v_suffix)
+    device = _checks.same_device(q=q, k_prefix=k_prefix, v_prefix=v_prefix, k_suffix=k_suffix, v_suffix=v_suffix)
+    Hkv, P = k_prefix.shape[1], k_prefix.shape[2]
+    S = k_suffix.shape[3]
+    _checks.shape("k_prefix", k_prefix, (G, None, None, D), what="([G, Hkv, P, D] with q's G and D)")
+    _checks.shape("v_prefix", v_prefix, (G, Hkv, P, D), what="(the shape of k_prefix)")
+    _checks.shape("k_suffix", k_suffix, (G, N, Hkv, None, D), what="([G, N, Hkv, S, D] with q's G, N, D)")
+    _checks.shape("v_suffix", v_suffix, (G, N, Hkv, S, D), what="(the shape of k_suffix)")
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"q's heads ({Hq}) must be a multiple of k_prefix's KV heads ({Hkv})")
+    prefix_lens = _lengths("prefix_lens", prefix_lens, (G,), P, device)
+    suffix_lens = _lengths("suffix_lens", suffix_lens, (G, N), S, device)
+    if scale is None:
+        scale = D ** -0.5
+    _checks.number("scale", scale, low=0, low_open=True)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_prefix, v_prefix, k_suffix, v_suffix)):
+        raise NotImplementedError(
+            "fastdf.shared_prefix_attention is decode-only and has no backward; call it under torch.no_grad() "
+            "or torch.inference_mode() (or detach the inputs)"
+        )
+    o, lse = _shared_prefix_op(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix_lens, float(scale))
+    return (o, lse) if return_lse else o
