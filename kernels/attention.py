@@ -1,0 +1,605 @@
+"""Triton kernels for frame-causal flash attention (fastdf.df_attention).
+
+Mask in kernel terms (fastdf/ops/attention.py turns the public arguments into these):
+query row i sits at position p = Tk - Tq + i, frame(x) = x // FS; key j is visible iff
+j < ce(p) = min((frame(p) + 1) * FS, Tk) and, with a window, j >= lo(p) =
+(frame(p) - W + 1) * FS or j < SINK_END. causal=False is FS = Tk (one frame).
+
+Tile classification. For a block of query rows with positions [p_first, p_last] the
+visible keys are at most two ranges, computed once per program (``_key_ranges``):
+  sinks  [0, sink_hi)  visible to every row of the block,
+  main   [lo, hi)      of which [full_lo, full_hi) is visible to every row.
+Tiles inside a fully visible part run without any mask arithmetic (and without load
+masks); the few edge tiles apply the per-element mask; everything else is never touched.
+The dK/dV kernel does the same from the key side: the queries that see a key block form
+one range [q_lo, q_hi) with a fully visible middle.
+
+Layout: 1-D grids (B * H can exceed the 65535 limit of the other grid axes), query blocks
+of one head adjacent in launch order (they share K/V in L2) and issued heaviest first.
+Forward rows are "virtual": the G = Hq / Hkv query heads that share a K/V head are stacked
+(row r = g * Tq + i), so a decode step or a short chunk with GQA fills the tile and reads
+K/V once. Sequences with Tk <= 64 take the ``short`` kernels, where one program handles
+several (batch, head) sequences with batched 3-D dots (the factorised U-Net's temporal
+attention: 131072 x 4 sequences of 16 tokens).
+
+Backward (FA2): a preprocessing kernel computes delta = rowsum(dO * O) - dlse, a dK/dV
+kernel owns one key block (looping over the G query heads of its K/V head and over the
+query blocks that see it) and a dQ kernel owns one query block. No atomics: deterministic.
+"""
+
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Block sizes under the interpreter: small and unequal, so tests cross many tile edges.
+INTERPRET_BLOCKS = {"fwd": (16, 32), "dkdv": (32, 16), "dq": (16, 32)}
+# Tk (and G * Tq) up to this go to the short kernels; tests set 0 to force the tiled path.
+SHORT_MAX = 64
+# Problems with fewer (query, key) pairs than this take the heuristic config untuned.
+TUNE_MIN_PAIRS = 1 << 26
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _load_rows(ptrs, row_mask, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    if MASK_ROWS:
+        if D == BLOCK_D:
+            x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_mask[:, None] & (offs_d < D)[None, :], other=0.0)
+    else:
+        if D == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _visible(j, ce, lo, SINK_END, HAS_WINDOW: tl.constexpr):
+    """Key positions j against per-query causal ends ce and window starts lo (broadcast)."""
+    vis = j < ce
+    if HAS_WINDOW:
+        vis = vis & ((j >= lo) | (j < SINK_END))
+    return vis
+
+
+@triton.jit
+def _query_bounds(p, Tk, FS, W, HAS_WINDOW: tl.constexpr):
+    """Per-query causal end and window start (the window start is unused without one)."""
+    f = p // FS
+    ce = tl.minimum((f + 1) * FS, Tk)
+    lo = (f - W + 1) * FS
+    return ce, lo
+
+
+@triton.jit
+def _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, HAS_WINDOW: tl.constexpr):
+    """Key ranges for query positions [p_first, p_last]: (sink_hi, lo, full_lo, full_hi, hi)."""
+    f_first = p_first // FS
+    f_last = p_last // FS
+    hi = tl.minimum((f_last + 1) * FS, Tk)
+    full_hi = tl.minimum((f_first + 1) * FS, Tk)
+    if HAS_WINDOW:
+        lo = tl.maximum((f_first - W + 1) * FS, 0)
+        full_lo = tl.maximum((f_last - W + 1) * FS, 0)
+        sink_hi = tl.minimum(SINK_END, lo)
+    else:
+        lo = p_first * 0
+        full_lo = lo
+        sink_hi = lo
+    full_lo = tl.minimum(full_lo, hi)
+    full_hi = tl.maximum(full_hi, full_lo)
+    return sink_hi, lo, full_lo, full_hi, hi
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end, ce, lo, SINK_END, qk_scale,
+               offs_n, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+        j = n0 + offs_n
+        jin = j < end
+        k = _load_rows(k_base + j[:, None] * skt + offs_d[None, :] * skd, jin, offs_d, D, BLOCK_D, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if MASKED:
+            vis = jin[None, :] & _visible(j[None, :], ce[:, None], lo[:, None], SINK_END, HAS_WINDOW)
+            s = tl.where(vis, s * qk_scale, float("-inf"))
+        else:
+            s = s * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base + j[:, None] * svt + offs_d[None, :] * svd, jin, offs_d, D, BLOCK_D, MASKED)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["tune_rows", "tune_fs"])
+def _fwd_kernel(Q, K, V, O, LSE,
+                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
+                Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, tune_rows, tune_fs,
+                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    rows = G * Tq
+    n_m = tl.cdiv(rows, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = n_m - 1 - pid % n_m
+    bh = pid // n_m
+    b = (bh // Hkv).to(tl.int64)
+    hk = bh % Hkv
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < rows
+    i = r % Tq
+    h = hk * G + r // Tq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q = _load_rows(Q + b * sqb + (h * sqh + i * sqt)[:, None] + offs_d[None, :] * sqd, rmask, offs_d, D, BLOCK_D, True)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    off = Tk - Tq
+    p_first = off + tl.min(tl.where(rmask, i, Tq), 0)
+    p_last = off + tl.max(tl.where(rmask, i, 0), 0)
+    ce, lo = _query_bounds(off + i, Tk, FS, W, HAS_WINDOW)
+    sink_hi, k_lo, full_lo, full_hi, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, HAS_WINDOW)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked first tile gives p = 0, not NaN
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_WINDOW:
+        sink_full = sink_hi // BLOCK_N * BLOCK_N
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, 0, sink_full, ce, lo, SINK_END,
+                                   qk_scale, offs_n, offs_d, D, BLOCK_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, sink_full, sink_hi, ce, lo, SINK_END,
+                                   qk_scale, offs_n, offs_d, D, BLOCK_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, k_lo, full_lo, ce, lo, SINK_END,
+                                   qk_scale, offs_n, offs_d, D, BLOCK_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+    mid = full_lo + (full_hi - full_lo) // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, full_lo, mid, ce, lo, SINK_END,
+                               qk_scale, offs_n, offs_d, D, BLOCK_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, mid, k_hi, ce, lo, SINK_END,
+                               qk_scale, offs_n, offs_d, D, BLOCK_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+
+    l_i = tl.where(l_i > 0, l_i, 1.0)  # only padded rows can be empty
+    out = acc / l_i[:, None]
+    omask = rmask[:, None] & (offs_d < D)[None, :]
+    tl.store(O + b * sob + (h * soh + i * sot)[:, None] + offs_d[None, :] * sod, out.to(O.dtype.element_ty), mask=omask)
+    tl.store(LSE + b * slb + h * slh + i * slt, (m_i + tl.math.log2(l_i)) * LN2, mask=rmask)
+
+
+@triton.jit
+def _short_offsets(R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BHkv, Hkv, G, Tq, Tk):
+    """Index vectors of one program of the short kernels: R (batch, K/V head) sequences,
+    virtual query rows r = g * Tq + i, keys j, lanes d."""
+    s = tl.program_id(0) * R + tl.arange(0, R)
+    smask = s < BHkv
+    s = tl.where(smask, s, 0)
+    b = (s // Hkv).to(tl.int64)
+    hk = s % Hkv
+    r = tl.arange(0, BLOCK_M)
+    rmask = r < G * Tq
+    i = r % Tq
+    h = hk[:, None] * G + (r // Tq)[None, :]
+    j = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    return smask, b, hk, rmask, i, h, j, d
+
+
+@triton.jit
+def _short_mask(smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW: tl.constexpr):
+    ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
+    vis = _visible(j[None, :], ce[:, None], lo[:, None], SINK_END, HAS_WINDOW) & rmask[:, None]
+    return vis[None, :, :] & smask[:, None, None]
+
+
+@triton.jit
+def _fwd_short_kernel(Q, K, V, O, LSE,
+                      sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
+                      BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale,
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      R: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
+    smask, b, hk, rmask, i, h, j, d = _short_offsets(R, BLOCK_M, BLOCK_N, BLOCK_D, BHkv, Hkv, G, Tq, Tk)
+    dmask = (d < D)[None, None, :]
+    qmask = smask[:, None, None] & rmask[None, :, None] & dmask
+    kmask = smask[:, None, None] & (j < Tk)[None, :, None] & dmask
+    q = tl.load(Q + (b[:, None] * sqb + h * sqh + i[None, :] * sqt)[:, :, None] + d[None, None, :] * sqd,
+                mask=qmask, other=0.0)
+    k = tl.load(K + (b * skb + hk * skh)[:, None, None] + j[None, :, None] * skt + d[None, None, :] * skd,
+                mask=kmask, other=0.0)
+    v = tl.load(V + (b * svb + hk * svh)[:, None, None] + j[None, :, None] * svt + d[None, None, :] * svd,
+                mask=kmask, other=0.0)
+    s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC)
+    vis = _short_mask(smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW)
+    s = tl.where(vis, s * qk_scale, -1.0e30)  # finite: padded rows stay NaN-free
+    m = tl.max(s, 2)
+    p = tl.where(vis, tl.math.exp2(s - m[:, :, None]), 0.0)
+    l_i = tl.sum(p, 2)
+    l_i = tl.where(l_i > 0, l_i, 1.0)
+    out = tl.dot(p.to(v.dtype), v, input_precision=PREC) / l_i[:, :, None]
+    tl.store(O + (b[:, None] * sob + h * soh + i[None, :] * sot)[:, :, None] + d[None, None, :] * sod,
+             out.to(O.dtype.element_ty), mask=qmask)
+    lmask = smask[:, None] & rmask[None, :]
+    tl.store(LSE + b[:, None] * slb + h * slh + i[None, :] * slt, (m + tl.math.log2(l_i)) * LN2, mask=lmask)
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, sob, soh, sot, sod, sgb, sgh, sgt, sgd, slb, slh, slt,
+                           Hq, Tq, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           HAS_DLSE: tl.constexpr):
+    n_m = tl.cdiv(Tq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_m
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    i = pid % n_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    imask = i < Tq
+    d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b * sob + h * soh + i[:, None] * sot + d[None, :] * sod, imask, d, D, BLOCK_D, True)
+    g = _load_rows(DO + b * sgb + h * sgh + i[:, None] * sgt + d[None, :] * sgd, imask, d, D, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b * slb + h * slh + i * slt, mask=imask, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + i, delta, mask=imask)
+
+
+@triton.jit
+def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, start, end, j, Tq, Tk,
+                FS, W, SINK_END, qk_scale, offs_m, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
+                STAGES: tl.constexpr):
+    for m0 in tl.range(start, end, BLOCK_M, num_stages=STAGES):
+        i = m0 + offs_m
+        iin = i < end
+        q = _load_rows(q_base + i[:, None] * sqt + offs_d[None, :] * sqd, iin, offs_d, D, BLOCK_D, MASKED)
+        do = _load_rows(do_base + i[:, None] * sgt + offs_d[None, :] * sgd, iin, offs_d, D, BLOCK_D, MASKED)
+        if MASKED:
+            lse2 = tl.load(lse_base + i * slt, mask=iin, other=0.0) * LOG2E
+            delta = tl.load(delta_base + i, mask=iin, other=0.0)
+        else:
+            lse2 = tl.load(lse_base + i * slt) * LOG2E
+            delta = tl.load(delta_base + i)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if MASKED:
+            ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
+            vis = iin[None, :] & _visible(j[:, None], ce[None, :], lo[None, :], SINK_END, HAS_WINDOW)
+            p_t = tl.where(vis, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["tune_rows", "tune_fs"])
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sgb, sgh, sgt, sgd, slb, slh, slt,
+                     sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
+                     Hkv, G, Tq, Tk, FS, W, SINK_END, SINK_FRAMES, qk_scale, scale, tune_rows, tune_fs,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    n_n = tl.cdiv(Tk, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % n_n
+    bh = pid // n_n
+    b = (bh // Hkv).to(tl.int64)
+    hk = bh % Hkv
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    jmask = j < Tk
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b * skb + hk * skh + j[:, None] * skt + offs_d[None, :] * skd, jmask, offs_d, D, BLOCK_D, True)
+    v = _load_rows(V + b * svb + hk * svh + j[:, None] * svt + offs_d[None, :] * svd, jmask, offs_d, D, BLOCK_D, True)
+
+    # The queries that see this key block: one range, fully visible in the middle.
+    off = Tk - Tq
+    j_first = pid_n * BLOCK_N
+    j_last = tl.minimum(j_first + BLOCK_N, Tk) - 1
+    fj_first = j_first // FS
+    fj_last = j_last // FS
+    q_lo = tl.maximum(fj_first * FS - off, 0)
+    qf_lo = tl.maximum(fj_last * FS - off, 0)
+    q_hi = Tq + q_lo * 0
+    qf_hi = q_hi
+    if HAS_WINDOW:
+        q_hi = tl.where(j_first < SINK_END, q_hi, tl.minimum((fj_last + W) * FS - off, Tq))
+        qf_hi = tl.where(j_last < SINK_END, qf_hi, tl.minimum((tl.maximum(fj_first, SINK_FRAMES) + W) * FS - off, Tq))
+    q_hi = tl.maximum(q_hi, q_lo)
+    qf_lo = tl.minimum(tl.maximum(qf_lo, q_lo), q_hi)
+    qf_hi = tl.maximum(tl.minimum(qf_hi, q_hi), qf_lo)
+    mid = qf_lo + (qf_hi - qf_lo) // BLOCK_M * BLOCK_M
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(G):
+        h = hk * G + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sgb + h * sgh
+        lse_base = LSE + b * slb + h * slh
+        delta_base = DELTA + (b * Hkv * G + h) * Tq
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, q_lo, qf_lo, j, Tq, Tk,
+                             FS, W, SINK_END, qk_scale, offs_m, offs_d, D, BLOCK_D, BLOCK_M, True, HAS_WINDOW, PREC,
+                             STAGES)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, qf_lo, mid, j, Tq, Tk,
+                             FS, W, SINK_END, qk_scale, offs_m, offs_d, D, BLOCK_D, BLOCK_M, False, HAS_WINDOW, PREC,
+                             STAGES)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, mid, q_hi, j, Tq, Tk,
+                             FS, W, SINK_END, qk_scale, offs_m, offs_d, D, BLOCK_D, BLOCK_M, True, HAS_WINDOW, PREC,
+                             STAGES)
+    smask = jmask[:, None] & (offs_d < D)[None, :]
+    tl.store(DK + b * sdkb + hk * sdkh + j[:, None] * sdkt + offs_d[None, :] * sdkd, (dk * scale).to(DK.dtype.element_ty),
+             mask=smask)
+    tl.store(DV + b * sdvb + hk * sdvh + j[:, None] * sdvt + offs_d[None, :] * sdvd, dv.to(DV.dtype.element_ty),
+             mask=smask)
+
+
+@triton.jit
+def _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, start, end, ce, lo, SINK_END, qk_scale,
+              offs_n, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+        j = n0 + offs_n
+        jin = j < end
+        k = _load_rows(k_base + j[:, None] * skt + offs_d[None, :] * skd, jin, offs_d, D, BLOCK_D, MASKED)
+        v = _load_rows(v_base + j[:, None] * svt + offs_d[None, :] * svd, jin, offs_d, D, BLOCK_D, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            vis = jin[None, :] & _visible(j[None, :], ce[:, None], lo[:, None], SINK_END, HAS_WINDOW)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq
+
+
+@triton.jit(do_not_specialize=["tune_rows", "tune_fs"])
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sgb, sgh, sgt, sgd, slb, slh, slt,
+                   sdqb, sdqh, sdqt, sdqd,
+                   Hq, G, Tq, Tk, FS, W, SINK_END, qk_scale, scale, tune_rows, tune_fs,
+                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    n_m = tl.cdiv(Tq, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = n_m - 1 - pid % n_m
+    bh = pid // n_m
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    hk = h // G
+    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    imask = i < Tq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * sqb + h * sqh + i[:, None] * sqt + offs_d[None, :] * sqd, imask, offs_d, D, BLOCK_D, True)
+    do = _load_rows(DO + b * sgb + h * sgh + i[:, None] * sgt + offs_d[None, :] * sgd, imask, offs_d, D, BLOCK_D, True)
+    lse2 = tl.load(LSE + b * slb + h * slh + i * slt, mask=imask, other=0.0) * LOG2E
+    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + i, mask=imask, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    off = Tk - Tq
+    p_first = off + pid_m * BLOCK_M
+    p_last = off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
+    ce, lo = _query_bounds(off + i, Tk, FS, W, HAS_WINDOW)
+    sink_hi, k_lo, full_lo, full_hi, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, HAS_WINDOW)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_WINDOW:
+        sink_full = sink_hi // BLOCK_N * BLOCK_N
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, 0, sink_full, ce, lo, SINK_END, qk_scale,
+                       offs_n, offs_d, D, BLOCK_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, sink_full, sink_hi, ce, lo, SINK_END, qk_scale,
+                       offs_n, offs_d, D, BLOCK_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, k_lo, full_lo, ce, lo, SINK_END, qk_scale,
+                       offs_n, offs_d, D, BLOCK_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+    mid = full_lo + (full_hi - full_lo) // BLOCK_N * BLOCK_N
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, full_lo, mid, ce, lo, SINK_END, qk_scale,
+                   offs_n, offs_d, D, BLOCK_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, mid, k_hi, ce, lo, SINK_END, qk_scale,
+                   offs_n, offs_d, D, BLOCK_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+    tl.store(DQ + b * sdqb + h * sdqh + i[:, None] * sdqt + offs_d[None, :] * sdqd, (dq * scale).to(DQ.dtype.element_ty),
+             mask=imask[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _bwd_short_kernel(Q, K, V, O, DO, LSE, DLSE, DQ, DK, DV,
+                      sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
+                      sgb, sgh, sgt, sgd, slb, slh, slt, sdb, sdh, sdt,
+                      sdqb, sdqh, sdqt, sdqd, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
+                      BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, scale,
+                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      R: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DLSE: tl.constexpr, PREC: tl.constexpr):
+    smask, b, hk, rmask, i, h, j, d = _short_offsets(R, BLOCK_M, BLOCK_N, BLOCK_D, BHkv, Hkv, G, Tq, Tk)
+    dmask = (d < D)[None, None, :]
+    qmask = smask[:, None, None] & rmask[None, :, None] & dmask
+    kmask = smask[:, None, None] & (j < Tk)[None, :, None] & dmask
+    lmask = smask[:, None] & rmask[None, :]
+    rb = b[:, None]
+    ri = i[None, :]
+    q = tl.load(Q + (rb * sqb + h * sqh + ri * sqt)[:, :, None] + d[None, None, :] * sqd, mask=qmask, other=0.0)
+    o = tl.load(O + (rb * sob + h * soh + ri * sot)[:, :, None] + d[None, None, :] * sod, mask=qmask, other=0.0)
+    do = tl.load(DO + (rb * sgb + h * sgh + ri * sgt)[:, :, None] + d[None, None, :] * sgd, mask=qmask,
+                 other=0.0)
+    kv = (b * skb + hk * skh)[:, None, None] + j[None, :, None] * skt + d[None, None, :] * skd
+    k = tl.load(K + kv, mask=kmask, other=0.0)
+    v = tl.load(V + (b * svb + hk * svh)[:, None, None] + j[None, :, None] * svt + d[None, None, :] * svd, mask=kmask,
+                other=0.0)
+    lse2 = tl.load(LSE + rb * slb + h * slh + ri * slt, mask=lmask, other=0.0) * LOG2E
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 2)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rb * sdb + h * sdh + ri * sdt, mask=lmask, other=0.0)
+
+    s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * qk_scale
+    vis = _short_mask(smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW)
+    p = tl.where(vis, tl.math.exp2(s - lse2[:, :, None]), 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype), (0, 2, 1)), do, input_precision=PREC)
+    dp = tl.dot(do, tl.trans(v, (0, 2, 1)), input_precision=PREC)
+    ds = p * (dp - delta[:, :, None])
+    dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
+    dk = tl.dot(tl.trans(ds.to(q.dtype), (0, 2, 1)), q, input_precision=PREC) * scale
+    tl.store(DQ + (rb * sdqb + h * sdqh + ri * sdqt)[:, :, None] + d[None, None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=qmask)
+    tl.store(DK + (b * sdkb + hk * sdkh)[:, None, None] + j[None, :, None] * sdkt + d[None, None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + (b * sdvb + hk * sdvh)[:, None, None] + j[None, :, None] * sdvt + d[None, None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages}, num_warps=warps, num_stages=stages)
+
+
+def _bucket(x):
+    return min(triton.next_power_of_2(max(int(x), 1)), 1 << 14)
+
+
+# (BLOCK_M, BLOCK_N, warps, stages); the first of each list is the untuned heuristic.
+# Hopper: 128-row query tiles with 64/128-key tiles and 2-3 stages for D <= 128; D = 256
+# and fp32 halve the tiles to fit shared memory.
+def _fwd_configs(block_d, wide):
+    if wide or block_d > 128:
+        return [_cfg(64, 64, 4, 2), _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)]
+    if block_d > 64:
+        return [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3)]
+    return [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)]
+
+
+def _dkdv_configs(block_d, wide):
+    if wide or block_d > 128:
+        return [_cfg(32, 64, 4, 2), _cfg(16, 64, 4, 2)]
+    return [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3)]
+
+
+def _dq_configs(block_d, wide):
+    if wide or block_d > 128:
+        return [_cfg(64, 32, 4, 2), _cfg(64, 16, 4, 2)]
+    return [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3)]
+
+
+_TUNE_KEY = ["BLOCK_D", "HAS_WINDOW", "PREC", "tune_rows", "tune_fs"]
+_TUNED = {}
+
+
+def _launch(kernel, name, configs, big, grid_rows, args, meta):
+    """Launch ``kernel`` with the interpreter's blocks, the heuristic config or, for big
+    problems on a GPU, the autotuned one. ``grid_rows(BLOCK)`` gives the 1-D grid."""
+    if INTERPRET:
+        bm, bn = INTERPRET_BLOCKS[name]
+        cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": 1}, num_warps=4, num_stages=1)
+    elif not big:
+        cfg = configs[0]
+    else:
+        key = (name, len(configs), tuple(sorted(configs[0].kwargs.items())))
+        if key not in _TUNED:
+            _TUNED[key] = triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+        _TUNED[key][lambda m: (grid_rows(m),)](*args, **meta)
+        return
+    kw = dict(cfg.kwargs)
+    kernel[(grid_rows(kw),)](*args, **meta, **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _strides(t, n=4):
+    st = t.stride()
+    return list(st[:n])
+
+
+def _common(q, k, mask):
+    fs, window, sink_end = mask
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    block_d = max(16, triton.next_power_of_2(D))
+    prec = "ieee" if q.dtype.itemsize == 4 else "tf32"
+    return B, Hq, Hkv, Hq // Hkv, Tq, Tk, D, block_d, fs, window, sink_end, prec
+
+
+def _short_meta(G, Tq, Tk, block_d):
+    bm = max(16, triton.next_power_of_2(G * Tq))
+    bn = max(16, triton.next_power_of_2(Tk))
+    r = max(1, min(16, 8192 // (max(bm, bn) * block_d)))
+    return bm, bn, 1 << (r.bit_length() - 1)
+
+
+def _use_short(G, Tq, Tk, block_d):
+    return Tk <= SHORT_MAX and G * Tq <= SHORT_MAX and block_d <= 128
+
+
+def attention_forward(q, k, v, out, lse, mask, scale):
+    """out, lse <- attention of q over k, v; ``mask = (frame_size, window or None, sink_end)``
+    in kernel terms (see fastdf.ops.attention._mask_args)."""
+    B, Hq, Hkv, G, Tq, Tk, D, block_d, fs, window, sink_end, prec = _common(q, k, mask)
+    qk_scale = scale * LOG2E
+    strides = [*_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(lse, 3)]
+    has_window = window is not None
+    if _use_short(G, Tq, Tk, block_d):
+        bm, bn, r = _short_meta(G, Tq, Tk, block_d)
+        _fwd_short_kernel[(triton.cdiv(B * Hkv, r),)](
+            q, k, v, out, lse, *strides, B * Hkv, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale,
+            D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, PREC=prec, num_warps=4)
+        return
+    args = (q, k, v, out, lse, *strides, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale,
+            _bucket(G * Tq), _bucket(fs))
+    meta = dict(D=D, BLOCK_D=block_d, HAS_WINDOW=has_window, PREC=prec)
+    big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
+    _launch(_fwd_kernel, "fwd", _fwd_configs(block_d, q.dtype.itemsize == 4), big,
+            lambda m: triton.cdiv(G * Tq, m["BLOCK_M"]) * B * Hkv, args, meta)
+
+
+def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, scale):
+    """dq, dk, dv <- gradients of attention given grad_out (and grad_lse, may be None)."""
+    import torch
+
+    B, Hq, Hkv, G, Tq, Tk, D, block_d, fs, window, sink_end, prec = _common(q, k, mask)
+    qk_scale = scale * LOG2E
+    has_window = window is not None
+    w = window or 0
+    sq, sk, sv, sg = _strides(q), _strides(k), _strides(v), _strides(grad_out)
+    sl = _strides(lse, 3)
+    has_dlse = grad_lse is not None
+    dlse = grad_lse if has_dlse else lse
+    if _use_short(G, Tq, Tk, block_d):
+        bm, bn, r = _short_meta(G, Tq, Tk, block_d)
+        _bwd_short_kernel[(triton.cdiv(B * Hkv, r),)](
+            q, k, v, out, grad_out, lse, dlse, dq, dk, dv,
+            *sq, *sk, *sv, *_strides(out), *sg, *sl, *_strides(dlse, 3), *_strides(dq), *_strides(dk), *_strides(dv),
+            B * Hkv, Hkv, G, Tq, Tk, fs, w, sink_end, qk_scale, scale,
+            D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, HAS_DLSE=has_dlse, PREC=prec,
+            num_warps=4)
+        return
+    delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    pre_m = 64 if not INTERPRET else 16
+    _bwd_preprocess_kernel[(triton.cdiv(Tq, pre_m) * B * Hq,)](
+        out, grad_out, dlse, delta, *_strides(out), *sg, *_strides(dlse, 3), Hq, Tq,
+        D=D, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=has_dlse, num_warps=4)
+    wide = q.dtype.itemsize == 4
+    big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
+    meta = dict(D=D, BLOCK_D=block_d, HAS_WINDOW=has_window, PREC=prec)
+    tune = (_bucket(G * Tq), _bucket(fs))
+    args = (q, k, v, grad_out, lse, delta, dk, dv, *sq, *sk, *sv, *sg, *sl, *_strides(dk), *_strides(dv),
+            Hkv, G, Tq, Tk, fs, w, sink_end, sink_end // fs if fs else 0, qk_scale, scale, *tune)
+    _launch(_bwd_dkdv_kernel, "dkdv", _dkdv_configs(block_d, wide), big,
+            lambda m: triton.cdiv(Tk, m["BLOCK_N"]) * B * Hkv, args, meta)
+    args = (q, k, v, grad_out, lse, delta, dq, *sq, *sk, *sv, *sg, *sl, *_strides(dq),
+            Hq, G, Tq, Tk, fs, w, sink_end, qk_scale, scale, *tune)
+    _launch(_bwd_dq_kernel, "dq", _dq_configs(block_d, wide), big,
+            lambda m: triton.cdiv(Tq, m["BLOCK_M"]) * B * Hq, args, meta)
