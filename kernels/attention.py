@@ -47,14 +47,14 @@ TUNE_MIN_PAIRS = 1 << 26
 
 
 @triton.jit
-def _load_rows(ptrs, row_mask, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+def _load_rows(ptrs, row_mask, offs_d, D, EVEN_D: tl.constexpr, MASK_ROWS: tl.constexpr):
     if MASK_ROWS:
-        if D == BLOCK_D:
+        if EVEN_D:
             x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
         else:
             x = tl.load(ptrs, mask=row_mask[:, None] & (offs_d < D)[None, :], other=0.0)
     else:
-        if D == BLOCK_D:
+        if EVEN_D:
             x = tl.load(ptrs)
         else:
             x = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
@@ -104,12 +104,12 @@ def _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, HAS_WINDOW: tl.constexpr):
 
 @triton.jit
 def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end, ce, lo, SINK_END, qk_scale,
-               offs_n, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               offs_n, offs_d, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         j = n0 + offs_n
         jin = j < end
-        k = _load_rows(k_base + j[:, None] * skt + offs_d[None, :] * skd, jin, offs_d, D, BLOCK_D, MASKED)
+        k = _load_rows(k_base + j[:, None] * skt + offs_d[None, :] * skd, jin, offs_d, D, EVEN_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         if MASKED:
             vis = jin[None, :] & _visible(j[None, :], ce[:, None], lo[:, None], SINK_END, HAS_WINDOW)
@@ -120,7 +120,7 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end,
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base + j[:, None] * svt + offs_d[None, :] * svd, jin, offs_d, D, BLOCK_D, MASKED)
+        v = _load_rows(v_base + j[:, None] * svt + offs_d[None, :] * svd, jin, offs_d, D, EVEN_D, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -130,7 +130,7 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end,
 def _fwd_kernel(Q, K, V, O, LSE,
                 sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
                 Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, tune_rows, tune_fs,
-                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     rows = G * Tq
     n_m = tl.cdiv(rows, BLOCK_M)
@@ -146,7 +146,7 @@ def _fwd_kernel(Q, K, V, O, LSE,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q = _load_rows(Q + b * sqb + (h * sqh + i * sqt)[:, None] + offs_d[None, :] * sqd, rmask, offs_d, D, BLOCK_D, True)
+    q = _load_rows(Q + b * sqb + (h * sqh + i * sqt)[:, None] + offs_d[None, :] * sqd, rmask, offs_d, D, EVEN_D, True)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
@@ -162,16 +162,16 @@ def _fwd_kernel(Q, K, V, O, LSE,
     if HAS_WINDOW:
         sink_full = sink_hi // BLOCK_N * BLOCK_N
         acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, 0, sink_full, ce, lo, SINK_END,
-                                   qk_scale, offs_n, offs_d, D, BLOCK_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+                                   qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
         acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, sink_full, sink_hi, ce, lo, SINK_END,
-                                   qk_scale, offs_n, offs_d, D, BLOCK_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+                                   qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
         acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, k_lo, full_lo, ce, lo, SINK_END,
-                                   qk_scale, offs_n, offs_d, D, BLOCK_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+                                   qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
     mid = full_lo + (full_hi - full_lo) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, full_lo, mid, ce, lo, SINK_END,
-                               qk_scale, offs_n, offs_d, D, BLOCK_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+                               qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, mid, k_hi, ce, lo, SINK_END,
-                               qk_scale, offs_n, offs_d, D, BLOCK_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+                               qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
 
     l_i = tl.where(l_i > 0, l_i, 1.0)  # only padded rows can be empty
     out = acc / l_i[:, None]
@@ -210,7 +210,7 @@ def _short_mask(smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW: tl.cons
 def _fwd_short_kernel(Q, K, V, O, LSE,
                       sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
                       BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale,
-                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      D, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       R: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
     smask, b, hk, rmask, i, h, j, d = _short_offsets(R, BLOCK_M, BLOCK_N, BLOCK_D, BHkv, Hkv, G, Tq, Tk)
     dmask = (d < D)[None, None, :]
@@ -241,7 +241,7 @@ def _fwd_short_kernel(Q, K, V, O, LSE,
 
 @triton.jit
 def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, sob, soh, sot, sod, sgb, sgh, sgt, sgd, slb, slh, slt,
-                           Hq, Tq, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           Hq, Tq, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                            HAS_DLSE: tl.constexpr):
     n_m = tl.cdiv(Tq, BLOCK_M)
     pid = tl.program_id(0)
@@ -251,8 +251,8 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, sob, soh, sot, sod, sgb, sgh, sgt
     i = pid % n_m * BLOCK_M + tl.arange(0, BLOCK_M)
     imask = i < Tq
     d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + b * sob + h * soh + i[:, None] * sot + d[None, :] * sod, imask, d, D, BLOCK_D, True)
-    g = _load_rows(DO + b * sgb + h * sgh + i[:, None] * sgt + d[None, :] * sgd, imask, d, D, BLOCK_D, True)
+    o = _load_rows(O + b * sob + h * soh + i[:, None] * sot + d[None, :] * sod, imask, d, D, EVEN_D, True)
+    g = _load_rows(DO + b * sgb + h * sgh + i[:, None] * sgt + d[None, :] * sgd, imask, d, D, EVEN_D, True)
     delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), 1)
     if HAS_DLSE:
         delta -= tl.load(DLSE + b * slb + h * slh + i * slt, mask=imask, other=0.0)
@@ -261,14 +261,14 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, sob, soh, sot, sod, sgb, sgh, sgt
 
 @triton.jit
 def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, start, end, j, Tq, Tk,
-                FS, W, SINK_END, qk_scale, offs_m, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                FS, W, SINK_END, qk_scale, offs_m, offs_d, D, EVEN_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
                 STAGES: tl.constexpr):
     for m0 in tl.range(start, end, BLOCK_M, num_stages=STAGES):
         i = m0 + offs_m
         iin = i < end
-        q = _load_rows(q_base + i[:, None] * sqt + offs_d[None, :] * sqd, iin, offs_d, D, BLOCK_D, MASKED)
-        do = _load_rows(do_base + i[:, None] * sgt + offs_d[None, :] * sgd, iin, offs_d, D, BLOCK_D, MASKED)
+        q = _load_rows(q_base + i[:, None] * sqt + offs_d[None, :] * sqd, iin, offs_d, D, EVEN_D, MASKED)
+        do = _load_rows(do_base + i[:, None] * sgt + offs_d[None, :] * sgd, iin, offs_d, D, EVEN_D, MASKED)
         if MASKED:
             lse2 = tl.load(lse_base + i * slt, mask=iin, other=0.0) * LOG2E
             delta = tl.load(delta_base + i, mask=iin, other=0.0)
@@ -293,7 +293,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sgb, sgh, sgt, sgd, slb, slh, slt,
                      sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
                      Hkv, G, Tq, Tk, FS, W, SINK_END, SINK_FRAMES, qk_scale, scale, tune_rows, tune_fs,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     n_n = tl.cdiv(Tk, BLOCK_N)
     pid = tl.program_id(0)
@@ -305,8 +305,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     jmask = j < Tk
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * skb + hk * skh + j[:, None] * skt + offs_d[None, :] * skd, jmask, offs_d, D, BLOCK_D, True)
-    v = _load_rows(V + b * svb + hk * svh + j[:, None] * svt + offs_d[None, :] * svd, jmask, offs_d, D, BLOCK_D, True)
+    k = _load_rows(K + b * skb + hk * skh + j[:, None] * skt + offs_d[None, :] * skd, jmask, offs_d, D, EVEN_D, True)
+    v = _load_rows(V + b * svb + hk * svh + j[:, None] * svt + offs_d[None, :] * svd, jmask, offs_d, D, EVEN_D, True)
 
     # The queries that see this key block: one range, fully visible in the middle.
     off = Tk - Tq
@@ -335,13 +335,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         lse_base = LSE + b * slb + h * slh
         delta_base = DELTA + (b * Hkv * G + h) * Tq
         dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, q_lo, qf_lo, j, Tq, Tk,
-                             FS, W, SINK_END, qk_scale, offs_m, offs_d, D, BLOCK_D, BLOCK_M, True, HAS_WINDOW, PREC,
+                             FS, W, SINK_END, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, PREC,
                              STAGES)
         dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, qf_lo, mid, j, Tq, Tk,
-                             FS, W, SINK_END, qk_scale, offs_m, offs_d, D, BLOCK_D, BLOCK_M, False, HAS_WINDOW, PREC,
+                             FS, W, SINK_END, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, False, HAS_WINDOW, PREC,
                              STAGES)
         dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, mid, q_hi, j, Tq, Tk,
-                             FS, W, SINK_END, qk_scale, offs_m, offs_d, D, BLOCK_D, BLOCK_M, True, HAS_WINDOW, PREC,
+                             FS, W, SINK_END, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, PREC,
                              STAGES)
     smask = jmask[:, None] & (offs_d < D)[None, :]
     tl.store(DK + b * sdkb + hk * sdkh + j[:, None] * sdkt + offs_d[None, :] * sdkd, (dk * scale).to(DK.dtype.element_ty),
@@ -352,13 +352,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
 
 @triton.jit
 def _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, start, end, ce, lo, SINK_END, qk_scale,
-              offs_n, offs_d, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              offs_n, offs_d, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         j = n0 + offs_n
         jin = j < end
-        k = _load_rows(k_base + j[:, None] * skt + offs_d[None, :] * skd, jin, offs_d, D, BLOCK_D, MASKED)
-        v = _load_rows(v_base + j[:, None] * svt + offs_d[None, :] * svd, jin, offs_d, D, BLOCK_D, MASKED)
+        k = _load_rows(k_base + j[:, None] * skt + offs_d[None, :] * skd, jin, offs_d, D, EVEN_D, MASKED)
+        v = _load_rows(v_base + j[:, None] * svt + offs_d[None, :] * svd, jin, offs_d, D, EVEN_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
@@ -375,7 +375,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sgb, sgh, sgt, sgd, slb, slh, slt,
                    sdqb, sdqh, sdqt, sdqd,
                    Hq, G, Tq, Tk, FS, W, SINK_END, qk_scale, scale, tune_rows, tune_fs,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     n_m = tl.cdiv(Tq, BLOCK_M)
     pid = tl.program_id(0)
@@ -388,8 +388,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     imask = i < Tq
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * sqb + h * sqh + i[:, None] * sqt + offs_d[None, :] * sqd, imask, offs_d, D, BLOCK_D, True)
-    do = _load_rows(DO + b * sgb + h * sgh + i[:, None] * sgt + offs_d[None, :] * sgd, imask, offs_d, D, BLOCK_D, True)
+    q = _load_rows(Q + b * sqb + h * sqh + i[:, None] * sqt + offs_d[None, :] * sqd, imask, offs_d, D, EVEN_D, True)
+    do = _load_rows(DO + b * sgb + h * sgh + i[:, None] * sgt + offs_d[None, :] * sgd, imask, offs_d, D, EVEN_D, True)
     lse2 = tl.load(LSE + b * slb + h * slh + i * slt, mask=imask, other=0.0) * LOG2E
     delta = tl.load(DELTA + bh.to(tl.int64) * Tq + i, mask=imask, other=0.0)
     k_base = K + b * skb + hk * skh
@@ -405,16 +405,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     if HAS_WINDOW:
         sink_full = sink_hi // BLOCK_N * BLOCK_N
         dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, 0, sink_full, ce, lo, SINK_END, qk_scale,
-                       offs_n, offs_d, D, BLOCK_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+                       offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
         dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, sink_full, sink_hi, ce, lo, SINK_END, qk_scale,
-                       offs_n, offs_d, D, BLOCK_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+                       offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
         dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, k_lo, full_lo, ce, lo, SINK_END, qk_scale,
-                       offs_n, offs_d, D, BLOCK_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+                       offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
     mid = full_lo + (full_hi - full_lo) // BLOCK_N * BLOCK_N
     dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, full_lo, mid, ce, lo, SINK_END, qk_scale,
-                   offs_n, offs_d, D, BLOCK_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+                   offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
     dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, mid, k_hi, ce, lo, SINK_END, qk_scale,
-                   offs_n, offs_d, D, BLOCK_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+                   offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
     tl.store(DQ + b * sdqb + h * sdqh + i[:, None] * sdqt + offs_d[None, :] * sdqd, (dq * scale).to(DQ.dtype.element_ty),
              mask=imask[:, None] & (offs_d < D)[None, :])
 
@@ -425,7 +425,7 @@ def _bwd_short_kernel(Q, K, V, O, DO, LSE, DLSE, DQ, DK, DV,
                       sgb, sgh, sgt, sgd, slb, slh, slt, sdb, sdh, sdt,
                       sdqb, sdqh, sdqt, sdqd, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
                       BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, scale,
-                      D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      D, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       R: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DLSE: tl.constexpr, PREC: tl.constexpr):
     smask, b, hk, rmask, i, h, j, d = _short_offsets(R, BLOCK_M, BLOCK_N, BLOCK_D, BHkv, Hkv, G, Tq, Tk)
     dmask = (d < D)[None, None, :]
@@ -559,7 +559,7 @@ def attention_forward(q, k, v, out, lse, mask, scale):
         return
     args = (q, k, v, out, lse, *strides, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale,
             _bucket(G * Tq), _bucket(fs))
-    meta = dict(D=D, BLOCK_D=block_d, HAS_WINDOW=has_window, PREC=prec)
+    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, PREC=prec)
     big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
     _launch(_fwd_kernel, "fwd", _fwd_configs(block_d, q.dtype.itemsize == 4), big,
             lambda m: triton.cdiv(G * Tq, m["BLOCK_M"]) * B * Hkv, args, meta)
@@ -590,10 +590,10 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, 
     pre_m = 64 if not INTERPRET else 16
     _bwd_preprocess_kernel[(triton.cdiv(Tq, pre_m) * B * Hq,)](
         out, grad_out, dlse, delta, *_strides(out), *sg, *_strides(dlse, 3), Hq, Tq,
-        D=D, BLOCK_D=block_d, BLOCK_M=pre_m, HAS_DLSE=has_dlse, num_warps=4)
+        D=D, BLOCK_D=block_d, EVEN_D=block_d == D, BLOCK_M=pre_m, HAS_DLSE=has_dlse, num_warps=4)
     wide = q.dtype.itemsize == 4
     big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
-    meta = dict(D=D, BLOCK_D=block_d, HAS_WINDOW=has_window, PREC=prec)
+    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, PREC=prec)
     tune = (_bucket(G * Tq), _bucket(fs))
     args = (q, k, v, grad_out, lse, delta, dk, dv, *sq, *sk, *sv, *sg, *sl, *_strides(dk), *_strides(dv),
             Hkv, G, Tq, Tk, fs, w, sink_end, sink_end // fs if fs else 0, qk_scale, scale, *tune)

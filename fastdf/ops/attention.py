@@ -120,6 +120,8 @@ def df_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int =
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if Tq == 0:
+        return q.new_empty(q.shape), q.new_empty((B, Hq, 0), dtype=lse_dtype)
     qg = q.reshape(B, Hkv, G, Tq, D)
     outs, lses = [], []
     for s, e in _chunks(Tq, B * Hq * Tk, chunk):
