@@ -80,8 +80,10 @@ def _query_bounds(p, Tk, FS, W, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, HAS_WINDOW: tl.constexpr):
-    """Key ranges for query positions [p_first, p_last]: (sink_hi, lo, full_lo, full_hi, hi)."""
+def _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, ks, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Loop bounds for query positions [p_first, p_last] and key start ks:
+    (s_lo, s_full, s_hi, lo, full_lo, mid, hi). Unmasked tiles: [s_lo, s_full) and
+    [full_lo, mid); masked: [s_full, s_hi), [lo, full_lo) and [mid, hi)."""
     f_first = p_first // FS
     f_last = p_last // FS
     hi = tl.minimum((f_last + 1) * FS, Tk)
@@ -89,14 +91,19 @@ def _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, HAS_WINDOW: tl.constexpr):
     if HAS_WINDOW:
         lo = tl.maximum((f_first - W + 1) * FS, 0)
         full_lo = tl.maximum((f_last - W + 1) * FS, 0)
-        sink_hi = tl.minimum(SINK_END, lo)
+        s_hi = tl.minimum(SINK_END, lo)
     else:
         lo = p_first * 0
         full_lo = lo
-        sink_hi = lo
-    full_lo = tl.minimum(full_lo, hi)
+        s_hi = lo
+    # keys before ks (left padding) do not exist for this batch row: every range starts at ks or later
+    s_lo = tl.minimum(ks, s_hi)
+    lo = tl.maximum(lo, ks)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
     full_hi = tl.maximum(full_hi, full_lo)
-    return sink_hi, lo, full_lo, full_hi, hi
+    s_full = s_lo + (s_hi - s_lo) // BLOCK_N * BLOCK_N
+    mid = full_lo + (full_hi - full_lo) // BLOCK_N * BLOCK_N
+    return s_lo, s_full, s_hi, lo, full_lo, mid, hi
 
 
 # ---------------------------------------------------------------------------- forward
@@ -127,11 +134,11 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end,
 
 
 @triton.jit(do_not_specialize=["tune_rows", "tune_fs"])
-def _fwd_kernel(Q, K, V, O, LSE,
+def _fwd_kernel(Q, K, V, O, LSE, KS,
                 sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
                 Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, tune_rows, tune_fs,
                 D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+                HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     rows = G * Tq
     n_m = tl.cdiv(rows, BLOCK_M)
     pid = tl.program_id(0)
@@ -154,30 +161,35 @@ def _fwd_kernel(Q, K, V, O, LSE,
     p_first = off + tl.min(tl.where(rmask, i, Tq), 0)
     p_last = off + tl.max(tl.where(rmask, i, 0), 0)
     ce, lo = _query_bounds(off + i, Tk, FS, W, HAS_WINDOW)
-    sink_hi, k_lo, full_lo, full_hi, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, HAS_WINDOW)
+    ks = 0
+    if HAS_KS:
+        ks = tl.load(KS + b)
+    s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, ks, BLOCK_N,
+                                                               HAS_WINDOW)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked first tile gives p = 0, not NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_WINDOW:
-        sink_full = sink_hi // BLOCK_N * BLOCK_N
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, 0, sink_full, ce, lo, SINK_END,
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, s_lo, s_full, ce, lo, SINK_END,
                                    qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, sink_full, sink_hi, ce, lo, SINK_END,
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, s_full, s_hi, ce, lo, SINK_END,
                                    qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
         acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, k_lo, full_lo, ce, lo, SINK_END,
                                    qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
-    mid = full_lo + (full_hi - full_lo) // BLOCK_N * BLOCK_N
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, full_lo, mid, ce, lo, SINK_END,
                                qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, mid, k_hi, ce, lo, SINK_END,
                                qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
 
-    l_i = tl.where(l_i > 0, l_i, 1.0)  # only padded rows can be empty
+    # Rows that see no key (left padding; tile padding) give 0 and lse = -inf.
+    empty = l_i == 0
+    l_i = tl.where(empty, 1.0, l_i)
     out = acc / l_i[:, None]
     omask = rmask[:, None] & (offs_d < D)[None, :]
     tl.store(O + b * sob + (h * soh + i * sot)[:, None] + offs_d[None, :] * sod, out.to(O.dtype.element_ty), mask=omask)
-    tl.store(LSE + b * slb + h * slh + i * slt, (m_i + tl.math.log2(l_i)) * LN2, mask=rmask)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * LN2)
+    tl.store(LSE + b * slb + h * slh + i * slt, lse, mask=rmask)
 
 
 @triton.jit
@@ -200,18 +212,23 @@ def _short_offsets(R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _short_mask(smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW: tl.constexpr):
+def _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW: tl.constexpr,
+                HAS_KS: tl.constexpr):
     ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
     vis = _visible(j[None, :], ce[:, None], lo[:, None], SINK_END, HAS_WINDOW) & rmask[:, None]
-    return vis[None, :, :] & smask[:, None, None]
+    vis = vis[None, :, :] & smask[:, None, None]
+    if HAS_KS:
+        ks = tl.load(KS + b, mask=smask, other=0)
+        vis = vis & (j[None, None, :] >= ks[:, None, None])
+    return vis
 
 
 @triton.jit
-def _fwd_short_kernel(Q, K, V, O, LSE,
+def _fwd_short_kernel(Q, K, V, O, LSE, KS,
                       sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
                       BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale,
                       D, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      R: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr):
+                      R: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr):
     smask, b, hk, rmask, i, h, j, d = _short_offsets(R, BLOCK_M, BLOCK_N, BLOCK_D, BHkv, Hkv, G, Tq, Tk)
     dmask = (d < D)[None, None, :]
     qmask = smask[:, None, None] & rmask[None, :, None] & dmask
@@ -223,17 +240,19 @@ def _fwd_short_kernel(Q, K, V, O, LSE,
     v = tl.load(V + (b * svb + hk * svh)[:, None, None] + j[None, :, None] * svt + d[None, None, :] * svd,
                 mask=kmask, other=0.0)
     s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC)
-    vis = _short_mask(smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW)
+    vis = _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW, HAS_KS)
     s = tl.where(vis, s * qk_scale, -1.0e30)  # finite: padded rows stay NaN-free
     m = tl.max(s, 2)
     p = tl.where(vis, tl.math.exp2(s - m[:, :, None]), 0.0)
     l_i = tl.sum(p, 2)
-    l_i = tl.where(l_i > 0, l_i, 1.0)
+    empty = l_i == 0
+    l_i = tl.where(empty, 1.0, l_i)
     out = tl.dot(p.to(v.dtype), v, input_precision=PREC) / l_i[:, :, None]
     tl.store(O + (b[:, None] * sob + h * soh + i[None, :] * sot)[:, :, None] + d[None, None, :] * sod,
              out.to(O.dtype.element_ty), mask=qmask)
     lmask = smask[:, None] & rmask[None, :]
-    tl.store(LSE + b[:, None] * slb + h * slh + i[None, :] * slt, (m + tl.math.log2(l_i)) * LN2, mask=lmask)
+    lse = tl.where(empty, float("-inf"), (m + tl.math.log2(l_i)) * LN2)
+    tl.store(LSE + b[:, None] * slb + h * slh + i[None, :] * slt, lse, mask=lmask)
 
 
 # ---------------------------------------------------------------------------- backward
@@ -261,9 +280,9 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, sob, soh, sot, sod, sgb, sgh, sgt
 
 @triton.jit
 def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, start, end, j, Tq, Tk,
-                FS, W, SINK_END, qk_scale, offs_m, offs_d, D, EVEN_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr,
-                STAGES: tl.constexpr):
+                FS, W, SINK_END, ks, qk_scale, offs_m, offs_d, D, EVEN_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr,
+                PREC: tl.constexpr, STAGES: tl.constexpr):
     for m0 in tl.range(start, end, BLOCK_M, num_stages=STAGES):
         i = m0 + offs_m
         iin = i < end
@@ -280,6 +299,8 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, s
         if MASKED:
             ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
             vis = iin[None, :] & _visible(j[:, None], ce[None, :], lo[None, :], SINK_END, HAS_WINDOW)
+            if HAS_KS:
+                vis = vis & (j[:, None] >= ks)
             p_t = tl.where(vis, p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -289,12 +310,12 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, s
 
 
 @triton.jit(do_not_specialize=["tune_rows", "tune_fs"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KS, DK, DV,
                      sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sgb, sgh, sgt, sgd, slb, slh, slt,
                      sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
                      Hkv, G, Tq, Tk, FS, W, SINK_END, SINK_FRAMES, qk_scale, scale, tune_rows, tune_fs,
                      D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+                     HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     n_n = tl.cdiv(Tk, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % n_n
@@ -321,6 +342,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
     if HAS_WINDOW:
         q_hi = tl.where(j_first < SINK_END, q_hi, tl.minimum((fj_last + W) * FS - off, Tq))
         qf_hi = tl.where(j_last < SINK_END, qf_hi, tl.minimum((tl.maximum(fj_first, SINK_FRAMES) + W) * FS - off, Tq))
+    ks = 0
+    if HAS_KS:
+        ks = tl.load(KS + b)
+    if HAS_KS:
+        # Padding keys are seen by nobody; a block straddling the key start is masked throughout.
+        q_hi = tl.where(j_last < ks, q_lo, q_hi)
+        qf_hi = tl.where(j_first < ks, qf_lo * 0, qf_hi)
     q_hi = tl.maximum(q_hi, q_lo)
     qf_lo = tl.minimum(tl.maximum(qf_lo, q_lo), q_hi)
     qf_hi = tl.maximum(tl.minimum(qf_hi, q_hi), qf_lo)
@@ -335,13 +363,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
         lse_base = LSE + b * slb + h * slh
         delta_base = DELTA + (b * Hkv * G + h) * Tq
         dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, q_lo, qf_lo, j, Tq, Tk,
-                             FS, W, SINK_END, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, PREC,
+                             FS, W, SINK_END, ks, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, HAS_KS, PREC,
                              STAGES)
         dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, qf_lo, mid, j, Tq, Tk,
-                             FS, W, SINK_END, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, False, HAS_WINDOW, PREC,
+                             FS, W, SINK_END, ks, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, False, HAS_WINDOW, HAS_KS, PREC,
                              STAGES)
         dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, mid, q_hi, j, Tq, Tk,
-                             FS, W, SINK_END, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, PREC,
+                             FS, W, SINK_END, ks, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, HAS_KS, PREC,
                              STAGES)
     smask = jmask[:, None] & (offs_d < D)[None, :]
     tl.store(DK + b * sdkb + hk * sdkh + j[:, None] * sdkt + offs_d[None, :] * sdkd, (dk * scale).to(DK.dtype.element_ty),
@@ -371,12 +399,12 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, start,
 
 
 @triton.jit(do_not_specialize=["tune_rows", "tune_fs"])
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KS, DQ,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sgb, sgh, sgt, sgd, slb, slh, slt,
                    sdqb, sdqh, sdqt, sdqd,
                    Hq, G, Tq, Tk, FS, W, SINK_END, qk_scale, scale, tune_rows, tune_fs,
                    D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+                   HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     n_m = tl.cdiv(Tq, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = n_m - 1 - pid % n_m
@@ -399,18 +427,20 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
     p_first = off + pid_m * BLOCK_M
     p_last = off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
     ce, lo = _query_bounds(off + i, Tk, FS, W, HAS_WINDOW)
-    sink_hi, k_lo, full_lo, full_hi, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, HAS_WINDOW)
+    ks = 0
+    if HAS_KS:
+        ks = tl.load(KS + b)
+    s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, ks, BLOCK_N,
+                                                               HAS_WINDOW)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_WINDOW:
-        sink_full = sink_hi // BLOCK_N * BLOCK_N
-        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, 0, sink_full, ce, lo, SINK_END, qk_scale,
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, s_lo, s_full, ce, lo, SINK_END, qk_scale,
                        offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
-        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, sink_full, sink_hi, ce, lo, SINK_END, qk_scale,
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, s_full, s_hi, ce, lo, SINK_END, qk_scale,
                        offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
         dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, k_lo, full_lo, ce, lo, SINK_END, qk_scale,
                        offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
-    mid = full_lo + (full_hi - full_lo) // BLOCK_N * BLOCK_N
     dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, full_lo, mid, ce, lo, SINK_END, qk_scale,
                    offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
     dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, mid, k_hi, ce, lo, SINK_END, qk_scale,
@@ -420,13 +450,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 
 
 @triton.jit
-def _bwd_short_kernel(Q, K, V, O, DO, LSE, DLSE, DQ, DK, DV,
+def _bwd_short_kernel(Q, K, V, O, DO, LSE, DLSE, KS, DQ, DK, DV,
                       sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
                       sgb, sgh, sgt, sgd, slb, slh, slt, sdb, sdh, sdt,
                       sdqb, sdqh, sdqt, sdqd, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
                       BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, scale,
                       D, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      R: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_DLSE: tl.constexpr, PREC: tl.constexpr):
+                      R: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, HAS_DLSE: tl.constexpr,
+                      PREC: tl.constexpr):
     smask, b, hk, rmask, i, h, j, d = _short_offsets(R, BLOCK_M, BLOCK_N, BLOCK_D, BHkv, Hkv, G, Tq, Tk)
     dmask = (d < D)[None, None, :]
     qmask = smask[:, None, None] & rmask[None, :, None] & dmask
@@ -448,7 +479,7 @@ def _bwd_short_kernel(Q, K, V, O, DO, LSE, DLSE, DQ, DK, DV,
         delta -= tl.load(DLSE + rb * sdb + h * sdh + ri * sdt, mask=lmask, other=0.0)
 
     s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * qk_scale
-    vis = _short_mask(smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW)
+    vis = _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW, HAS_KS)
     p = tl.where(vis, tl.math.exp2(s - lse2[:, :, None]), 0.0)
     dv = tl.dot(tl.trans(p.to(do.dtype), (0, 2, 1)), do, input_precision=PREC)
     dp = tl.dot(do, tl.trans(v, (0, 2, 1)), input_precision=PREC)
@@ -497,7 +528,7 @@ def _dq_configs(block_d, wide):
     return [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3)]
 
 
-_TUNE_KEY = ["BLOCK_D", "HAS_WINDOW", "PREC", "tune_rows", "tune_fs"]
+_TUNE_KEY = ["BLOCK_D", "HAS_WINDOW", "HAS_KS", "PREC", "tune_rows", "tune_fs"]
 _TUNED = {}
 
 
@@ -544,28 +575,31 @@ def _use_short(G, Tq, Tk, block_d):
     return Tk <= SHORT_MAX and G * Tq <= SHORT_MAX and block_d <= 128
 
 
-def attention_forward(q, k, v, out, lse, mask, scale):
+def attention_forward(q, k, v, out, lse, mask, scale, key_start=None):
     """out, lse <- attention of q over k, v; ``mask = (frame_size, window or None, sink_end)``
-    in kernel terms (see fastdf.ops.attention._mask_args)."""
+    in kernel terms (see fastdf.ops.attention._mask_args); ``key_start`` int32 [B] or None."""
     B, Hq, Hkv, G, Tq, Tk, D, block_d, fs, window, sink_end, prec = _common(q, k, mask)
     qk_scale = scale * LOG2E
     strides = [*_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(lse, 3)]
     has_window = window is not None
+    has_ks = key_start is not None
+    ks = key_start if has_ks else lse
     if _use_short(G, Tq, Tk, block_d):
         bm, bn, r = _short_meta(G, Tq, Tk, block_d)
         _fwd_short_kernel[(triton.cdiv(B * Hkv, r),)](
-            q, k, v, out, lse, *strides, B * Hkv, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale,
-            D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, PREC=prec, num_warps=4)
+            q, k, v, out, lse, ks, *strides, B * Hkv, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale,
+            D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, HAS_KS=has_ks, PREC=prec,
+            num_warps=4)
         return
-    args = (q, k, v, out, lse, *strides, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale,
+    args = (q, k, v, out, lse, ks, *strides, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale,
             _bucket(G * Tq), _bucket(fs))
-    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, PREC=prec)
+    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KS=has_ks, PREC=prec)
     big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
     _launch(_fwd_kernel, "fwd", _fwd_configs(block_d, q.dtype.itemsize == 4), big,
             lambda m: triton.cdiv(G * Tq, m["BLOCK_M"]) * B * Hkv, args, meta)
 
 
-def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, scale):
+def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, scale, key_start=None):
     """dq, dk, dv <- gradients of attention given grad_out (and grad_lse, may be None)."""
     import torch
 
@@ -577,13 +611,16 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, 
     sl = _strides(lse, 3)
     has_dlse = grad_lse is not None
     dlse = grad_lse if has_dlse else lse
+    has_ks = key_start is not None
+    ks = key_start if has_ks else lse
     if _use_short(G, Tq, Tk, block_d):
         bm, bn, r = _short_meta(G, Tq, Tk, block_d)
         _bwd_short_kernel[(triton.cdiv(B * Hkv, r),)](
-            q, k, v, out, grad_out, lse, dlse, dq, dk, dv,
+            q, k, v, out, grad_out, lse, dlse, ks, dq, dk, dv,
             *sq, *sk, *sv, *_strides(out), *sg, *sl, *_strides(dlse, 3), *_strides(dq), *_strides(dk), *_strides(dv),
             B * Hkv, Hkv, G, Tq, Tk, fs, w, sink_end, qk_scale, scale,
-            D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, HAS_DLSE=has_dlse, PREC=prec,
+            D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, HAS_KS=has_ks, HAS_DLSE=has_dlse,
+            PREC=prec,
             num_warps=4)
         return
     delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
@@ -593,13 +630,13 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, 
         D=D, BLOCK_D=block_d, EVEN_D=block_d == D, BLOCK_M=pre_m, HAS_DLSE=has_dlse, num_warps=4)
     wide = q.dtype.itemsize == 4
     big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
-    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, PREC=prec)
+    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KS=has_ks, PREC=prec)
     tune = (_bucket(G * Tq), _bucket(fs))
-    args = (q, k, v, grad_out, lse, delta, dk, dv, *sq, *sk, *sv, *sg, *sl, *_strides(dk), *_strides(dv),
+    args = (q, k, v, grad_out, lse, delta, ks, dk, dv, *sq, *sk, *sv, *sg, *sl, *_strides(dk), *_strides(dv),
             Hkv, G, Tq, Tk, fs, w, sink_end, sink_end // fs if fs else 0, qk_scale, scale, *tune)
     _launch(_bwd_dkdv_kernel, "dkdv", _dkdv_configs(block_d, wide), big,
             lambda m: triton.cdiv(Tk, m["BLOCK_N"]) * B * Hkv, args, meta)
-    args = (q, k, v, grad_out, lse, delta, dq, *sq, *sk, *sv, *sg, *sl, *_strides(dq),
+    args = (q, k, v, grad_out, lse, delta, ks, dq, *sq, *sk, *sv, *sg, *sl, *_strides(dq),
             Hq, G, Tq, Tk, fs, w, sink_end, qk_scale, scale, *tune)
     _launch(_bwd_dq_kernel, "dq", _dq_configs(block_d, wide), big,
             lambda m: triton.cdiv(Tq, m["BLOCK_M"]) * B * Hq, args, meta)

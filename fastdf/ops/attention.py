@@ -106,14 +106,25 @@ def _chunks(tq: int, per_row: int, chunk: int):
     return [(s, min(tq, s + rows)) for s in range(0, tq, rows)]
 
 
+def _chunk_mask(s, e, Tq, Tk, key_start, device, **mask):
+    """Visibility ``[c, Tk]``, or ``[B, 1, 1, c, Tk]`` with per-batch key starts."""
+    k_pos = torch.arange(Tk, device=device)[None, :]
+    vis = visible(torch.arange(Tk - Tq + s, Tk - Tq + e, device=device)[:, None], k_pos, **mask)
+    if key_start is not None:
+        vis = vis & (k_pos >= key_start.to(device)[:, None, None, None, None])
+    return vis
+
+
 def df_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal: bool = True,
                            window_frames: int | None = None, sink_frames: int = 0, scale: float | None = None,
-                           chunk: int = REFERENCE_CHUNK) -> tuple[Tensor, Tensor]:
-    """Readable torch reference: ``(out, lse)`` as :func:`df_attention` with ``return_lse``.
+                           key_start: Tensor | None = None, chunk: int = REFERENCE_CHUNK) -> tuple[Tensor, Tensor]:
+    """Readable torch reference: ``(out, lse)`` as :func:`df_attention` with ``return_lse``
+    (``key_start`` as :func:`df_attention_padded`).
 
     Scores, softmax and the product with v run in q's dtype (as a model in that dtype
     would); lse is float32 (float64 for float64 inputs). Queries are processed in chunks so
-    no more than ``chunk`` scores exist at once. Differentiable by autograd.
+    no more than ``chunk`` scores exist at once. A row that sees no key (only possible with
+    ``key_start``) gives zeros and lse = -inf. Differentiable by autograd.
     """
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -128,12 +139,17 @@ def df_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int =
         c = e - s
         scores = (qg[:, :, :, s:e].reshape(B, Hkv, G * c, D) @ k.transpose(-1, -2)) * scale
         scores = scores.view(B, Hkv, G, c, Tk)
-        mask = visible(torch.arange(Tk - Tq + s, Tk - Tq + e, device=q.device)[:, None],
-                       torch.arange(Tk, device=q.device)[None, :], frame_size=frame_size, causal=causal,
-                       window_frames=window_frames, sink_frames=sink_frames)
+        mask = _chunk_mask(s, e, Tq, Tk, key_start, q.device, frame_size=frame_size, causal=causal,
+                           window_frames=window_frames, sink_frames=sink_frames)
         scores = scores.masked_fill(~mask, float("-inf"))
-        lses.append(torch.logsumexp(scores.to(lse_dtype), -1))
-        p = torch.softmax(scores, -1)
+        if key_start is not None:  # rows without keys: zeros and -inf, not NaN (nor NaN gradients)
+            empty = ~mask.any(-1, keepdim=True)
+            scores = scores.masked_fill(empty, 0.0)
+            lses.append(torch.logsumexp(scores.to(lse_dtype), -1).masked_fill(empty[..., 0], float("-inf")))
+            p = torch.softmax(scores, -1).masked_fill(empty, 0.0)
+        else:
+            lses.append(torch.logsumexp(scores.to(lse_dtype), -1))
+            p = torch.softmax(scores, -1)
         outs.append((p.reshape(B, Hkv, G * c, Tk) @ v).view(B, Hkv, G, c, D))
     out = torch.cat(outs, 3).reshape(B, Hq, Tq, D)
     lse = torch.cat(lses, 3).reshape(B, Hq, Tq)
@@ -143,7 +159,8 @@ def df_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int =
 def df_attention_backward_reference(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
                                     out: Tensor, lse: Tensor, *, frame_size: int = 1, causal: bool = True,
                                     window_frames: int | None = None, sink_frames: int = 0,
-                                    scale: float | None = None, chunk: int = REFERENCE_CHUNK):
+                                    scale: float | None = None, key_start: Tensor | None = None,
+                                    chunk: int = REFERENCE_CHUNK):
     """Chunked backward in fp32 (fp64 for fp64 inputs): returns ``(dq, dk, dv)``.
 
     With P the attention probabilities, dS = P * (dO V^T - rowsum(dO * O) + dlse),
@@ -167,9 +184,8 @@ def df_attention_backward_reference(grad_out: Tensor, grad_lse: Tensor | None, q
         c = e - s
         qc = qg[:, :, :, s:e].reshape(B, Hkv, G * c, D).to(acc)
         gc = gg[:, :, :, s:e].reshape(B, Hkv, G * c, D).to(acc)
-        mask = visible(torch.arange(Tk - Tq + s, Tk - Tq + e, device=q.device)[:, None],
-                       torch.arange(Tk, device=q.device)[None, :], frame_size=frame_size, causal=causal,
-                       window_frames=window_frames, sink_frames=sink_frames)
+        mask = _chunk_mask(s, e, Tq, Tk, key_start, q.device, frame_size=frame_size, causal=causal,
+                           window_frames=window_frames, sink_frames=sink_frames)
         scores = (qc @ kf.transpose(-1, -2) * scale).view(B, Hkv, G, c, Tk)
         lc = lse.reshape(B, Hkv, G, Tq)[..., s:e, None].to(acc)
         p = torch.exp(scores - lc).masked_fill(~mask, 0.0).view(B, Hkv, G * c, Tk)
@@ -195,20 +211,20 @@ def _lse_dtype(dtype):
 
 
 @ATTENTION.register("torch")
-def _attention_torch(q, k, v, frame_size, causal, window_frames, sink_frames, scale):
+def _attention_torch(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale):
     out, lse = df_attention_reference(q, k, v, frame_size=frame_size, causal=causal, window_frames=window_frames,
-                                      sink_frames=sink_frames, scale=scale)
+                                      sink_frames=sink_frames, scale=scale, key_start=key_start)
     result = _empty_bthd(*q.shape, dtype=q.dtype, device=q.device)
     result.copy_(out)
     return result, lse.contiguous()
 
 
 @ATTENTION_BACKWARD.register("torch")
-def _attention_backward_torch(grad_out, grad_lse, q, k, v, out, lse, frame_size, causal, window_frames,
+def _attention_backward_torch(grad_out, grad_lse, q, k, v, out, lse, key_start, frame_size, causal, window_frames,
                               sink_frames, scale):
     grads = df_attention_backward_reference(grad_out, grad_lse, q, k, v, out, lse, frame_size=frame_size,
                                             causal=causal, window_frames=window_frames, sink_frames=sink_frames,
-                                            scale=scale)
+                                            scale=scale, key_start=key_start)
     results = []
     for g, like in zip(grads, (q, k, v)):
         r = _empty_bthd(*like.shape, dtype=like.dtype, device=like.device)
@@ -226,19 +242,20 @@ def _triton_supports(q, *_args):
 
 
 @ATTENTION.register("triton", supports=_triton_supports)
-def _attention_triton(q, k, v, frame_size, causal, window_frames, sink_frames, scale):
+def _attention_triton(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale):
     from fastdf.kernels.attention import attention_forward
 
     B, Hq, Tq, D = q.shape
     out = _empty_bthd(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
     lse = _alloc.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     if out.numel():
-        attention_forward(q, k, v, out, lse, _mask_args(q, k, frame_size, causal, window_frames, sink_frames), scale)
+        attention_forward(q, k, v, out, lse, _mask_args(q, k, frame_size, causal, window_frames, sink_frames), scale,
+                          key_start)
     return out, lse
 
 
 @ATTENTION_BACKWARD.register("triton", supports=lambda grad_out, grad_lse, q, *_: _triton_supports(q))
-def _attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, frame_size, causal, window_frames,
+def _attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, key_start, frame_size, causal, window_frames,
                                sink_frames, scale):
     from fastdf.kernels.attention import attention_backward
 
@@ -247,7 +264,7 @@ def _attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, frame_size
     dv = _empty_bthd(*v.shape, dtype=v.dtype, device=v.device)
     if q.numel():
         attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv,
-                           _mask_args(q, k, frame_size, causal, window_frames, sink_frames), scale)
+                           _mask_args(q, k, frame_size, causal, window_frames, sink_frames), scale, key_start)
     elif k.numel():
         dk.zero_()
         dv.zero_()
@@ -272,13 +289,13 @@ def _mask_args(q, k, frame_size, causal, window_frames, sink_frames):
 
 
 @custom_op(ATTENTION)
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, frame_size: int, causal: bool, window_frames: int | None,
-                  sink_frames: int, scale: float) -> tuple[Tensor, Tensor]:
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor | None, frame_size: int, causal: bool,
+                  window_frames: int | None, sink_frames: int, scale: float) -> tuple[Tensor, Tensor]:
     ...
 
 
 @_attention_op.register_fake
-def _(q, k, v, frame_size, causal, window_frames, sink_frames, scale):
+def _(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale):
     B, Hq, Tq, D = q.shape
     out = q.new_empty((B, Tq, Hq, D)).transpose(1, 2)
     return out, q.new_empty((B, Hq, Tq), dtype=_lse_dtype(q.dtype))
@@ -286,13 +303,13 @@ def _(q, k, v, frame_size, causal, window_frames, sink_frames, scale):
 
 @custom_op(ATTENTION_BACKWARD)
 def _attention_backward_op(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                           lse: Tensor, frame_size: int, causal: bool, window_frames: int | None, sink_frames: int,
-                           scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                           lse: Tensor, key_start: Tensor | None, frame_size: int, causal: bool,
+                           window_frames: int | None, sink_frames: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     ...
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, frame_size, causal, window_frames, sink_frames, scale):
+def _(grad_out, grad_lse, q, k, v, out, lse, key_start, frame_size, causal, window_frames, sink_frames, scale):
     def like(t):
         B, H, T, D = t.shape
         return t.new_empty((B, T, H, D)).transpose(1, 2)
@@ -301,14 +318,14 @@ def _(grad_out, grad_lse, q, k, v, out, lse, frame_size, causal, window_frames, 
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, *ctx.mask = inputs
-    ctx.save_for_backward(q, k, v, *output)
+    q, k, v, key_start, *ctx.mask = inputs
+    ctx.save_for_backward(q, k, v, key_start, *output)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, *ctx.mask)
-    return dq, dk, dv, None, None, None, None, None
+    q, k, v, key_start, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, key_start, *ctx.mask)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup)
@@ -378,5 +395,23 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
     """
     _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    out, lse = _attention_op(q, k, v, frame_size, causal, window_frames, sink_frames, scale)
+    out, lse = _attention_op(q, k, v, None, frame_size, causal, window_frames, sink_frames, scale)
+    return (out, lse) if return_lse else out
+
+
+def df_attention_padded(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, *, frame_size: int = 1,
+                        causal: bool = True, window_frames: int | None = None, sink_frames: int = 0,
+                        scale: float | None = None, return_lse: bool = False):
+    """:func:`df_attention` for left-padded batches: in batch row b the keys before
+    ``key_start[b]`` (an int tensor ``[B]``) are invisible (padding), everything else is as
+    in df_attention (positions still count from key 0). Query rows that see no key at all
+    (padding queries) give zeros and lse = -inf. Used by the HF transformers integration;
+    values outside ``[0, Tk]`` are clamped."""
+    _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse)
+    _checks.tensor("key_start", key_start, ndim=1, dtypes=(torch.int32, torch.int64))
+    _checks.shape("key_start", key_start, (q.shape[0],), what="([B] with q's B)")
+    _checks.same_device(q=q, key_start=key_start)
+    key_start = key_start.clamp(0, k.shape[2]).to(torch.int32)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    out, lse = _attention_op(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale)
     return (out, lse) if return_lse else out

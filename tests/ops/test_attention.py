@@ -8,6 +8,7 @@ import fastdf
 from fastdf.ops.attention import (
     df_attention_backward_reference,
     df_attention_mask,
+    df_attention_padded,
     df_attention_reference,
     df_mask_mod,
     visible_pairs,
@@ -177,6 +178,37 @@ def test_scale_and_empty_queries(backend, device):
     assert torch.equal(grad_k, torch.zeros_like(k))
 
 
+@pytest.mark.op("df_attention")
+@pytest.mark.parametrize("shape,mask,starts", [
+    ((3, 4, 2, 37, 37, 16), {}, [0, 5, 30]),
+    ((3, 2, 1, 1, 50, 40), {}, [0, 13, 49]),  # decode step of a left-padded batch
+    ((2, 2, 2, 20, 70, 16), dict(frame_size=4, window_frames=5, sink_frames=1), [3, 40]),
+    ((2, 2, 1, 9, 9, 16), dict(frame_size=3), [4, 9]),  # one row is all padding
+], ids=["prefill", "decode", "window-sink", "all-padding"])
+def test_padded_keys(backend, device, path, shape, mask, starts):
+    """df_attention_padded (left padding for HF batches): keys before key_start[b] vanish;
+    rows with no key give 0 / -inf; padding keys get zero gradients."""
+    if backend != "triton" and path == "tiled":
+        pytest.skip("only the triton backend has two kernels")
+    q, k, v, _ = _inputs(shape + (mask,), F32, device, seed=6, grad=True)
+    starts = torch.tensor(starts, device=device)
+    with poisoned():
+        out, lse = df_attention_padded(q, k, v, starts, return_lse=True, **mask)
+        g_out = torch.randn_like(out)
+        grads = torch.autograd.grad((out * g_out).sum() + lse.clamp(min=-1e4).sum(), (q, k, v))
+    ref = lambda q, k, v: df_attention_reference(q, k, v, key_start=starts, **mask)  # noqa: E731
+    assert_matches_reference((out, lse), ref, q, k, v)
+
+    def ref_grads(q, k, v, g_out):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        o, l = df_attention_reference(*inputs, key_start=starts, **mask)
+        return torch.autograd.grad((o * g_out).sum() + l.clamp(min=-1e4).sum(), inputs)
+
+    assert_matches_reference(grads, ref_grads, q, k, v, g_out)
+    for b, start in enumerate(starts.tolist()):
+        assert torch.all(grads[1][b, :, :start] == 0) and torch.all(grads[2][b, :, :start] == 0)
+
+
 def test_matches_flex_attention_on_cpu():
     """FlexAttention (eager, CPU) with the equivalent mask_mod gives the same output."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -223,13 +255,13 @@ def test_mask_helpers_follow_the_rule(tq, tk, mask):
 
 def test_opcheck():
     q, k, v, mask = _inputs("cache-window-sink", F32, "cpu")
-    args = (q, k, v, 7, True, 3, 1, 0.125)
+    args = (q, k, v, None, 7, True, 3, 1, 0.125)
     torch.library.opcheck(torch.ops.fastdf.df_attention, args)
     q, k, v = (t.double().requires_grad_() for t in (q, k, v))
-    torch.library.opcheck(torch.ops.fastdf.df_attention, (q, k, v, 7, True, 3, 1, 0.125))
-    out, lse = torch.ops.fastdf.df_attention(q, k, v, 7, True, 3, 1, 0.125)
+    torch.library.opcheck(torch.ops.fastdf.df_attention, (q, k, v, None, 7, True, 3, 1, 0.125))
+    out, lse = torch.ops.fastdf.df_attention(q, k, v, None, 7, True, 3, 1, 0.125)
     g = torch.randn_like(out)
-    args = (g, torch.randn_like(lse), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), 7, True, 3, 1,
+    args = (g, torch.randn_like(lse), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, 7, True, 3, 1,
             0.125)
     torch.library.opcheck(torch.ops.fastdf.df_attention_backward, args)
     torch.library.opcheck(torch.ops.fastdf.df_attention_backward, (g, None, *args[2:]))
