@@ -18,17 +18,22 @@ TARGET_PROGRAMS = 1024
 
 
 @triton.jit
+def _token_rows(n_rows, T, S, ROWS: tl.constexpr):
+    """This program's ROWS tokens of the flattened [B * T] rows: (valid, row, b, t, frame)."""
+    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = row < n_rows
+    row = tl.where(rmask, row, 0).to(tl.int64)
+    t = row % T
+    return rmask, row, row // T, t, t // S
+
+
+@triton.jit
 def _modulate_fwd_kernel(X, SHIFT, SCALE, W, BIAS, Y, MEAN, RSTD,
                          sxb, sxt, sxc, shb, shf, shc, scb, scf, scc,
                          n_rows, T, S, C, eps,
                          BLOCK_C: tl.constexpr, ROWS: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr,
                          HAS_B: tl.constexpr):
-    row = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    rmask = row < n_rows
-    row = tl.where(rmask, row, 0).to(tl.int64)
-    b = row // T
-    t = row % T
-    f = t // S
+    rmask, row, b, t, f = _token_rows(n_rows, T, S, ROWS)
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
     m2 = rmask[:, None] & cmask[None, :]
@@ -54,18 +59,23 @@ def _modulate_fwd_kernel(X, SHIFT, SCALE, W, BIAS, Y, MEAN, RSTD,
 
 
 @triton.jit
+def _frame_chunk(n_chunks, F, S, TOK):
+    """This backward program's sample b, frame f and token range [t_start, t_end)."""
+    pid = tl.program_id(0)
+    chunk = pid % n_chunks
+    bf = pid // n_chunks
+    f = bf % F
+    t_start = f * S + chunk * TOK
+    return pid, (bf // F).to(tl.int64), f, t_start, tl.minimum(t_start + TOK, (f + 1) * S)
+
+
+@triton.jit
 def _modulate_bwd_kernel(DY, X, SCALE, W, BIAS, MEAN, RSTD, DX, P_SHIFT, P_SCALE, P_W, P_B,
                          sgb, sgt, sgc, sxb, sxt, sxc, scb, scf, scc,
                          T, S, F, C, n_chunks, TOK,
                          BLOCK_C: tl.constexpr, ROWS: tl.constexpr, RMS: tl.constexpr, HAS_W: tl.constexpr,
                          HAS_B: tl.constexpr):
-    pid = tl.program_id(0)
-    chunk = pid % n_chunks
-    bf = pid // n_chunks
-    b = (bf // F).to(tl.int64)
-    f = bf % F
-    t_start = f * S + chunk * TOK
-    t_end = tl.minimum(t_start + TOK, (f + 1) * S)
+    pid, b, f, t_start, t_end = _frame_chunk(n_chunks, F, S, TOK)
     c = tl.arange(0, BLOCK_C)
     cmask = c < C
     scale1 = 1.0 + tl.load(SCALE + b * scb + f * scf + c * scc, mask=cmask, other=0.0).to(tl.float32)
@@ -116,12 +126,7 @@ def _modulate_bwd_kernel(DY, X, SCALE, W, BIAS, MEAN, RSTD, DX, P_SHIFT, P_SCALE
 @triton.jit
 def _gated_fwd_kernel(X, Y, GATE, OUT, sxb, sxt, sxc, syb, syt, syc, sgb, sgf, sgc, n_rows, T, S, C,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = row < n_rows
-    row = tl.where(rmask, row, 0).to(tl.int64)
-    b = row // T
-    t = row % T
-    f = t // S
+    rmask, row, b, t, f = _token_rows(n_rows, T, S, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m2 = rmask[:, None] & (c < C)[None, :]
     x = tl.load(X + (b * sxb + t * sxt)[:, None] + c[None, :] * sxc, mask=m2, other=0.0).to(tl.float32)
@@ -133,13 +138,7 @@ def _gated_fwd_kernel(X, Y, GATE, OUT, sxb, sxt, sxc, syb, syt, syc, sgb, sgf, s
 @triton.jit
 def _gated_bwd_kernel(DOUT, Y, GATE, DY, P_GATE, sob, sot, soc, syb, syt, syc, sgb, sgf, sgc,
                       T, S, F, C, n_chunks, TOK, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
-    chunk = pid % n_chunks
-    bf = pid // n_chunks
-    b = (bf // F).to(tl.int64)
-    f = bf % F
-    t_start = f * S + chunk * TOK
-    t_end = tl.minimum(t_start + TOK, (f + 1) * S)
+    pid, b, f, t_start, t_end = _frame_chunk(n_chunks, F, S, TOK)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     g = tl.load(GATE + b * sgb + f * sgf + c * sgc, mask=cmask, other=0.0).to(tl.float32)

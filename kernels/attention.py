@@ -30,7 +30,7 @@ query blocks that see it) and a dQ kernel owns one query block. No atomics: dete
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, autotune
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -80,10 +80,14 @@ def _query_bounds(p, Tk, FS, W, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, ks, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
-    """Loop bounds for query positions [p_first, p_last] and key start ks:
+def _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KS, b, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_KS: tl.constexpr):
+    """Loop bounds for query positions [p_first, p_last] of batch row b (key start KS[b]):
     (s_lo, s_full, s_hi, lo, full_lo, mid, hi). Unmasked tiles: [s_lo, s_full) and
     [full_lo, mid); masked: [s_full, s_hi), [lo, full_lo) and [mid, hi)."""
+    ks = 0
+    if HAS_KS:
+        ks = tl.load(KS + b)
     f_first = p_first // FS
     f_last = p_last // FS
     hi = tl.minimum((f_last + 1) * FS, Tk)
@@ -104,6 +108,15 @@ def _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, ks, BLOCK_N: tl.constexpr,
     s_full = s_lo + (s_hi - s_lo) // BLOCK_N * BLOCK_N
     mid = full_lo + (full_hi - full_lo) // BLOCK_N * BLOCK_N
     return s_lo, s_full, s_hi, lo, full_lo, mid, hi
+
+
+@triton.jit
+def _query_block(rows, heads, BLOCK_M: tl.constexpr):
+    """(query block, batch, head) of this program: blocks of one head adjacent, heaviest first."""
+    n_m = tl.cdiv(rows, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_m
+    return n_m - 1 - pid % n_m, (bh // heads).to(tl.int64), bh % heads, bh
 
 
 # ---------------------------------------------------------------------------- forward
@@ -140,12 +153,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KS,
                 D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     rows = G * Tq
-    n_m = tl.cdiv(rows, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = n_m - 1 - pid % n_m
-    bh = pid // n_m
-    b = (bh // Hkv).to(tl.int64)
-    hk = bh % Hkv
+    pid_m, b, hk, _ = _query_block(rows, Hkv, BLOCK_M)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < rows
     i = r % Tq
@@ -157,15 +165,11 @@ def _fwd_kernel(Q, K, V, O, LSE, KS,
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
-    off = Tk - Tq
-    p_first = off + tl.min(tl.where(rmask, i, Tq), 0)
-    p_last = off + tl.max(tl.where(rmask, i, 0), 0)
-    ce, lo = _query_bounds(off + i, Tk, FS, W, HAS_WINDOW)
-    ks = 0
-    if HAS_KS:
-        ks = tl.load(KS + b)
-    s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, ks, BLOCK_N,
-                                                               HAS_WINDOW)
+    p_first = Tk - Tq + tl.min(tl.where(rmask, i, Tq), 0)
+    p_last = Tk - Tq + tl.max(tl.where(rmask, i, 0), 0)
+    ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
+    s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KS, b, BLOCK_N,
+                                                               HAS_WINDOW, HAS_KS)
 
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked first tile gives p = 0, not NaN
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -405,12 +409,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KS, DQ,
                    Hq, G, Tq, Tk, FS, W, SINK_END, qk_scale, scale, tune_rows, tune_fs,
                    D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
-    n_m = tl.cdiv(Tq, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = n_m - 1 - pid % n_m
-    bh = pid // n_m
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
+    pid_m, b, h, bh = _query_block(Tq, Hq, BLOCK_M)
     hk = h // G
     i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     imask = i < Tq
@@ -423,15 +422,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KS, DQ,
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
 
-    off = Tk - Tq
-    p_first = off + pid_m * BLOCK_M
-    p_last = off + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
-    ce, lo = _query_bounds(off + i, Tk, FS, W, HAS_WINDOW)
-    ks = 0
-    if HAS_KS:
-        ks = tl.load(KS + b)
-    s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, ks, BLOCK_N,
-                                                               HAS_WINDOW)
+    p_first = Tk - Tq + pid_m * BLOCK_M
+    p_last = Tk - Tq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
+    ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
+    s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KS, b, BLOCK_N,
+                                                               HAS_WINDOW, HAS_KS)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_WINDOW:
@@ -543,7 +538,7 @@ def _launch(kernel, name, configs, big, grid_rows, args, meta):
     else:
         key = (name, len(configs), tuple(sorted(configs[0].kwargs.items())))
         if key not in _TUNED:
-            _TUNED[key] = triton.autotune(configs=configs, key=_TUNE_KEY)(kernel)
+            _TUNED[key] = autotune(configs, _TUNE_KEY)(kernel)
         _TUNED[key][lambda m: (grid_rows(m),)](*args, **meta)
         return
     kw = dict(cfg.kwargs)

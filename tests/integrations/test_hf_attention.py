@@ -49,29 +49,26 @@ def _batch(lengths, total, seed=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("name", ["torch", "triton"])
-def test_same_logits_as_sdpa(name):
+def _compare_logits(ids, mask, name="torch"):
+    """Logits of the fastdf model equal sdpa's on every real (unpadded) token."""
     if fastdf.ops.unavailable_reason(name, "cpu"):
         pytest.skip(f"{name} cannot run CPU tensors here")
     sdpa, ours = _models()
-    ids, _ = _batch([13, 13], 13)
     with torch.no_grad(), fastdf.backend(name):
-        want = sdpa(ids).logits
-        got = ours(ids).logits
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        want = sdpa(ids, attention_mask=mask).logits
+        got = ours(ids, attention_mask=mask).logits
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["torch", "triton"])
+def test_same_logits_as_sdpa(name):
+    _compare_logits(_batch([13, 13], 13)[0], None, name)
 
 
 @pytest.mark.parametrize("name", ["torch", "triton"])
 def test_left_padding_matches_sdpa_on_real_tokens(name):
-    if fastdf.ops.unavailable_reason(name, "cpu"):
-        pytest.skip(f"{name} cannot run CPU tensors here")
-    sdpa, ours = _models()
-    ids, mask = _batch([11, 6, 1], 11)
-    with torch.no_grad(), fastdf.backend(name):
-        want = sdpa(ids, attention_mask=mask).logits
-        got = ours(ids, attention_mask=mask).logits
-    real = mask.bool()
-    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+    _compare_logits(*_batch([11, 6, 1], 11), name)
 
 
 def test_left_padded_generation_matches_sdpa():
@@ -86,15 +83,10 @@ def test_left_padded_generation_matches_sdpa():
 
 
 def test_right_padding_keeps_real_tokens_exact():
-    sdpa, ours = _models()
     ids, _ = _batch([8, 8], 8, seed=2)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
-    with torch.no_grad():
-        want = sdpa(ids, attention_mask=mask).logits
-        got = ours(ids, attention_mask=mask).logits
-    real = mask.bool()
-    torch.testing.assert_close(got[real], want[real], atol=1e-4, rtol=1e-4)
+    _compare_logits(ids, mask)
 
 
 def test_gradients_flow_like_sdpa():

@@ -314,6 +314,29 @@ def test_bad_input(call, error, match):
         call(q, k, v)
 
 
+@pytest.mark.parametrize("tuned", [False, True], ids=["heuristic-config", "autotuned-launch"])
+def test_gpu_launch_configs_under_interpreter(monkeypatch, tuned):
+    """The GPU launch paths (the heuristic config, and the autotuner's launch, which pins its
+    first config under the interpreter) run the tiled kernels with 128-row tiles."""
+    from fastdf.kernels import attention as kernels
+    from fastdf.ops import unavailable_reason
+
+    if unavailable_reason("triton", "cpu"):
+        pytest.skip("triton cannot run CPU tensors here")
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    monkeypatch.setattr(kernels, "SHORT_MAX", 0)
+    monkeypatch.setattr(kernels, "TUNE_MIN_PAIRS", 0 if tuned else float("inf"))
+    q, k, v, mask = _inputs((1, 2, 1, 130, 200, 64, dict(frame_size=7, window_frames=12, sink_frames=1)), F32, "cpu",
+                            grad=True)
+    with fastdf.backend("triton"), poisoned():
+        out = fastdf.df_attention(q, k, v, return_lse=True, **mask)
+        grads = torch.autograd.grad(out[0].sum(), (q, k, v))
+    assert_matches_reference(out, _reference, q, k, v, **mask)
+    ones = torch.ones_like(q)
+    ref = lambda q, k, v, g: _grads_through_reference(q, k, v, g, torch.zeros(q.shape[:3]), mask)  # noqa: E731
+    assert_matches_reference(grads, ref, q, k, v, ones)
+
+
 def test_triton_backend_refuses_what_it_cannot_run():
     from fastdf.ops import unavailable_reason
 
