@@ -326,6 +326,8 @@ class DFAttention(nn.Module):
                 positions = torch.arange(start, start + T, device=x.device)
             cos, sin = rotary_cos_sin(positions, D, self.rope_theta)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # Under autocast the norms may return fp32 while v stays in the low precision.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: Tensor, *, cache: KVCache | None = None, commit_frames: int = 0,

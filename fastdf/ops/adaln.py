@@ -334,16 +334,16 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     """Per-frame gated residual: ``x + gate[:, t // S] * y``.
 
     Args:
-        x, y: ``[B, T, C]``, one float dtype (any strides).
+        x, y: ``[B, T, C]`` float tensors (any strides; y may have another dtype, e.g. a
+            bf16 branch output on an fp32 residual stream under autocast).
         gate: ``[B, F, C]`` with ``T % F == 0`` (any float dtype).
 
     Returns:
-        ``[B, T, C]`` in x's dtype. Differentiable in x, y and gate (gate's gradient is
+        ``[B, T, C]`` in x's dtype (computed in fp32). Differentiable in x, y and gate (gate's gradient is
         reduced per frame inside the kernel).
     """
     _checks.tensor("x", x, ndim=3, dtypes=_DTYPES)
     _checks.tensor("y", y, ndim=3, dtypes=_DTYPES)
-    _checks.same_dtype(x=x, y=y)
     _checks.shape("y", y, tuple(x.shape), what="(the shape of x)")
     _check_tables(x, "gate", gate=gate)
     _checks.same_device(x=x, y=y, gate=gate)

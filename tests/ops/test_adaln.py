@@ -197,7 +197,7 @@ def test_compiles_fullgraph():
     (lambda x, s, c, w: fastdf.adaln_modulate(x, s, c, eps=-1.0), ValueError, "eps must be >= 0"),
     (lambda x, s, c, w: fastdf.adaln_modulate(x.tolist(), s, c), TypeError, "x must be a torch.Tensor"),
     (lambda x, s, c, w: fastdf.gated_residual(x, x[:, :3], s), ValueError, "y must have shape"),
-    (lambda x, s, c, w: fastdf.gated_residual(x, x.half(), s), ValueError, "y has dtype float16 but x"),
+    (lambda x, s, c, w: fastdf.gated_residual(x, x.int(), s), ValueError, "y must be one of"),
     (lambda x, s, c, w: fastdf.gated_residual(x, x, s[:, :, :2]), ValueError, "gate must have shape"),
     (lambda x, s, c, w: fastdf.gated_residual(x, x, s[:1]), ValueError, "gate must have shape"),
     (lambda x, s, c, w: fastdf.gated_residual(x, x, torch.randn(2, 5, 8)), ValueError, "T must be a multiple of F"),
@@ -206,3 +206,17 @@ def test_bad_input(call, error, match):
     x, shift, scale, weight, _ = _make((2, 6, 3, 8), F32, "cpu", affine=True)
     with pytest.raises(error, match=match):
         call(x, shift, scale, weight)
+
+
+@pytest.mark.op("gated_residual")
+def test_gated_residual_mixed_dtypes(backend, device):
+    """An fp16 branch output on an fp32 residual stream (autocast): the result stays fp32."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 6, 24, generator=g).to(device).requires_grad_()
+    y = torch.randn(2, 6, 24, generator=g).to(device, F16).requires_grad_()
+    gate = torch.randn(2, 3, 24, generator=g).to(device, F16).requires_grad_()
+    with poisoned():
+        out = fastdf.gated_residual(x, y, gate)
+        grads = torch.autograd.grad(out.square().sum(), (x, y, gate))
+    assert out.dtype == torch.float32 and [t.dtype for t in grads] == [torch.float32, F16, F16]
+    assert_matches_reference(out, gated_residual_reference, x, y, gate)
