@@ -27,7 +27,7 @@ def _token_rows(n_rows, T, S, ROWS: tl.constexpr):
     return rmask, row, row // T, t, t // S
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "T", "S"])
 def _modulate_fwd_kernel(X, SHIFT, SCALE, W, BIAS, Y, MEAN, RSTD,
                          sxb, sxt, sxc, shb, shf, shc, scb, scf, scc,
                          n_rows, T, S, C, eps,
@@ -69,7 +69,7 @@ def _frame_chunk(n_chunks, F, S, TOK):
     return pid, (bf // F).to(tl.int64), f, t_start, tl.minimum(t_start + TOK, (f + 1) * S)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "S", "F", "n_chunks", "TOK"])
 def _modulate_bwd_kernel(DY, X, SCALE, W, BIAS, MEAN, RSTD, DX, P_SHIFT, P_SCALE, P_W, P_B,
                          sgb, sgt, sgc, sxb, sxt, sxc, scb, scf, scc,
                          T, S, F, C, n_chunks, TOK,
@@ -123,7 +123,7 @@ def _modulate_bwd_kernel(DY, X, SCALE, W, BIAS, MEAN, RSTD, DX, P_SHIFT, P_SCALE
         tl.store(P_B + out, acc_b, mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "T", "S"])
 def _gated_fwd_kernel(X, Y, GATE, OUT, sxb, sxt, sxc, syb, syt, syc, sgb, sgf, sgc, n_rows, T, S, C,
                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     rmask, row, b, t, f = _token_rows(n_rows, T, S, BLOCK_R)
@@ -135,7 +135,7 @@ def _gated_fwd_kernel(X, Y, GATE, OUT, sxb, sxt, sxc, syb, syt, syc, sgb, sgf, s
     tl.store(OUT + row[:, None] * C + c[None, :], (x + g * y).to(OUT.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "S", "F", "n_chunks", "TOK"])
 def _gated_bwd_kernel(DOUT, Y, GATE, DY, P_GATE, sob, sot, soc, syb, syt, syc, sgb, sgf, sgc,
                       T, S, F, C, n_chunks, TOK, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
     pid, b, f, t_start, t_end = _frame_chunk(n_chunks, F, S, TOK)

@@ -32,8 +32,9 @@ import triton.language as tl
 
 from . import INTERPRET, autotune
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+_LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E)  # kernels read globals only as constexpr
+LN2 = tl.constexpr(0.6931471805599453)
 
 # Block sizes under the interpreter: small and unequal, so tests cross many tile edges.
 INTERPRET_BLOCKS = {"fwd": (16, 32), "dkdv": (32, 16), "dq": (16, 32)}
@@ -44,6 +45,9 @@ TUNE_MIN_PAIRS = 1 << 26
 
 
 # ---------------------------------------------------------------------------- helpers
+
+# Sizes and mask parameters are loop bounds and comparisons, never addresses: they are not
+# specialised (a rollout's Tk changes every frame and must not recompile on each 16-multiple).
 
 
 @triton.jit
@@ -146,7 +150,7 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end,
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["tune_rows", "tune_fs"])
+@triton.jit(do_not_specialize=["Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END", "tune_rows", "tune_fs"])
 def _fwd_kernel(Q, K, V, O, LSE, KS,
                 sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
                 Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, tune_rows, tune_fs,
@@ -227,7 +231,7 @@ def _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW: 
     return vis
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BHkv", "Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END"])
 def _fwd_short_kernel(Q, K, V, O, LSE, KS,
                       sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
                       BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale,
@@ -262,7 +266,7 @@ def _fwd_short_kernel(Q, K, V, O, LSE, KS,
 # ---------------------------------------------------------------------------- backward
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Hq", "Tq"])
 def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, sob, soh, sot, sod, sgb, sgh, sgt, sgd, slb, slh, slt,
                            Hq, Tq, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
                            HAS_DLSE: tl.constexpr):
@@ -313,7 +317,8 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, s
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["tune_rows", "tune_fs"])
+@triton.jit(do_not_specialize=["Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END", "SINK_FRAMES", "tune_rows",
+                               "tune_fs"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KS, DK, DV,
                      sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sgb, sgh, sgt, sgd, slb, slh, slt,
                      sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
@@ -402,7 +407,7 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, start,
     return dq
 
 
-@triton.jit(do_not_specialize=["tune_rows", "tune_fs"])
+@triton.jit(do_not_specialize=["Hq", "G", "Tq", "Tk", "FS", "W", "SINK_END", "tune_rows", "tune_fs"])
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KS, DQ,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sgb, sgh, sgt, sgd, slb, slh, slt,
                    sdqb, sdqh, sdqt, sdqd,
@@ -444,7 +449,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KS, DQ,
              mask=imask[:, None] & (offs_d < D)[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["BHkv", "Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END"])
 def _bwd_short_kernel(Q, K, V, O, DO, LSE, DLSE, KS, DQ, DK, DV,
                       sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
                       sgb, sgh, sgt, sgd, slb, slh, slt, sdb, sdh, sdt,
@@ -502,8 +507,10 @@ def _bucket(x):
 
 # (BLOCK_M, BLOCK_N, warps, stages); the first of each list is the untuned heuristic.
 # Hopper: 128-row query tiles with 64/128-key tiles and 2-3 stages for D <= 128; D = 256
-# and fp32 halve the tiles to fit shared memory.
+# and fp32 halve the tiles, fp32 with D = 256 quarters them, to fit 227 KB of shared memory.
 def _fwd_configs(block_d, wide):
+    if wide and block_d > 128:
+        return [_cfg(32, 32, 4, 1)]
     if wide or block_d > 128:
         return [_cfg(64, 64, 4, 2), _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)]
     if block_d > 64:
@@ -512,12 +519,16 @@ def _fwd_configs(block_d, wide):
 
 
 def _dkdv_configs(block_d, wide):
+    if wide and block_d > 128:
+        return [_cfg(16, 32, 4, 1)]
     if wide or block_d > 128:
         return [_cfg(32, 64, 4, 2), _cfg(16, 64, 4, 2)]
     return [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3)]
 
 
 def _dq_configs(block_d, wide):
+    if wide and block_d > 128:
+        return [_cfg(32, 16, 4, 1)]
     if wide or block_d > 128:
         return [_cfg(64, 32, 4, 2), _cfg(64, 16, 4, 2)]
     return [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3)]
@@ -574,7 +585,7 @@ def attention_forward(q, k, v, out, lse, mask, scale, key_start=None):
     """out, lse <- attention of q over k, v; ``mask = (frame_size, window or None, sink_end)``
     in kernel terms (see fastdf.ops.attention._mask_args); ``key_start`` int32 [B] or None."""
     B, Hq, Hkv, G, Tq, Tk, D, block_d, fs, window, sink_end, prec = _common(q, k, mask)
-    qk_scale = scale * LOG2E
+    qk_scale = scale * _LOG2E
     strides = [*_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(lse, 3)]
     has_window = window is not None
     has_ks = key_start is not None
@@ -599,7 +610,7 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, 
     import torch
 
     B, Hq, Hkv, G, Tq, Tk, D, block_d, fs, window, sink_end, prec = _common(q, k, mask)
-    qk_scale = scale * LOG2E
+    qk_scale = scale * _LOG2E
     has_window = window is not None
     w = window or 0
     sq, sk, sv, sg = _strides(q), _strides(k), _strides(v), _strides(grad_out)
