@@ -600,9 +600,14 @@ def attention_forward(q, k, v, out, lse, mask, scale, key_start=None):
     args = (q, k, v, out, lse, ks, *strides, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale,
             _bucket(G * Tq), _bucket(fs))
     meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KS=has_ks, PREC=prec)
+    wide = q.dtype.itemsize == 4
+    configs = _fwd_configs(block_d, wide)
     big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
-    _launch(_fwd_kernel, "fwd", _fwd_configs(block_d, q.dtype.itemsize == 4), big,
-            lambda m: triton.cdiv(G * Tq, m["BLOCK_M"]) * B * Hkv, args, meta)
+    if G * Tq <= 64:
+        # Decode steps and small chunks: a query tile as tall as the (GQA-stacked) rows, long key tiles.
+        bn, stages = (32, 1) if wide and block_d > 128 else (64, 2) if wide or block_d > 128 else (128, 3)
+        configs, big = [_cfg(max(16, triton.next_power_of_2(G * Tq)), bn, 4, stages)], False
+    _launch(_fwd_kernel, "fwd", configs, big, lambda m: triton.cdiv(G * Tq, m["BLOCK_M"]) * B * Hkv, args, meta)
 
 
 def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, scale, key_start=None):

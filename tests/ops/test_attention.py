@@ -314,8 +314,9 @@ def test_bad_input(call, error, match):
         call(q, k, v)
 
 
-@pytest.mark.parametrize("tuned", [False, True], ids=["heuristic-config", "autotuned-launch"])
-def test_gpu_launch_configs_under_interpreter(monkeypatch, tuned):
+@pytest.mark.parametrize("tuned,rows", [(False, 130), (True, 130), (False, 3)],
+                         ids=["heuristic-config", "autotuned-launch", "decode-config"])
+def test_gpu_launch_configs_under_interpreter(monkeypatch, tuned, rows):
     """The GPU launch paths (the heuristic config, and the autotuner's launch, which pins its
     first config under the interpreter) run the tiled kernels with 128-row tiles."""
     from fastdf.kernels import attention as kernels
@@ -326,7 +327,7 @@ def test_gpu_launch_configs_under_interpreter(monkeypatch, tuned):
     monkeypatch.setattr(kernels, "INTERPRET", False)
     monkeypatch.setattr(kernels, "SHORT_MAX", 0)
     monkeypatch.setattr(kernels, "TUNE_MIN_PAIRS", 0 if tuned else float("inf"))
-    q, k, v, mask = _inputs((1, 2, 1, 130, 200, 64, dict(frame_size=7, window_frames=12, sink_frames=1)), F32, "cpu",
+    q, k, v, mask = _inputs((2, 4, 2, rows, 200, 64, dict(frame_size=7, window_frames=12, sink_frames=1)), F32, "cpu",
                             grad=True)
     with fastdf.backend("triton"), poisoned():
         out = fastdf.df_attention(q, k, v, return_lse=True, **mask)
