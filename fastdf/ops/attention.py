@@ -233,11 +233,16 @@ def _attention_backward_torch(grad_out, grad_lse, q, k, v, out, lse, key_start, 
     return tuple(results)
 
 
-def _triton_supports(q, *_args):
+def _triton_supports(q, *tensors):
     if q.dtype not in _checks.FLOAT_DTYPES:
         return f"the triton kernels take float32/float16/bfloat16, got {str(q.dtype).removeprefix('torch.')}"
     if q.shape[-1] > 256:
         return f"the triton kernels take head dims up to 256, got {q.shape[-1]}"
+    for t in (q, *tensors):
+        # Offsets inside one batch row are int32 in the kernels (the batch offset is int64).
+        if isinstance(t, Tensor) and t.dim() == 4:
+            if sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31:
+                return f"one batch row of a {tuple(t.shape)} tensor spans more than 2**31 elements"
     return None
 
 
@@ -254,7 +259,8 @@ def _attention_triton(q, k, v, key_start, frame_size, causal, window_frames, sin
     return out, lse
 
 
-@ATTENTION_BACKWARD.register("triton", supports=lambda grad_out, grad_lse, q, *_: _triton_supports(q))
+@ATTENTION_BACKWARD.register("triton", supports=lambda grad_out, grad_lse, q, k, v, out, *_:
+                             _triton_supports(q, k, v, grad_out, out))
 def _attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, key_start, frame_size, causal, window_frames,
                                sink_frames, scale):
     from fastdf.kernels.attention import attention_backward
