@@ -505,33 +505,27 @@ def _bucket(x):
     return min(triton.next_power_of_2(max(int(x), 1)), 1 << 14)
 
 
-# (BLOCK_M, BLOCK_N, warps, stages); the first of each list is the untuned heuristic.
-# Hopper: 128-row query tiles with 64/128-key tiles and 2-3 stages for D <= 128; D = 256
-# and fp32 halve the tiles, fp32 with D = 256 quarters them, to fit 227 KB of shared memory.
-def _fwd_configs(block_d, wide):
-    if wide and block_d > 128:
-        return [_cfg(32, 32, 4, 1)]
-    if wide or block_d > 128:
-        return [_cfg(64, 64, 4, 2), _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)]
-    if block_d > 64:
-        return [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3)]
-    return [_cfg(128, 64, 4, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)]
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel and tier; the first of each list is the
+# untuned heuristic. Hopper: 128-row query tiles with 64/128-key tiles and 2-3 stages for
+# D <= 128; D = 256 and fp32 ("wide") halve the tiles, fp32 with D = 256 quarters them, to
+# fit 227 KB of shared memory (checked by tests/ops/test_kernels_compile.py for the bf16 ones).
+_CONFIGS = {
+    "fwd": {"fp32-d256": [(32, 32, 4, 1)], "wide": [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+            "d128": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+            "d64": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]},
+    "dkdv": {"fp32-d256": [(16, 32, 4, 1)], "wide": [(32, 64, 4, 2), (16, 64, 4, 2)],
+             "d128": [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3)]},
+    "dq": {"fp32-d256": [(32, 16, 4, 1)], "wide": [(64, 32, 4, 2), (64, 16, 4, 2)],
+           "d128": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)]},
+}
 
 
-def _dkdv_configs(block_d, wide):
-    if wide and block_d > 128:
-        return [_cfg(16, 32, 4, 1)]
-    if wide or block_d > 128:
-        return [_cfg(32, 64, 4, 2), _cfg(16, 64, 4, 2)]
-    return [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 2), _cfg(32, 64, 4, 3)]
-
-
-def _dq_configs(block_d, wide):
-    if wide and block_d > 128:
-        return [_cfg(32, 16, 4, 1)]
-    if wide or block_d > 128:
-        return [_cfg(64, 32, 4, 2), _cfg(64, 16, 4, 2)]
-    return [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3)]
+def _configs(kernel, block_d, wide):
+    tier = "fp32-d256" if wide and block_d > 128 else "wide" if wide or block_d > 128 else "d128"
+    table = _CONFIGS[kernel]
+    if tier == "d128" and block_d <= 64 and "d64" in table:
+        tier = "d64"
+    return [_cfg(*c) for c in table[tier]]
 
 
 _TUNE_KEY = ["BLOCK_D", "HAS_WINDOW", "HAS_KS", "PREC", "tune_rows", "tune_fs"]
@@ -601,7 +595,7 @@ def attention_forward(q, k, v, out, lse, mask, scale, key_start=None):
             _bucket(G * Tq), _bucket(fs))
     meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KS=has_ks, PREC=prec)
     wide = q.dtype.itemsize == 4
-    configs = _fwd_configs(block_d, wide)
+    configs = _configs("fwd", block_d, wide)
     big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
     if G * Tq <= 64:
         # Decode steps and small chunks: a query tile as tall as the (GQA-stacked) rows, long key tiles.
@@ -645,9 +639,9 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, 
     tune = (_bucket(G * Tq), _bucket(fs))
     args = (q, k, v, grad_out, lse, delta, ks, dk, dv, *sq, *sk, *sv, *sg, *sl, *_strides(dk), *_strides(dv),
             Hkv, G, Tq, Tk, fs, w, sink_end, sink_end // fs if fs else 0, qk_scale, scale, *tune)
-    _launch(_bwd_dkdv_kernel, "dkdv", _dkdv_configs(block_d, wide), big,
+    _launch(_bwd_dkdv_kernel, "dkdv", _configs("dkdv", block_d, wide), big,
             lambda m: triton.cdiv(Tk, m["BLOCK_N"]) * B * Hkv, args, meta)
     args = (q, k, v, grad_out, lse, delta, ks, dq, *sq, *sk, *sv, *sg, *sl, *_strides(dq),
             Hq, G, Tq, Tk, fs, w, sink_end, qk_scale, scale, *tune)
-    _launch(_bwd_dq_kernel, "dq", _dq_configs(block_d, wide), big,
+    _launch(_bwd_dq_kernel, "dq", _configs("dq", block_d, wide), big,
             lambda m: triton.cdiv(Tq, m["BLOCK_M"]) * B * Hq, args, meta)
