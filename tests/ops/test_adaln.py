@@ -13,6 +13,8 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # (B, T, F, C): per-frame, per-token (F = T), one frame (F = 1), odd C, frames not
 # aligned with the kernels' row blocks.
 SHAPES = [(2, 12, 3, 40), (1, 35, 5, 80), (3, 7, 7, 16), (2, 9, 1, 24), (1, 64, 4, 130)]
+# On a GPU each shape is a Triton compile: two of them run there (plus the bf16 ones).
+HERE = SHAPES[:2] if torch.cuda.is_available() else SHAPES
 
 
 def _make(shape, dtype, device, *, affine, table_dtype=None, seed=0):
@@ -41,7 +43,7 @@ def _params(shapes, dtypes):
 
 
 @pytest.mark.op("adaln_modulate")
-@pytest.mark.parametrize("shape,dtype,affine,norm", _params(SHAPES, [F32, F16, BF16]))
+@pytest.mark.parametrize("shape,dtype,affine,norm", _params(HERE, [F32, F16]) + _params(SHAPES[:2], [BF16]))
 def test_modulate_matches_reference(backend, device, shape, dtype, affine, norm):
     args = _make(shape, dtype, device, affine=affine)
     x, shift, scale, weight, bias = args
@@ -110,7 +112,7 @@ def test_modulate_is_a_per_frame_adaln():
 
 
 @pytest.mark.op("gated_residual")
-@pytest.mark.parametrize("shape,dtype", [(s, d) for s in SHAPES[:3] for d in (F32, F16)]
+@pytest.mark.parametrize("shape,dtype", [(s, d) for s in HERE[:3] for d in (F32, F16)]
                          + [pytest.param((2, 300, 3, 1536), BF16, marks=pytest.mark.gpu)])
 def test_gated_residual(backend, device, shape, dtype):
     B, T, F, C = shape
