@@ -227,4 +227,4 @@ def test_block_bf16_on_gpu():
     x, c = torch.randn(2, 160, 128, device="cuda"), torch.randn(2, 10, 128, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16), fastdf.backend("triton"):
         y = block(x, c)
-    torch.testing.assert_close(y.float(), plain(x, c), atol=0.1, rtol=0.05)
+    _close(y.float(), plain(x, c), 5e-2)  # bf16 activations against the fp32 block
