@@ -30,6 +30,10 @@ phase import 30 $PY -c "import fastdf, fastdf._C as C; print('fastdf', fastdf.__
 phase gpu-tests 90 $PY -m pytest tests -m gpu -q -x -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
 phase all-tests 90 $PY -m pytest tests -m "not gpu" -q -p no:cacheprovider
 phase bench 120 $PY -m fastdf.bench --quick --no-progress --json "$OUT/bench.json" --plot "$OUT/bench.png" --markdown "$OUT/bench.md"
+# Opt-in full runs (autotuned kernels, compiled FlexAttention), e.g. FULL_SUITES="attention adaln".
+for s in ${FULL_SUITES:-}; do
+  phase "full-$s" 420 $PY -m fastdf.bench --suite "$s" --no-progress --json "$OUT/full-$s.json" --markdown "$OUT/full-$s.md"
+done
 
 echo "gpu_check: $([ $status -eq 0 ] && echo PASSED || echo FAILED) (log: $LOG)" | tee -a "$LOG"
 [ -f "$OUT/bench.md" ] && cat "$OUT/bench.md"

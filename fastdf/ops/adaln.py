@@ -1,15 +1,350 @@
-"""Per-frame AdaLN modulation and gated residuals (DESIGN.md §4, issue #3)."""
+"""Per-frame AdaLN modulation and gated residuals (DESIGN.md §4, issue #3).
+
+For x ``[B, T, C]`` and per-frame tables ``[B, F, C]`` (``T % F == 0``, ``S = T // F``
+tokens per frame, token t in frame ``t // S``):
+
+    adaln_modulate(x, shift, scale) = N(x) * (1 + scale[:, t // S]) + shift[:, t // S]
+    gated_residual(x, y, gate)      = x + gate[:, t // S] * y
+
+N is LayerNorm or RMSNorm over C (statistics in fp32; affine only if weight/bias are
+given). The kernels read the tables by frame index and reduce their gradients per frame
+inside the kernel: no [B, T, C] modulation tensor exists forward or backward (DFoT repeats
+the embedding per token; SkyReels-V2 materialises an fp32 [B, 6, T, C] one).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _alloc, _checks
+from ._backend import Op
+from ._library import custom_op
+
+MODULATE = Op("adaln_modulate", prefer=("triton", "torch"))
+MODULATE_BACKWARD = Op("adaln_modulate_backward", prefer=("triton", "torch"))
+GATED = Op("gated_residual", prefer=("triton", "torch"))
+GATED_BACKWARD = Op("gated_residual_backward", prefer=("triton", "torch"))
+
+NORMS = ("layer", "rms")
 
 
-def adaln_modulate(*args, **kwargs):
-    """N(x) * (1 + scale[frame]) + shift[frame] (DESIGN.md §4). Not built yet."""
-    raise NotImplementedError(
-        "fastdf.adaln_modulate is not built yet: it arrives with the Diffusion Forcing attention capability (issue #3, fused per-frame AdaLN)"
-    )
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def gated_residual(*args, **kwargs):
-    """x + gate[frame] * y (DESIGN.md §4). Not built yet."""
-    raise NotImplementedError(
-        "fastdf.gated_residual is not built yet: it arrives with the Diffusion Forcing attention capability (issue #3, fused per-frame AdaLN)"
-    )
+def _per_frame(x: Tensor, frames: int) -> Tensor:
+    """[B, T, C] -> [B, F, S, C] (a view when strides allow)."""
+    B, T, C = x.shape
+    return x.reshape(B, frames, T // frames, C)
+
+
+# ---------------------------------------------------------------------------- references
+
+
+def normalize_reference(x: Tensor, *, norm: str = "layer", weight: Tensor | None = None, bias: Tensor | None = None,
+                        eps: float = 1e-6) -> Tensor:
+    """N(x) in fp32 (fp64 for fp64 x), affine applied, result in fp32/fp64."""
+    xf = x.to(_acc(x.dtype))
+    if norm == "layer":
+        xf = xf - xf.mean(-1, keepdim=True)
+    n = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        n = n * weight.to(n.dtype)
+    if bias is not None:
+        n = n + bias.to(n.dtype)
+    return n
+
+
+def adaln_modulate_reference(x: Tensor, shift: Tensor, scale: Tensor, *, norm: str = "layer",
+                             weight: Tensor | None = None, bias: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """Readable reference, as a model would write it: the norm in fp32 cast back to x's
+    dtype, then the modulation broadcast per frame (a view, never a per-token table)."""
+    n = normalize_reference(x, norm=norm, weight=weight, bias=bias, eps=eps).to(x.dtype)
+    frames = shift.shape[1]
+    y = _per_frame(n, frames) * (1 + scale[:, :, None, :]) + shift[:, :, None, :]
+    return y.reshape(x.shape).to(x.dtype)
+
+
+def gated_residual_reference(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """x + gate[:, t // S] * y, broadcast per frame."""
+    out = _per_frame(x, gate.shape[1]) + gate[:, :, None, :] * _per_frame(y, gate.shape[1])
+    return out.reshape(x.shape).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- torch backend
+
+
+def _stats_torch(x, rms, eps):
+    xf = x.to(_acc(x.dtype))
+    mean = torch.zeros_like(xf[..., 0]) if rms else xf.mean(-1)
+    rstd = torch.rsqrt((xf - mean[..., None]).square().mean(-1) + eps)
+    return mean, rstd
+
+
+@MODULATE.register("torch")
+def _modulate_torch(x, shift, scale, weight, bias, rms, eps):
+    y = _alloc.empty(x.shape, dtype=x.dtype, device=x.device)
+    y.copy_(adaln_modulate_reference(x, shift, scale, norm="rms" if rms else "layer", weight=weight, bias=bias, eps=eps))
+    mean, rstd = _stats_torch(x, rms, eps)
+    return y, mean.float(), rstd.float()
+
+
+def _empty_grad(t, like):
+    return like.new_empty((0,)) if t is None else t
+
+
+@MODULATE_BACKWARD.register("torch")
+def _modulate_backward_torch(grad, x, scale, weight, bias, mean, rstd, rms):
+    """Explicit formulas in fp32: with xhat = (x - mean) * rstd and n = xhat * w + b,
+    d shift = sum_frame(dy), d scale = sum_frame(dy * n), dn = dy * (1 + scale),
+    d w = sum(dn * xhat), d b = sum(dn), and with dxh = dn * w:
+    dx = rstd * (dxh - mean(dxh) - xhat * mean(dxh * xhat)) (no mean(dxh) term for RMS)."""
+    acc = _acc(x.dtype)
+    frames = scale.shape[1]
+    xhat = (x.to(acc) - mean.to(acc)[..., None]) * rstd.to(acc)[..., None]
+    n = xhat if weight is None else xhat * weight.to(acc)
+    if bias is not None:
+        n = n + bias.to(acc)
+    g = grad.to(acc)
+    g4 = _per_frame(g, frames)
+    d_shift = g4.sum(2)
+    d_scale = (g4 * _per_frame(n, frames)).sum(2)
+    dn = (g4 * (1 + scale.to(acc)[:, :, None, :])).reshape(x.shape)
+    d_weight = (dn * xhat).sum((0, 1)) if weight is not None else None
+    d_bias = dn.sum((0, 1)) if bias is not None else None
+    dxh = dn if weight is None else dn * weight.to(acc)
+    inner = dxh - xhat * (dxh * xhat).mean(-1, keepdim=True)
+    if not rms:
+        inner = inner - dxh.mean(-1, keepdim=True)
+    dx = inner * rstd.to(acc)[..., None]
+    return (dx.to(x.dtype), d_shift.to(scale.dtype), d_scale.to(scale.dtype),
+            _empty_grad(None if d_weight is None else d_weight.to(weight.dtype), x),
+            _empty_grad(None if d_bias is None else d_bias.to(bias.dtype), x))
+
+
+@GATED.register("torch")
+def _gated_torch(x, y, gate):
+    out = _alloc.empty(x.shape, dtype=x.dtype, device=x.device)
+    out.copy_(gated_residual_reference(x, y, gate))
+    return out
+
+
+@GATED_BACKWARD.register("torch")
+def _gated_backward_torch(grad, y, gate):
+    acc = _acc(y.dtype)
+    frames = gate.shape[1]
+    g4 = _per_frame(grad.to(acc), frames)
+    d_y = (g4 * gate.to(acc)[:, :, None, :]).reshape(y.shape).to(y.dtype)
+    d_gate = (g4 * _per_frame(y.to(acc), frames)).sum(2).to(gate.dtype)
+    return d_y, d_gate
+
+
+# ---------------------------------------------------------------------------- triton backend
+
+
+def _triton_supports(x, *tables):
+    for t in (x, *tables):
+        if t is not None and t.dtype not in _checks.FLOAT_DTYPES:
+            return f"the triton kernels take float32/float16/bfloat16, got {str(t.dtype).removeprefix('torch.')}"
+    if x.shape[-1] > 65536:
+        return f"the triton kernels take up to 65536 channels, got {x.shape[-1]}"
+    return None
+
+
+@MODULATE.register("triton", supports=lambda x, shift, scale, weight, bias, *_: _triton_supports(x, shift, scale, weight, bias))
+def _modulate_triton(x, shift, scale, weight, bias, rms, eps):
+    from fastdf.kernels.adaln import modulate_forward
+
+    B, T, C = x.shape
+    y = _alloc.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = _alloc.empty((B, T), dtype=torch.float32, device=x.device)
+    rstd = _alloc.empty((B, T), dtype=torch.float32, device=x.device)
+    if x.numel():
+        modulate_forward(x, shift, scale, weight, bias, y, mean, rstd, rms, eps)
+    return y, mean, rstd
+
+
+@MODULATE_BACKWARD.register("triton",
+                            supports=lambda grad, x, scale, weight, bias, *_: _triton_supports(x, grad, scale, weight, bias))
+def _modulate_backward_triton(grad, x, scale, weight, bias, mean, rstd, rms):
+    from fastdf.kernels.adaln import modulate_backward
+
+    dx = _alloc.empty(x.shape, dtype=x.dtype, device=x.device)
+    d_shift, d_scale, d_weight, d_bias = modulate_backward(grad, x, scale, weight, bias, mean, rstd, dx, rms)
+    return (dx, d_shift.to(scale.dtype), d_scale.to(scale.dtype),
+            _empty_grad(None if d_weight is None else d_weight.to(weight.dtype), x),
+            _empty_grad(None if d_bias is None else d_bias.to(bias.dtype), x))
+
+
+@GATED.register("triton", supports=lambda x, y, gate: _triton_supports(x, y, gate))
+def _gated_triton(x, y, gate):
+    from fastdf.kernels.adaln import gated_forward
+
+    out = _alloc.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel():
+        gated_forward(x, y, gate, out)
+    return out
+
+
+@GATED_BACKWARD.register("triton", supports=lambda grad, y, gate: _triton_supports(y, grad, gate))
+def _gated_backward_triton(grad, y, gate):
+    from fastdf.kernels.adaln import gated_backward
+
+    d_y = _alloc.empty(y.shape, dtype=y.dtype, device=y.device)
+    d_gate = gated_backward(grad, y, gate, d_y)
+    return d_y, d_gate.to(gate.dtype)
+
+
+# ---------------------------------------------------------------------------- custom ops
+
+
+@custom_op(MODULATE)
+def _modulate_op(x: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None, rms: bool,
+                 eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    ...
+
+
+@_modulate_op.register_fake
+def _(x, shift, scale, weight, bias, rms, eps):
+    stats = x.new_empty(x.shape[:2], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, stats.clone()
+
+
+@custom_op(MODULATE_BACKWARD)
+def _modulate_backward_op(grad: Tensor, x: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
+                          mean: Tensor, rstd: Tensor, rms: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    ...
+
+
+@_modulate_backward_op.register_fake
+def _(grad, x, scale, weight, bias, mean, rstd, rms):
+    table = lambda: scale.new_empty(scale.shape)  # noqa: E731
+    affine = lambda t: x.new_empty((0,)) if t is None else t.new_empty(t.shape)  # noqa: E731
+    return torch.empty_like(x, memory_format=torch.contiguous_format), table(), table(), affine(weight), affine(bias)
+
+
+def _modulate_setup(ctx, inputs, output):
+    x, shift, scale, weight, bias, rms, eps = inputs
+    ctx.rms = rms
+    ctx.has = (weight is not None, bias is not None)
+    ctx.save_for_backward(x, scale, weight, bias, output[1], output[2])
+
+
+def _modulate_backward(ctx, grad, _grad_mean, _grad_rstd):
+    x, scale, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, d_shift, d_scale, d_weight, d_bias = _modulate_backward_op(grad, x, scale, weight, bias, mean, rstd, ctx.rms)
+    return (dx, d_shift, d_scale, d_weight if ctx.has[0] else None, d_bias if ctx.has[1] else None, None, None)
+
+
+_modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
+
+
+@custom_op(GATED)
+def _gated_op(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    ...
+
+
+@_gated_op.register_fake
+def _(x, y, gate):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@custom_op(GATED_BACKWARD)
+def _gated_backward_op(grad: Tensor, y: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    ...
+
+
+@_gated_backward_op.register_fake
+def _(grad, y, gate):
+    return torch.empty_like(y, memory_format=torch.contiguous_format), gate.new_empty(gate.shape)
+
+
+def _gated_setup(ctx, inputs, output):
+    x, y, gate = inputs
+    ctx.save_for_backward(y, gate)
+
+
+def _gated_backward(ctx, grad):
+    y, gate = ctx.saved_tensors
+    d_y, d_gate = _gated_backward_op(grad, y, gate)
+    return grad, d_y, d_gate
+
+
+_gated_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+# ---------------------------------------------------------------------------- public
+
+
+_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
+
+
+def _check_tables(x, frames_name, **tables):
+    B, T, C = x.shape
+    first = None
+    for name, t in tables.items():
+        _checks.tensor(name, t, ndim=3, dtypes=_DTYPES)
+        if first is None:
+            first = (name, t)
+            F = t.shape[1]
+            _checks.shape(name, t, (B, None, C), what="([B, F, C] with x's B and C)")
+            if F == 0 or T % F:
+                raise ValueError(f"{name} has {F} frames but x has {T} tokens: T must be a multiple of F "
+                                 f"(tokens per frame S = T // F)")
+        else:
+            _checks.shape(name, t, tuple(first[1].shape), what=f"(the shape of {first[0]})")
+
+
+def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, *, norm: str = "layer", weight: Tensor | None = None,
+                   bias: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """Per-frame AdaLN: ``N(x) * (1 + scale[:, t // S]) + shift[:, t // S]``.
+
+    Args:
+        x: ``[B, T, C]`` float tensor (any strides).
+        shift, scale: ``[B, F, C]`` per-frame tables with ``T % F == 0``; token t uses
+            frame ``t // (T // F)`` (``F = T`` is per-token, ``F = 1`` one vector per
+            sample). Any float dtype (e.g. fp32 tables with bf16 x).
+        norm: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm) over C; statistics in fp32.
+        weight, bias: optional ``[C]`` affine of the norm.
+        eps: added to the variance (mean square for RMS).
+
+    Returns:
+        ``[B, T, C]`` in x's dtype. Differentiable in x, shift, scale, weight and bias; the
+        table gradients are reduced per frame inside the kernel.
+    """
+    _checks.tensor("x", x, ndim=3, dtypes=_DTYPES)
+    if not isinstance(norm, str):
+        raise TypeError(f"norm must be a str ('layer' or 'rms'), got {type(norm).__name__}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+    _check_tables(x, "shift", shift=shift, scale=scale)
+    _checks.same_dtype(shift=shift, scale=scale)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            _checks.tensor(name, t, ndim=1, dtypes=_DTYPES)
+            _checks.shape(name, t, (x.shape[-1],), what="([C] with x's C)")
+    _checks.same_device(x=x, shift=shift, scale=scale, weight=weight, bias=bias)
+    _checks.number("eps", eps, low=0)
+    y, _, _ = _modulate_op(x, shift, scale, weight, bias, norm == "rms", float(eps))
+    return y
+
+
+def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
+    """Per-frame gated residual: ``x + gate[:, t // S] * y``.
+
+    Args:
+        x, y: ``[B, T, C]`` float tensors (any strides; y may have another dtype, e.g. a
+            bf16 branch output on an fp32 residual stream under autocast).
+        gate: ``[B, F, C]`` with ``T % F == 0`` (any float dtype).
+
+    Returns:
+        ``[B, T, C]`` in x's dtype (computed in fp32). Differentiable in x, y and gate (gate's gradient is
+        reduced per frame inside the kernel).
+    """
+    _checks.tensor("x", x, ndim=3, dtypes=_DTYPES)
+    _checks.tensor("y", y, ndim=3, dtypes=_DTYPES)
+    _checks.shape("y", y, tuple(x.shape), what="(the shape of x)")
+    _check_tables(x, "gate", gate=gate)
+    _checks.same_device(x=x, y=y, gate=gate)
+    return _gated_op(x, y, gate)

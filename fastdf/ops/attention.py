@@ -1,8 +1,423 @@
-"""Frame-causal flash attention for Diffusion Forcing (DESIGN.md §4, issue #3)."""
+"""Frame-causal flash attention for Diffusion Forcing (DESIGN.md §4, issue #3).
+
+The mask, for q ``[B, Hq, Tq, D]`` against k, v ``[B, Hkv, Tk, D]``: query i sits at absolute
+position ``p = Tk - Tq + i`` (the queries are the newest tokens; the first ``Tk - Tq`` keys
+are cache), ``frame(x) = x // frame_size``, and key j is visible to position p iff
+
+    frame(j) <= frame(p)  and  (window_frames is None
+                                or frame(p) - frame(j) < window_frames
+                                or frame(j) < sink_frames).
+
+``causal=False`` makes every key visible. Every query sees at least its own key, so no
+row is ever empty.
+
+Implementations: ``triton`` (kernels/attention.py: FA2-style forward with tile
+classification, deterministic backward) and ``torch`` (the chunked reference below, the
+CPU path). Both are one ``torch.library`` custom op, ``fastdf::df_attention``, with a fake
+and an autograd formula whose backward is the custom op ``fastdf::df_attention_backward``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _alloc, _checks
+from ._backend import Op
+from ._library import custom_op
+
+ATTENTION = Op("df_attention", prefer=("triton", "torch"))
+ATTENTION_BACKWARD = Op("df_attention_backward", prefer=("triton", "torch"))
+
+# The reference materialises scores for this many (batch, head, query, key) entries at a
+# time: memory-sane for a few thousand tokens.
+REFERENCE_CHUNK = 1 << 24
 
 
-def df_attention(*args, **kwargs):
-    """Frame-causal attention with KV cache, windows and sinks (DESIGN.md §4). Not built yet."""
-    raise NotImplementedError(
-        "fastdf.df_attention is not built yet: it arrives with the Diffusion Forcing attention capability (issue #3, frame-causal flash attention)"
-    )
+# ---------------------------------------------------------------------------- the mask
+
+
+def visible(q_pos: Tensor, k_pos: Tensor, *, frame_size: int = 1, causal: bool = True,
+            window_frames: int | None = None, sink_frames: int = 0) -> Tensor:
+    """Boolean visibility of keys at absolute positions ``k_pos`` to queries at absolute
+    positions ``q_pos`` (broadcast against each other), per the rule above."""
+    if not causal:
+        return torch.ones(torch.broadcast_shapes(q_pos.shape, k_pos.shape), dtype=torch.bool, device=q_pos.device)
+    fq = torch.div(q_pos, frame_size, rounding_mode="floor")
+    fk = torch.div(k_pos, frame_size, rounding_mode="floor")
+    ok = fk <= fq
+    if window_frames is not None:
+        ok = ok & ((fq - fk < window_frames) | (fk < sink_frames))
+    return ok
+
+
+def df_attention_mask(tq: int, tk: int, *, frame_size: int = 1, causal: bool = True, window_frames: int | None = None,
+                      sink_frames: int = 0, device=None) -> Tensor:
+    """The ``[tq, tk]`` boolean mask (True = visible) that :func:`df_attention` applies;
+    pass it to SDPA as ``attn_mask`` for an equivalent (slow) computation."""
+    if tq > tk:
+        raise ValueError(f"tq ({tq}) must be <= tk ({tk}): queries are the newest tq of the tk positions")
+    q_pos = torch.arange(tk - tq, tk, device=device)[:, None]
+    k_pos = torch.arange(tk, device=device)[None, :]
+    return visible(q_pos, k_pos, frame_size=frame_size, causal=causal, window_frames=window_frames,
+                   sink_frames=sink_frames)
+
+
+def df_mask_mod(tq: int, tk: int, *, frame_size: int = 1, causal: bool = True, window_frames: int | None = None,
+                sink_frames: int = 0):
+    """The same rule as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` (for baselines and
+    cross-checks: ``create_block_mask(df_mask_mod(...), B, None, tq, tk)``)."""
+    offset = tk - tq
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return visible(q_idx + offset, kv_idx, frame_size=frame_size, causal=causal, window_frames=window_frames,
+                       sink_frames=sink_frames)
+
+    return mask_mod
+
+
+def visible_pairs(tq: int, tk: int, *, frame_size: int = 1, causal: bool = True, window_frames: int | None = None,
+                  sink_frames: int = 0) -> int:
+    """How many (query, key) pairs the mask keeps, counted frame by frame (no [tq, tk]
+    tensor): the FLOP count of a benchmark is ``4 * D * heads * batch * visible_pairs``."""
+    if not causal:
+        return tq * tk
+    total = 0
+    first = tk - tq
+    for f in range(first // frame_size, (tk - 1) // frame_size + 1):
+        rows = min(tk, (f + 1) * frame_size) - max(first, f * frame_size)
+        end = min(tk, (f + 1) * frame_size)
+        if window_frames is None:
+            keys = end
+        else:
+            start = max(0, (f - window_frames + 1) * frame_size)
+            keys = end - start + min(sink_frames * frame_size, start)
+        total += rows * keys
+    return total
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def _chunks(tq: int, per_row: int, chunk: int):
+    rows = max(1, chunk // max(1, per_row))
+    return [(s, min(tq, s + rows)) for s in range(0, tq, rows)]
+
+
+def _chunk_mask(s, e, Tq, Tk, key_start, device, **mask):
+    """Visibility ``[c, Tk]``, or ``[B, 1, 1, c, Tk]`` with per-batch key starts."""
+    k_pos = torch.arange(Tk, device=device)[None, :]
+    vis = visible(torch.arange(Tk - Tq + s, Tk - Tq + e, device=device)[:, None], k_pos, **mask)
+    if key_start is not None:
+        vis = vis & (k_pos >= key_start.to(device)[:, None, None, None, None])
+    return vis
+
+
+def df_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal: bool = True,
+                           window_frames: int | None = None, sink_frames: int = 0, scale: float | None = None,
+                           key_start: Tensor | None = None, chunk: int = REFERENCE_CHUNK) -> tuple[Tensor, Tensor]:
+    """Readable torch reference: ``(out, lse)`` as :func:`df_attention` with ``return_lse``
+    (``key_start`` as :func:`df_attention_padded`).
+
+    Scores, softmax and the product with v run in q's dtype (as a model in that dtype
+    would); lse is float32 (float64 for float64 inputs). Queries are processed in chunks so
+    no more than ``chunk`` scores exist at once. A row that sees no key (only possible with
+    ``key_start``) gives zeros and lse = -inf. Differentiable by autograd.
+    """
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if Tq == 0:
+        return q.new_empty(q.shape), q.new_empty((B, Hq, 0), dtype=lse_dtype)
+    qg = q.reshape(B, Hkv, G, Tq, D)
+    outs, lses = [], []
+    for s, e in _chunks(Tq, B * Hq * Tk, chunk):
+        c = e - s
+        scores = (qg[:, :, :, s:e].reshape(B, Hkv, G * c, D) @ k.transpose(-1, -2)) * scale
+        scores = scores.view(B, Hkv, G, c, Tk)
+        mask = _chunk_mask(s, e, Tq, Tk, key_start, q.device, frame_size=frame_size, causal=causal,
+                           window_frames=window_frames, sink_frames=sink_frames)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        if key_start is not None:  # rows without keys: zeros and -inf, not NaN (nor NaN gradients)
+            empty = ~mask.any(-1, keepdim=True)
+            scores = scores.masked_fill(empty, 0.0)
+            lses.append(torch.logsumexp(scores.to(lse_dtype), -1).masked_fill(empty[..., 0], float("-inf")))
+            p = torch.softmax(scores, -1).masked_fill(empty, 0.0)
+        else:
+            lses.append(torch.logsumexp(scores.to(lse_dtype), -1))
+            p = torch.softmax(scores, -1)
+        outs.append((p.reshape(B, Hkv, G * c, Tk) @ v).view(B, Hkv, G, c, D))
+    out = torch.cat(outs, 3).reshape(B, Hq, Tq, D)
+    lse = torch.cat(lses, 3).reshape(B, Hq, Tq)
+    return out, lse
+
+
+def df_attention_backward_reference(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
+                                    out: Tensor, lse: Tensor, *, frame_size: int = 1, causal: bool = True,
+                                    window_frames: int | None = None, sink_frames: int = 0,
+                                    scale: float | None = None, key_start: Tensor | None = None,
+                                    chunk: int = REFERENCE_CHUNK):
+    """Chunked backward in fp32 (fp64 for fp64 inputs): returns ``(dq, dk, dv)``.
+
+    With P the attention probabilities, dS = P * (dO V^T - rowsum(dO * O) + dlse),
+    dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO (GQA: summed over the query heads of
+    each K/V head)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scale is None else scale
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    kf, vf = k.to(acc), v.to(acc)
+    delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.to(acc)
+    dq = torch.empty(B, Hq, Tq, D, dtype=acc, device=q.device)
+    dk = torch.zeros(B, Hkv, Tk, D, dtype=acc, device=q.device)
+    dv = torch.zeros_like(dk)
+    qg = q.reshape(B, Hkv, G, Tq, D)
+    gg = grad_out.reshape(B, Hkv, G, Tq, D)
+    for s, e in _chunks(Tq, B * Hq * Tk, chunk):
+        c = e - s
+        qc = qg[:, :, :, s:e].reshape(B, Hkv, G * c, D).to(acc)
+        gc = gg[:, :, :, s:e].reshape(B, Hkv, G * c, D).to(acc)
+        mask = _chunk_mask(s, e, Tq, Tk, key_start, q.device, frame_size=frame_size, causal=causal,
+                           window_frames=window_frames, sink_frames=sink_frames)
+        scores = (qc @ kf.transpose(-1, -2) * scale).view(B, Hkv, G, c, Tk)
+        lc = lse.reshape(B, Hkv, G, Tq)[..., s:e, None].to(acc)
+        p = torch.exp(scores - lc).masked_fill(~mask, 0.0).view(B, Hkv, G * c, Tk)
+        dv += p.transpose(-1, -2) @ gc
+        dc = delta.reshape(B, Hkv, G, Tq)[..., s:e].reshape(B, Hkv, G * c, 1)
+        ds = p * (gc @ vf.transpose(-1, -2) - dc)
+        dq.view(B, Hkv, G, Tq, D)[:, :, :, s:e] = (ds @ kf * scale).view(B, Hkv, G, c, D)
+        dk += ds.transpose(-1, -2) @ qc * scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---------------------------------------------------------------------------- backends
+
+
+def _empty_bthd(b, h, t, d, *, dtype, device):
+    """A [B, H, T, D] result whose memory is [B, T, H, D] (what the next projection wants,
+    and what SDPA's fused backends return)."""
+    return _alloc.empty((b, t, h, d), dtype=dtype, device=device).transpose(1, 2)
+
+
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@ATTENTION.register("torch")
+def _attention_torch(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale):
+    out, lse = df_attention_reference(q, k, v, frame_size=frame_size, causal=causal, window_frames=window_frames,
+                                      sink_frames=sink_frames, scale=scale, key_start=key_start)
+    result = _empty_bthd(*q.shape, dtype=q.dtype, device=q.device)
+    result.copy_(out)
+    return result, lse.contiguous()
+
+
+@ATTENTION_BACKWARD.register("torch")
+def _attention_backward_torch(grad_out, grad_lse, q, k, v, out, lse, key_start, frame_size, causal, window_frames,
+                              sink_frames, scale):
+    grads = df_attention_backward_reference(grad_out, grad_lse, q, k, v, out, lse, frame_size=frame_size,
+                                            causal=causal, window_frames=window_frames, sink_frames=sink_frames,
+                                            scale=scale, key_start=key_start)
+    results = []
+    for g, like in zip(grads, (q, k, v)):
+        r = _empty_bthd(*like.shape, dtype=like.dtype, device=like.device)
+        r.copy_(g)
+        results.append(r)
+    return tuple(results)
+
+
+def _triton_supports(q, *tensors):
+    if q.dtype not in _checks.FLOAT_DTYPES:
+        return f"the triton kernels take float32/float16/bfloat16, got {str(q.dtype).removeprefix('torch.')}"
+    if q.shape[-1] > 256:
+        return f"the triton kernels take head dims up to 256, got {q.shape[-1]}"
+    for t in (q, *tensors):
+        # Offsets inside one batch row are int32 in the kernels (the batch offset is int64).
+        if isinstance(t, Tensor) and t.dim() == 4:
+            if sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2**31:
+                return f"one batch row of a {tuple(t.shape)} tensor spans more than 2**31 elements"
+    return None
+
+
+@ATTENTION.register("triton", supports=_triton_supports)
+def _attention_triton(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale):
+    from fastdf.kernels.attention import attention_forward
+
+    B, Hq, Tq, D = q.shape
+    out = _empty_bthd(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
+    lse = _alloc.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    if out.numel():
+        attention_forward(q, k, v, out, lse, _mask_args(q, k, frame_size, causal, window_frames, sink_frames), scale,
+                          key_start)
+    return out, lse
+
+
+@ATTENTION_BACKWARD.register("triton", supports=lambda grad_out, grad_lse, q, k, v, out, *_:
+                             _triton_supports(q, k, v, grad_out, out))
+def _attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, key_start, frame_size, causal, window_frames,
+                               sink_frames, scale):
+    from fastdf.kernels.attention import attention_backward
+
+    dq = _empty_bthd(*q.shape, dtype=q.dtype, device=q.device)
+    dk = _empty_bthd(*k.shape, dtype=k.dtype, device=k.device)
+    dv = _empty_bthd(*v.shape, dtype=v.dtype, device=v.device)
+    if q.numel():
+        attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv,
+                           _mask_args(q, k, frame_size, causal, window_frames, sink_frames), scale, key_start)
+    elif k.numel():
+        dk.zero_()
+        dv.zero_()
+    return dq, dk, dv
+
+
+def _mask_args(q, k, frame_size, causal, window_frames, sink_frames):
+    """The mask in the kernels' terms: ``(frame_size, window or None, sink_end)``.
+
+    ``causal=False`` is one frame spanning every key; a frame longer than the keys is the
+    same; a window covering every frame is no window (which also keeps the kernels' int32
+    position arithmetic in range)."""
+    tk = k.shape[2]
+    fs = max(tk, 1) if not causal else min(frame_size, max(tk, 1))
+    frames = -(-tk // fs)
+    window = window_frames if causal and window_frames is not None and window_frames < frames else None
+    sink_end = min(sink_frames * fs, tk) if window is not None else 0
+    return fs, window, sink_end
+
+
+# ---------------------------------------------------------------------------- custom ops
+
+
+@custom_op(ATTENTION)
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor | None, frame_size: int, causal: bool,
+                  window_frames: int | None, sink_frames: int, scale: float) -> tuple[Tensor, Tensor]:
+    ...
+
+
+@_attention_op.register_fake
+def _(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale):
+    B, Hq, Tq, D = q.shape
+    out = q.new_empty((B, Tq, Hq, D)).transpose(1, 2)
+    return out, q.new_empty((B, Hq, Tq), dtype=_lse_dtype(q.dtype))
+
+
+@custom_op(ATTENTION_BACKWARD)
+def _attention_backward_op(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
+                           lse: Tensor, key_start: Tensor | None, frame_size: int, causal: bool,
+                           window_frames: int | None, sink_frames: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    ...
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, out, lse, key_start, frame_size, causal, window_frames, sink_frames, scale):
+    def like(t):
+        B, H, T, D = t.shape
+        return t.new_empty((B, T, H, D)).transpose(1, 2)
+
+    return like(q), like(k), like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, key_start, *ctx.mask = inputs
+    ctx.save_for_backward(q, k, v, key_start, *output)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, key_start, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, key_start, *ctx.mask)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ---------------------------------------------------------------------------- public
+
+
+def _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse):
+    dtypes = _checks.FLOAT_DTYPES + (torch.float64,)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _checks.tensor(name, t, ndim=4, dtypes=dtypes)
+    _checks.same_dtype(q=q, k=k, v=v)
+    _checks.same_device(q=q, k=k, v=v)
+    B, Hq, Tq, D = q.shape
+    _checks.shape("k", k, (B, None, None, D), what="([B, Hkv, Tk, D] with q's B and D)")
+    _checks.shape("v", v, tuple(k.shape), what="(the shape of k)")
+    Hkv, Tk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({Hkv}) (GQA/MQA: Hq % Hkv == 0)")
+    if Tq > Tk:
+        raise ValueError(f"q has more tokens ({Tq}) than k ({Tk}): Tq must be <= Tk (queries are the newest tokens)")
+    _checks.number("frame_size", frame_size, low=1, integer=True)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if window_frames is not None:
+        _checks.number("window_frames", window_frames, low=1, integer=True)
+        if not causal:
+            raise ValueError("window_frames needs causal=True (without causality every key is visible)")
+    _checks.number("sink_frames", sink_frames, low=0, integer=True)
+    if sink_frames and not causal:
+        raise ValueError("sink_frames needs causal=True (without causality every key is visible)")
+    if scale is not None:
+        _checks.number("scale", scale)
+        if not math.isfinite(scale):
+            raise ValueError(f"scale must be finite, got {scale}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+
+
+def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal: bool = True,
+                 window_frames: int | None = None, sink_frames: int = 0, scale: float | None = None,
+                 return_lse: bool = False):
+    """Frame-causal attention with KV cache, sliding window and sink frames.
+
+    Args:
+        q: ``[B, Hq, Tq, D]``; k, v: ``[B, Hkv, Tk, D]`` with ``Tq <= Tk`` and
+            ``Hq % Hkv == 0`` (GQA/MQA: query head h reads K/V head ``h // (Hq // Hkv)``,
+            nothing is repeated in memory). float32, float16 or bfloat16 (float64 on the
+            torch backend), all one dtype and device; any strides, e.g. ``[B, T, H, D]``
+            storage viewed as ``[B, H, T, D]``.
+        frame_size: tokens per frame; query i sits at absolute position
+            ``p = Tk - Tq + i`` and ``frame(x) = x // frame_size``. 1 = token-causal.
+        causal: key j is visible to p iff ``frame(j) <= frame(p)`` and the window rule
+            holds. False: every key is visible (window and sinks are then an error).
+        window_frames: keep only keys with ``frame(p) - frame(j) < window_frames``
+            (None: unlimited)...
+        sink_frames: ...except keys with ``frame(j) < sink_frames``, always visible.
+        scale: score scale, default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp of the visible scaled scores.
+
+    Returns:
+        ``out`` ``[B, Hq, Tq, D]`` in q's dtype (memory laid out as ``[B, Tq, Hq, D]``, so
+        ``out.transpose(1, 2).reshape(B, Tq, Hq * D)`` is free), and with ``return_lse``
+        also ``lse`` ``[B, Hq, Tq]`` float32, natural log. Differentiable in q, k, v (and
+        through lse).
+    """
+    _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    out, lse = _attention_op(q, k, v, None, frame_size, causal, window_frames, sink_frames, scale)
+    return (out, lse) if return_lse else out
+
+
+def df_attention_padded(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, *, frame_size: int = 1,
+                        causal: bool = True, window_frames: int | None = None, sink_frames: int = 0,
+                        scale: float | None = None, return_lse: bool = False):
+    """:func:`df_attention` for left-padded batches: in batch row b the keys before
+    ``key_start[b]`` (an int tensor ``[B]``) are invisible (padding), everything else is as
+    in df_attention (positions still count from key 0). Query rows that see no key at all
+    (padding queries) give zeros and lse = -inf. Used by the HF transformers integration;
+    values outside ``[0, Tk]`` are clamped."""
+    _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse)
+    _checks.tensor("key_start", key_start, ndim=1, dtypes=(torch.int32, torch.int64))
+    _checks.shape("key_start", key_start, (q.shape[0],), what="([B] with q's B)")
+    _checks.same_device(q=q, key_start=key_start)
+    key_start = key_start.clamp(0, k.shape[2]).to(torch.int32)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    out, lse = _attention_op(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,649 @@
+"""Triton kernels for frame-causal flash attention (fastdf.df_attention).
+
+Mask in kernel terms (fastdf/ops/attention.py turns the public arguments into these):
+query row i sits at position p = Tk - Tq + i, frame(x) = x // FS; key j is visible iff
+j < ce(p) = min((frame(p) + 1) * FS, Tk) and, with a window, j >= lo(p) =
+(frame(p) - W + 1) * FS or j < SINK_END. causal=False is FS = Tk (one frame).
+
+Tile classification. For a block of query rows with positions [p_first, p_last] the
+visible keys are at most two ranges, computed once per program (``_key_ranges``):
+  sinks  [0, sink_hi)  visible to every row of the block,
+  main   [lo, hi)      of which [full_lo, full_hi) is visible to every row.
+Tiles inside a fully visible part run without any mask arithmetic (and without load
+masks); the few edge tiles apply the per-element mask; everything else is never touched.
+The dK/dV kernel does the same from the key side: the queries that see a key block form
+one range [q_lo, q_hi) with a fully visible middle.
+
+Layout: 1-D grids (B * H can exceed the 65535 limit of the other grid axes), query blocks
+of one head adjacent in launch order (they share K/V in L2) and issued heaviest first.
+Forward rows are "virtual": the G = Hq / Hkv query heads that share a K/V head are stacked
+(row r = g * Tq + i), so a decode step or a short chunk with GQA fills the tile and reads
+K/V once. Sequences with Tk <= 64 take the ``short`` kernels, where one program handles
+several (batch, head) sequences with batched 3-D dots (the factorised U-Net's temporal
+attention: 131072 x 4 sequences of 16 tokens).
+
+Backward (FA2): a preprocessing kernel computes delta = rowsum(dO * O) - dlse, a dK/dV
+kernel owns one key block (looping over the G query heads of its K/V head and over the
+query blocks that see it) and a dQ kernel owns one query block. No atomics: deterministic.
+"""
+
+import triton
+import triton.language as tl
+
+from . import INTERPRET, autotune
+
+_LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E)  # kernels read globals only as constexpr
+LN2 = tl.constexpr(0.6931471805599453)
+
+# Block sizes under the interpreter: small and unequal, so tests cross many tile edges.
+INTERPRET_BLOCKS = {"fwd": (16, 32), "dkdv": (32, 16), "dq": (16, 32)}
+# Tk (and G * Tq) up to this go to the short kernels; tests set 0 to force the tiled path.
+SHORT_MAX = 64
+# Problems with fewer (query, key) pairs than this take the heuristic config untuned.
+TUNE_MIN_PAIRS = 1 << 26
+
+
+# ---------------------------------------------------------------------------- helpers
+
+# Sizes and mask parameters are loop bounds and comparisons, never addresses: they are not
+# specialised (a rollout's Tk changes every frame and must not recompile on each 16-multiple).
+
+
+@triton.jit
+def _load_rows(ptrs, row_mask, offs_d, D, EVEN_D: tl.constexpr, MASK_ROWS: tl.constexpr):
+    if MASK_ROWS:
+        if EVEN_D:
+            x = tl.load(ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_mask[:, None] & (offs_d < D)[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _visible(j, ce, lo, SINK_END, HAS_WINDOW: tl.constexpr):
+    """Key positions j against per-query causal ends ce and window starts lo (broadcast)."""
+    vis = j < ce
+    if HAS_WINDOW:
+        vis = vis & ((j >= lo) | (j < SINK_END))
+    return vis
+
+
+@triton.jit
+def _query_bounds(p, Tk, FS, W, HAS_WINDOW: tl.constexpr):
+    """Per-query causal end and window start (the window start is unused without one)."""
+    f = p // FS
+    ce = tl.minimum((f + 1) * FS, Tk)
+    lo = (f - W + 1) * FS
+    return ce, lo
+
+
+@triton.jit
+def _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KS, b, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_KS: tl.constexpr):
+    """Loop bounds for query positions [p_first, p_last] of batch row b (key start KS[b]):
+    (s_lo, s_full, s_hi, lo, full_lo, mid, hi). Unmasked tiles: [s_lo, s_full) and
+    [full_lo, mid); masked: [s_full, s_hi), [lo, full_lo) and [mid, hi)."""
+    ks = 0
+    if HAS_KS:
+        ks = tl.load(KS + b)
+    f_first = p_first // FS
+    f_last = p_last // FS
+    hi = tl.minimum((f_last + 1) * FS, Tk)
+    full_hi = tl.minimum((f_first + 1) * FS, Tk)
+    if HAS_WINDOW:
+        lo = tl.maximum((f_first - W + 1) * FS, 0)
+        full_lo = tl.maximum((f_last - W + 1) * FS, 0)
+        s_hi = tl.minimum(SINK_END, lo)
+    else:
+        lo = p_first * 0
+        full_lo = lo
+        s_hi = lo
+    # keys before ks (left padding) do not exist for this batch row: every range starts at ks or later
+    s_lo = tl.minimum(ks, s_hi)
+    lo = tl.maximum(lo, ks)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(full_hi, full_lo)
+    s_full = s_lo + (s_hi - s_lo) // BLOCK_N * BLOCK_N
+    mid = full_lo + (full_hi - full_lo) // BLOCK_N * BLOCK_N
+    return s_lo, s_full, s_hi, lo, full_lo, mid, hi
+
+
+@triton.jit
+def _query_block(rows, heads, BLOCK_M: tl.constexpr):
+    """(query block, batch, head) of this program: blocks of one head adjacent, heaviest first."""
+    n_m = tl.cdiv(rows, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_m
+    return n_m - 1 - pid % n_m, (bh // heads).to(tl.int64), bh % heads, bh
+
+
+# ---------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end, ce, lo, SINK_END, qk_scale,
+               offs_n, offs_d, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+        j = n0 + offs_n
+        jin = j < end
+        k = _load_rows(k_base + j[:, None] * skt + offs_d[None, :] * skd, jin, offs_d, D, EVEN_D, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if MASKED:
+            vis = jin[None, :] & _visible(j[None, :], ce[:, None], lo[:, None], SINK_END, HAS_WINDOW)
+            s = tl.where(vis, s * qk_scale, float("-inf"))
+        else:
+            s = s * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base + j[:, None] * svt + offs_d[None, :] * svd, jin, offs_d, D, EVEN_D, MASKED)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END", "tune_rows", "tune_fs"])
+def _fwd_kernel(Q, K, V, O, LSE, KS,
+                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
+                Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, tune_rows, tune_fs,
+                D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    rows = G * Tq
+    pid_m, b, hk, _ = _query_block(rows, Hkv, BLOCK_M)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = r < rows
+    i = r % Tq
+    h = hk * G + r // Tq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q = _load_rows(Q + b * sqb + (h * sqh + i * sqt)[:, None] + offs_d[None, :] * sqd, rmask, offs_d, D, EVEN_D, True)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    p_first = Tk - Tq + tl.min(tl.where(rmask, i, Tq), 0)
+    p_last = Tk - Tq + tl.max(tl.where(rmask, i, 0), 0)
+    ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
+    s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KS, b, BLOCK_N,
+                                                               HAS_WINDOW, HAS_KS)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked first tile gives p = 0, not NaN
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_WINDOW:
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, s_lo, s_full, ce, lo, SINK_END,
+                                   qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, s_full, s_hi, ce, lo, SINK_END,
+                                   qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, k_lo, full_lo, ce, lo, SINK_END,
+                                   qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, full_lo, mid, ce, lo, SINK_END,
+                               qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, mid, k_hi, ce, lo, SINK_END,
+                               qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+
+    # Rows that see no key (left padding; tile padding) give 0 and lse = -inf.
+    empty = l_i == 0
+    l_i = tl.where(empty, 1.0, l_i)
+    out = acc / l_i[:, None]
+    omask = rmask[:, None] & (offs_d < D)[None, :]
+    tl.store(O + b * sob + (h * soh + i * sot)[:, None] + offs_d[None, :] * sod, out.to(O.dtype.element_ty), mask=omask)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * LN2)
+    tl.store(LSE + b * slb + h * slh + i * slt, lse, mask=rmask)
+
+
+@triton.jit
+def _short_offsets(R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BHkv, Hkv, G, Tq, Tk):
+    """Index vectors of one program of the short kernels: R (batch, K/V head) sequences,
+    virtual query rows r = g * Tq + i, keys j, lanes d."""
+    s = tl.program_id(0) * R + tl.arange(0, R)
+    smask = s < BHkv
+    s = tl.where(smask, s, 0)
+    b = (s // Hkv).to(tl.int64)
+    hk = s % Hkv
+    r = tl.arange(0, BLOCK_M)
+    rmask = r < G * Tq
+    i = r % Tq
+    h = hk[:, None] * G + (r // Tq)[None, :]
+    j = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    return smask, b, hk, rmask, i, h, j, d
+
+
+@triton.jit
+def _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW: tl.constexpr,
+                HAS_KS: tl.constexpr):
+    ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
+    vis = _visible(j[None, :], ce[:, None], lo[:, None], SINK_END, HAS_WINDOW) & rmask[:, None]
+    vis = vis[None, :, :] & smask[:, None, None]
+    if HAS_KS:
+        ks = tl.load(KS + b, mask=smask, other=0)
+        vis = vis & (j[None, None, :] >= ks[:, None, None])
+    return vis
+
+
+@triton.jit(do_not_specialize=["BHkv", "Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END"])
+def _fwd_short_kernel(Q, K, V, O, LSE, KS,
+                      sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
+                      BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale,
+                      D, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      R: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr):
+    smask, b, hk, rmask, i, h, j, d = _short_offsets(R, BLOCK_M, BLOCK_N, BLOCK_D, BHkv, Hkv, G, Tq, Tk)
+    dmask = (d < D)[None, None, :]
+    qmask = smask[:, None, None] & rmask[None, :, None] & dmask
+    kmask = smask[:, None, None] & (j < Tk)[None, :, None] & dmask
+    q = tl.load(Q + (b[:, None] * sqb + h * sqh + i[None, :] * sqt)[:, :, None] + d[None, None, :] * sqd,
+                mask=qmask, other=0.0)
+    k = tl.load(K + (b * skb + hk * skh)[:, None, None] + j[None, :, None] * skt + d[None, None, :] * skd,
+                mask=kmask, other=0.0)
+    v = tl.load(V + (b * svb + hk * svh)[:, None, None] + j[None, :, None] * svt + d[None, None, :] * svd,
+                mask=kmask, other=0.0)
+    s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC)
+    vis = _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW, HAS_KS)
+    s = tl.where(vis, s * qk_scale, -1.0e30)  # finite: padded rows stay NaN-free
+    m = tl.max(s, 2)
+    p = tl.where(vis, tl.math.exp2(s - m[:, :, None]), 0.0)
+    l_i = tl.sum(p, 2)
+    empty = l_i == 0
+    l_i = tl.where(empty, 1.0, l_i)
+    out = tl.dot(p.to(v.dtype), v, input_precision=PREC) / l_i[:, :, None]
+    tl.store(O + (b[:, None] * sob + h * soh + i[None, :] * sot)[:, :, None] + d[None, None, :] * sod,
+             out.to(O.dtype.element_ty), mask=qmask)
+    lmask = smask[:, None] & rmask[None, :]
+    lse = tl.where(empty, float("-inf"), (m + tl.math.log2(l_i)) * LN2)
+    tl.store(LSE + b[:, None] * slb + h * slh + i[None, :] * slt, lse, mask=lmask)
+
+
+# ---------------------------------------------------------------------------- backward
+
+
+@triton.jit(do_not_specialize=["Hq", "Tq"])
+def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, sob, soh, sot, sod, sgb, sgh, sgt, sgd, slb, slh, slt,
+                           Hq, Tq, D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           HAS_DLSE: tl.constexpr):
+    n_m = tl.cdiv(Tq, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_m
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    i = pid % n_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    imask = i < Tq
+    d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + b * sob + h * soh + i[:, None] * sot + d[None, :] * sod, imask, d, D, EVEN_D, True)
+    g = _load_rows(DO + b * sgb + h * sgh + i[:, None] * sgt + d[None, :] * sgd, imask, d, D, EVEN_D, True)
+    delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b * slb + h * slh + i * slt, mask=imask, other=0.0)
+    tl.store(DELTA + bh.to(tl.int64) * Tq + i, delta, mask=imask)
+
+
+@triton.jit
+def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, start, end, j, Tq, Tk,
+                FS, W, SINK_END, ks, qk_scale, offs_m, offs_d, D, EVEN_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr,
+                PREC: tl.constexpr, STAGES: tl.constexpr):
+    for m0 in tl.range(start, end, BLOCK_M, num_stages=STAGES):
+        i = m0 + offs_m
+        iin = i < end
+        q = _load_rows(q_base + i[:, None] * sqt + offs_d[None, :] * sqd, iin, offs_d, D, EVEN_D, MASKED)
+        do = _load_rows(do_base + i[:, None] * sgt + offs_d[None, :] * sgd, iin, offs_d, D, EVEN_D, MASKED)
+        if MASKED:
+            lse2 = tl.load(lse_base + i * slt, mask=iin, other=0.0) * LOG2E
+            delta = tl.load(delta_base + i, mask=iin, other=0.0)
+        else:
+            lse2 = tl.load(lse_base + i * slt) * LOG2E
+            delta = tl.load(delta_base + i)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if MASKED:
+            ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
+            vis = iin[None, :] & _visible(j[:, None], ce[None, :], lo[None, :], SINK_END, HAS_WINDOW)
+            if HAS_KS:
+                vis = vis & (j[:, None] >= ks)
+            p_t = tl.where(vis, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END", "SINK_FRAMES", "tune_rows",
+                               "tune_fs"])
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KS, DK, DV,
+                     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sgb, sgh, sgt, sgd, slb, slh, slt,
+                     sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
+                     Hkv, G, Tq, Tk, FS, W, SINK_END, SINK_FRAMES, qk_scale, scale, tune_rows, tune_fs,
+                     D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    n_n = tl.cdiv(Tk, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % n_n
+    bh = pid // n_n
+    b = (bh // Hkv).to(tl.int64)
+    hk = bh % Hkv
+    j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    jmask = j < Tk
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b * skb + hk * skh + j[:, None] * skt + offs_d[None, :] * skd, jmask, offs_d, D, EVEN_D, True)
+    v = _load_rows(V + b * svb + hk * svh + j[:, None] * svt + offs_d[None, :] * svd, jmask, offs_d, D, EVEN_D, True)
+
+    # The queries that see this key block: one range, fully visible in the middle.
+    off = Tk - Tq
+    j_first = pid_n * BLOCK_N
+    j_last = tl.minimum(j_first + BLOCK_N, Tk) - 1
+    fj_first = j_first // FS
+    fj_last = j_last // FS
+    q_lo = tl.maximum(fj_first * FS - off, 0)
+    qf_lo = tl.maximum(fj_last * FS - off, 0)
+    q_hi = Tq + q_lo * 0
+    qf_hi = q_hi
+    if HAS_WINDOW:
+        q_hi = tl.where(j_first < SINK_END, q_hi, tl.minimum((fj_last + W) * FS - off, Tq))
+        qf_hi = tl.where(j_last < SINK_END, qf_hi, tl.minimum((tl.maximum(fj_first, SINK_FRAMES) + W) * FS - off, Tq))
+    ks = 0
+    if HAS_KS:
+        ks = tl.load(KS + b)
+    if HAS_KS:
+        # Padding keys are seen by nobody; a block straddling the key start is masked throughout.
+        q_hi = tl.where(j_last < ks, q_lo, q_hi)
+        qf_hi = tl.where(j_first < ks, qf_lo * 0, qf_hi)
+    q_hi = tl.maximum(q_hi, q_lo)
+    qf_lo = tl.minimum(tl.maximum(qf_lo, q_lo), q_hi)
+    qf_hi = tl.maximum(tl.minimum(qf_hi, q_hi), qf_lo)
+    mid = qf_lo + (qf_hi - qf_lo) // BLOCK_M * BLOCK_M
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(G):
+        h = hk * G + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sgb + h * sgh
+        lse_base = LSE + b * slb + h * slh
+        delta_base = DELTA + (b * Hkv * G + h) * Tq
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, q_lo, qf_lo, j, Tq, Tk,
+                             FS, W, SINK_END, ks, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, HAS_KS, PREC,
+                             STAGES)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, qf_lo, mid, j, Tq, Tk,
+                             FS, W, SINK_END, ks, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, False, HAS_WINDOW, HAS_KS, PREC,
+                             STAGES)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, mid, q_hi, j, Tq, Tk,
+                             FS, W, SINK_END, ks, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, HAS_KS, PREC,
+                             STAGES)
+    smask = jmask[:, None] & (offs_d < D)[None, :]
+    tl.store(DK + b * sdkb + hk * sdkh + j[:, None] * sdkt + offs_d[None, :] * sdkd, (dk * scale).to(DK.dtype.element_ty),
+             mask=smask)
+    tl.store(DV + b * sdvb + hk * sdvh + j[:, None] * sdvt + offs_d[None, :] * sdvd, dv.to(DV.dtype.element_ty),
+             mask=smask)
+
+
+@triton.jit
+def _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, start, end, ce, lo, SINK_END, qk_scale,
+              offs_n, offs_d, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+        j = n0 + offs_n
+        jin = j < end
+        k = _load_rows(k_base + j[:, None] * skt + offs_d[None, :] * skd, jin, offs_d, D, EVEN_D, MASKED)
+        v = _load_rows(v_base + j[:, None] * svt + offs_d[None, :] * svd, jin, offs_d, D, EVEN_D, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            vis = jin[None, :] & _visible(j[None, :], ce[:, None], lo[:, None], SINK_END, HAS_WINDOW)
+            p = tl.where(vis, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq
+
+
+@triton.jit(do_not_specialize=["Hq", "G", "Tq", "Tk", "FS", "W", "SINK_END", "tune_rows", "tune_fs"])
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KS, DQ,
+                   sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sgb, sgh, sgt, sgd, slb, slh, slt,
+                   sdqb, sdqh, sdqt, sdqd,
+                   Hq, G, Tq, Tk, FS, W, SINK_END, qk_scale, scale, tune_rows, tune_fs,
+                   D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    pid_m, b, h, bh = _query_block(Tq, Hq, BLOCK_M)
+    hk = h // G
+    i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    imask = i < Tq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * sqb + h * sqh + i[:, None] * sqt + offs_d[None, :] * sqd, imask, offs_d, D, EVEN_D, True)
+    do = _load_rows(DO + b * sgb + h * sgh + i[:, None] * sgt + offs_d[None, :] * sgd, imask, offs_d, D, EVEN_D, True)
+    lse2 = tl.load(LSE + b * slb + h * slh + i * slt, mask=imask, other=0.0) * LOG2E
+    delta = tl.load(DELTA + bh.to(tl.int64) * Tq + i, mask=imask, other=0.0)
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
+
+    p_first = Tk - Tq + pid_m * BLOCK_M
+    p_last = Tk - Tq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
+    ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
+    s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KS, b, BLOCK_N,
+                                                               HAS_WINDOW, HAS_KS)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_WINDOW:
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, s_lo, s_full, ce, lo, SINK_END, qk_scale,
+                       offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, s_full, s_hi, ce, lo, SINK_END, qk_scale,
+                       offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, k_lo, full_lo, ce, lo, SINK_END, qk_scale,
+                       offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, full_lo, mid, ce, lo, SINK_END, qk_scale,
+                   offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, mid, k_hi, ce, lo, SINK_END, qk_scale,
+                   offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+    tl.store(DQ + b * sdqb + h * sdqh + i[:, None] * sdqt + offs_d[None, :] * sdqd, (dq * scale).to(DQ.dtype.element_ty),
+             mask=imask[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit(do_not_specialize=["BHkv", "Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END"])
+def _bwd_short_kernel(Q, K, V, O, DO, LSE, DLSE, KS, DQ, DK, DV,
+                      sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
+                      sgb, sgh, sgt, sgd, slb, slh, slt, sdb, sdh, sdt,
+                      sdqb, sdqh, sdqt, sdqd, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
+                      BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, scale,
+                      D, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      R: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, HAS_DLSE: tl.constexpr,
+                      PREC: tl.constexpr):
+    smask, b, hk, rmask, i, h, j, d = _short_offsets(R, BLOCK_M, BLOCK_N, BLOCK_D, BHkv, Hkv, G, Tq, Tk)
+    dmask = (d < D)[None, None, :]
+    qmask = smask[:, None, None] & rmask[None, :, None] & dmask
+    kmask = smask[:, None, None] & (j < Tk)[None, :, None] & dmask
+    lmask = smask[:, None] & rmask[None, :]
+    rb = b[:, None]
+    ri = i[None, :]
+    q = tl.load(Q + (rb * sqb + h * sqh + ri * sqt)[:, :, None] + d[None, None, :] * sqd, mask=qmask, other=0.0)
+    o = tl.load(O + (rb * sob + h * soh + ri * sot)[:, :, None] + d[None, None, :] * sod, mask=qmask, other=0.0)
+    do = tl.load(DO + (rb * sgb + h * sgh + ri * sgt)[:, :, None] + d[None, None, :] * sgd, mask=qmask,
+                 other=0.0)
+    kv = (b * skb + hk * skh)[:, None, None] + j[None, :, None] * skt + d[None, None, :] * skd
+    k = tl.load(K + kv, mask=kmask, other=0.0)
+    v = tl.load(V + (b * svb + hk * svh)[:, None, None] + j[None, :, None] * svt + d[None, None, :] * svd, mask=kmask,
+                other=0.0)
+    lse2 = tl.load(LSE + rb * slb + h * slh + ri * slt, mask=lmask, other=0.0) * LOG2E
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 2)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + rb * sdb + h * sdh + ri * sdt, mask=lmask, other=0.0)
+
+    s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * qk_scale
+    vis = _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW, HAS_KS)
+    p = tl.where(vis, tl.math.exp2(s - lse2[:, :, None]), 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype), (0, 2, 1)), do, input_precision=PREC)
+    dp = tl.dot(do, tl.trans(v, (0, 2, 1)), input_precision=PREC)
+    ds = p * (dp - delta[:, :, None])
+    dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
+    dk = tl.dot(tl.trans(ds.to(q.dtype), (0, 2, 1)), q, input_precision=PREC) * scale
+    tl.store(DQ + (rb * sdqb + h * sdqh + ri * sdqt)[:, :, None] + d[None, None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=qmask)
+    tl.store(DK + (b * sdkb + hk * sdkh)[:, None, None] + j[None, :, None] * sdkt + d[None, None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=kmask)
+    tl.store(DV + (b * sdvb + hk * sdvh)[:, None, None] + j[None, :, None] * sdvt + d[None, None, :] * sdvd,
+             dv.to(DV.dtype.element_ty), mask=kmask)
+
+
+# ---------------------------------------------------------------------------- configs
+
+
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages}, num_warps=warps, num_stages=stages)
+
+
+def _bucket(x):
+    return min(triton.next_power_of_2(max(int(x), 1)), 1 << 14)
+
+
+# (BLOCK_M, BLOCK_N, warps, stages) per kernel and tier; the first of each list is the
+# untuned heuristic. Hopper: 128-row query tiles with 64/128-key tiles and 2-3 stages for
+# D <= 128; D = 256 and fp32 ("wide") halve the tiles, fp32 with D = 256 quarters them, to
+# fit 227 KB of shared memory (checked by tests/ops/test_kernels_compile.py for the bf16 ones).
+_CONFIGS = {
+    "fwd": {"fp32-d256": [(32, 32, 4, 1)], "wide": [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+            "d128": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+            "d64": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]},
+    "dkdv": {"fp32-d256": [(16, 32, 4, 1)], "wide": [(32, 64, 4, 2), (16, 64, 4, 2)],
+             "d128": [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3)]},
+    "dq": {"fp32-d256": [(32, 16, 4, 1)], "wide": [(64, 32, 4, 2), (64, 16, 4, 2)],
+           "d128": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)]},
+}
+
+
+def _configs(kernel, block_d, wide):
+    tier = "fp32-d256" if wide and block_d > 128 else "wide" if wide or block_d > 128 else "d128"
+    table = _CONFIGS[kernel]
+    if tier == "d128" and block_d <= 64 and "d64" in table:
+        tier = "d64"
+    return [_cfg(*c) for c in table[tier]]
+
+
+_TUNE_KEY = ["BLOCK_D", "HAS_WINDOW", "HAS_KS", "PREC", "tune_rows", "tune_fs"]
+_TUNED = {}
+
+
+def _launch(kernel, name, configs, big, grid_rows, args, meta):
+    """Launch ``kernel`` with the interpreter's blocks, the heuristic config or, for big
+    problems on a GPU, the autotuned one. ``grid_rows(BLOCK)`` gives the 1-D grid."""
+    if INTERPRET:
+        bm, bn = INTERPRET_BLOCKS[name]
+        cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": 1}, num_warps=4, num_stages=1)
+    elif not big:
+        cfg = configs[0]
+    else:
+        key = (name, len(configs), tuple(sorted(configs[0].kwargs.items())))
+        if key not in _TUNED:
+            _TUNED[key] = autotune(configs, _TUNE_KEY)(kernel)
+        _TUNED[key][lambda m: (grid_rows(m),)](*args, **meta)
+        return
+    kw = dict(cfg.kwargs)
+    kernel[(grid_rows(kw),)](*args, **meta, **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _strides(t, n=4):
+    st = t.stride()
+    return list(st[:n])
+
+
+def _common(q, k, mask):
+    fs, window, sink_end = mask
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    block_d = max(16, triton.next_power_of_2(D))
+    # fp32 inputs: three tf32 passes on tensor cores (about fp32 accuracy; "ieee" FMA dots
+    # compile 3-10x slower and run far slower).
+    prec = ("ieee" if INTERPRET else "tf32x3") if q.dtype.itemsize == 4 else "tf32"
+    return B, Hq, Hkv, Hq // Hkv, Tq, Tk, D, block_d, fs, window, sink_end, prec
+
+
+def _short_meta(G, Tq, Tk, block_d):
+    bm = max(16, triton.next_power_of_2(G * Tq))
+    bn = max(16, triton.next_power_of_2(Tk))
+    r = max(1, min(16, 8192 // (max(bm, bn) * block_d)))
+    return bm, bn, 1 << (r.bit_length() - 1)
+
+
+def _use_short(G, Tq, Tk, block_d):
+    return Tk <= SHORT_MAX and G * Tq <= SHORT_MAX and block_d <= 128
+
+
+def attention_forward(q, k, v, out, lse, mask, scale, key_start=None):
+    """out, lse <- attention of q over k, v; ``mask = (frame_size, window or None, sink_end)``
+    in kernel terms (see fastdf.ops.attention._mask_args); ``key_start`` int32 [B] or None."""
+    B, Hq, Hkv, G, Tq, Tk, D, block_d, fs, window, sink_end, prec = _common(q, k, mask)
+    qk_scale = scale * _LOG2E
+    strides = [*_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(lse, 3)]
+    has_window = window is not None
+    has_ks = key_start is not None
+    ks = key_start if has_ks else lse
+    if _use_short(G, Tq, Tk, block_d):
+        bm, bn, r = _short_meta(G, Tq, Tk, block_d)
+        _fwd_short_kernel[(triton.cdiv(B * Hkv, r),)](
+            q, k, v, out, lse, ks, *strides, B * Hkv, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale,
+            D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, HAS_KS=has_ks, PREC=prec,
+            num_warps=4)
+        return
+    args = (q, k, v, out, lse, ks, *strides, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale,
+            _bucket(G * Tq), _bucket(fs))
+    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KS=has_ks, PREC=prec)
+    wide = q.dtype.itemsize == 4
+    configs = _configs("fwd", block_d, wide)
+    big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
+    if G * Tq <= 64:
+        # Decode steps and small chunks: a query tile as tall as the (GQA-stacked) rows, long key tiles.
+        bn, stages = (32, 1) if wide and block_d > 128 else (64, 2) if wide or block_d > 128 else (128, 3)
+        configs, big = [_cfg(max(16, triton.next_power_of_2(G * Tq)), bn, 4, stages)], False
+    _launch(_fwd_kernel, "fwd", configs, big, lambda m: triton.cdiv(G * Tq, m["BLOCK_M"]) * B * Hkv, args, meta)
+
+
+def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, scale, key_start=None):
+    """dq, dk, dv <- gradients of attention given grad_out (and grad_lse, may be None)."""
+    import torch
+
+    B, Hq, Hkv, G, Tq, Tk, D, block_d, fs, window, sink_end, prec = _common(q, k, mask)
+    qk_scale = scale * _LOG2E
+    has_window = window is not None
+    w = window or 0
+    sq, sk, sv, sg = _strides(q), _strides(k), _strides(v), _strides(grad_out)
+    sl = _strides(lse, 3)
+    has_dlse = grad_lse is not None
+    dlse = grad_lse if has_dlse else lse
+    has_ks = key_start is not None
+    ks = key_start if has_ks else lse
+    if _use_short(G, Tq, Tk, block_d):
+        bm, bn, r = _short_meta(G, Tq, Tk, block_d)
+        _bwd_short_kernel[(triton.cdiv(B * Hkv, r),)](
+            q, k, v, out, grad_out, lse, dlse, ks, dq, dk, dv,
+            *sq, *sk, *sv, *_strides(out), *sg, *sl, *_strides(dlse, 3), *_strides(dq), *_strides(dk), *_strides(dv),
+            B * Hkv, Hkv, G, Tq, Tk, fs, w, sink_end, qk_scale, scale,
+            D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, HAS_KS=has_ks, HAS_DLSE=has_dlse,
+            PREC=prec,
+            num_warps=4)
+        return
+    delta = torch.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
+    pre_m = 64 if not INTERPRET else 16
+    _bwd_preprocess_kernel[(triton.cdiv(Tq, pre_m) * B * Hq,)](
+        out, grad_out, dlse, delta, *_strides(out), *sg, *_strides(dlse, 3), Hq, Tq,
+        D=D, BLOCK_D=block_d, EVEN_D=block_d == D, BLOCK_M=pre_m, HAS_DLSE=has_dlse, num_warps=4)
+    wide = q.dtype.itemsize == 4
+    big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
+    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KS=has_ks, PREC=prec)
+    tune = (_bucket(G * Tq), _bucket(fs))
+    args = (q, k, v, grad_out, lse, delta, ks, dk, dv, *sq, *sk, *sv, *sg, *sl, *_strides(dk), *_strides(dv),
+            Hkv, G, Tq, Tk, fs, w, sink_end, sink_end // fs if fs else 0, qk_scale, scale, *tune)
+    _launch(_bwd_dkdv_kernel, "dkdv", _configs("dkdv", block_d, wide), big,
+            lambda m: triton.cdiv(Tk, m["BLOCK_N"]) * B * Hkv, args, meta)
+    args = (q, k, v, grad_out, lse, delta, ks, dq, *sq, *sk, *sv, *sg, *sl, *_strides(dq),
+            Hq, G, Tq, Tk, fs, w, sink_end, qk_scale, scale, *tune)
+    _launch(_bwd_dq_kernel, "dq", _configs("dq", block_d, wide), big,
+            lambda m: triton.cdiv(Tq, m["BLOCK_M"]) * B * Hq, args, meta)
