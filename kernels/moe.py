@@ -50,6 +50,28 @@ def combine(y, inverse, weights, out):
 
 
 @triton.jit
+def _gather_kernel(x_ptr, rows_ptr, out_ptr, S, H, s_xm, s_xh, s_om, s_oh, BS: tl.constexpr, BH: tl.constexpr):
+    rs = tl.program_id(0) * BS + tl.arange(0, BS)
+    rh = tl.program_id(1) * BH + tl.arange(0, BH)
+    s_mask = rs < S
+    mask = s_mask[:, None] & (rh < H)[None, :]
+    src = tl.load(rows_ptr + rs, mask=s_mask, other=0).to(tl.int64)
+    v = tl.load(x_ptr + src[:, None] * s_xm + rh[None, :] * s_xh, mask=mask)
+    tl.store(out_ptr + rs.to(tl.int64)[:, None] * s_om + rh[None, :] * s_oh, v, mask=mask)
+
+
+def gather(x, rows, out):
+    """out[s] = x[rows[s]] (only the unfused-activation path needs the gather on its own)."""
+    S, H = out.shape
+    block_h = min(triton.next_power_of_2(max(H, 16)), 256)
+    block_s = max(1, 2048 // block_h)
+    grid = (triton.cdiv(S, block_s), triton.cdiv(H, block_h))
+    _gather_kernel[grid](x, rows, out, S, H, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+                         BS=block_s, BH=block_h, num_warps=4)
+    return out
+
+
+@triton.jit
 def _glu_bwd_kernel(
     h_ptr, da_ptr, w_ptr, dh_ptr, dw_ptr, aw_ptr, S, I,
     s_hm, s_hn, s_am, s_an, s_dm, s_dn, s_wm, s_wn,

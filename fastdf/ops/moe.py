@@ -17,7 +17,7 @@ that train (``trainable_ids``), straight into their compact ``[E_t, ...]`` gradi
 
 Backends: ``cuda`` (routing and combine in fastdf._C, GEMMs in Triton), ``triton``
 (routing by torch's stable sort, GEMMs and combine in Triton), ``torch`` (the reference
-loop; the CPU path).
+loop; the CPU path). Routing is integer-exact: every backend gives the same bits.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .grouped_mm import TRITON_DTYPES, _capturing, _ids_flags, _raise_ids, check
     grouped_mm_reference, slot_map
 
 ROUTE = Op("moe_route", prefer=("cuda", "torch"))
-GATHER = Op("moe_gather", prefer=("cuda", "torch"))
+GATHER = Op("moe_gather", prefer=("cuda", "triton", "torch"))
 COMBINE = Op("moe_combine", prefer=("cuda", "triton", "torch"))
 MOE = Op("moe_experts", prefer=("cuda", "triton", "torch"))
 MOE_BWD = Op("moe_experts_backward", prefer=("cuda", "triton", "torch"))
@@ -143,6 +143,11 @@ def _route_torch(topk_ids, num_experts):
     return moe_route_reference(topk_ids, num_experts)
 
 
+# Routing is integer-exact, so every backend returns the same bits; the triton backend has
+# no sorting kernel of its own and uses torch's stable sort (on the GPU too).
+ROUTE.register("triton")(_route_torch)
+
+
 _ROUTE_CHUNK = 1024  # pairs per block in csrc/moe.cu (kept in sync with kRouteChunk)
 
 
@@ -205,6 +210,16 @@ def _gather_rows_cuda(x, rows):
 @GATHER.register("torch")
 def _gather_torch(x, rows, inverse):
     return moe_gather_reference(x, rows)
+
+
+@GATHER.register("triton", supports=lambda x, *a: None if x.dtype in TRITON_DTYPES else "fp64 is not compiled")
+def _gather_triton(x, rows, inverse):
+    from fastdf.kernels.moe import gather
+
+    out = _alloc.empty((rows.numel(), x.shape[1]), dtype=x.dtype, device=x.device)
+    if out.numel():
+        gather(x, rows, out)
+    return out
 
 
 @GATHER.register("cuda", supports=lambda x, *a: None if x.element_size() in (2, 4) else "8-byte elements are not compiled")
