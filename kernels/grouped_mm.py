@@ -61,38 +61,32 @@ def act_grad(x, ACT: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------- configs
-
-def _fwd_configs():
-    small = [triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)]
-    gpu = [
-        triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 128, "BN": 256, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 64, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ]
-    return small + gpu if INTERPRET else gpu
+# Problems below LARGE (N * K elements of one expert's weight) take one fixed config: no
+# autotuning (tests and tiny layers would otherwise compile every candidate); larger ones
+# autotune over a short Hopper-minded list. Under the interpreter everything runs with
+# 16-wide tiles, so tiny test shapes still cross several tiles and groups.
+LARGE = 1 << 20
 
 
-def _glu_configs():
+def _cfg(bm, bn, bk, warps, stages, group=8, names=("BM", "BN", "BK")):
+    meta = dict(zip(names, (bm, bn, bk)))
+    if "GROUP_M" not in names and names[0] == "BM":
+        meta["GROUP_M"] = group
+    return triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+if INTERPRET:
+    _FWD_SMALL = _FWD_LARGE = _GLU_SMALL = _GLU_LARGE = [_cfg(16, 16, 16, 4, 1, group=2)]
+    _DW_SMALL = _DW_LARGE = [_cfg(16, 16, 16, 4, 1, names=("BK", "BN", "BM"))]
+else:
+    _FWD_SMALL = [_cfg(64, 64, 32, 4, 3)]
+    _FWD_LARGE = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
     # Two accumulators (gate and up) per tile: half the N width of the plain kernel.
-    small = [triton.Config({"BM": 16, "BN": 16, "BK": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)]
-    gpu = [
-        triton.Config({"BM": 128, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 128, "BN": 128, "BK": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-        triton.Config({"BM": 64, "BN": 64, "BK": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    ]
-    return small + gpu if INTERPRET else gpu
-
-
-def _dw_configs():
-    small = [triton.Config({"BK": 16, "BN": 16, "BM": 16}, num_warps=4, num_stages=1)]
-    gpu = [
-        triton.Config({"BK": 128, "BN": 128, "BM": 64}, num_warps=8, num_stages=3),
-        triton.Config({"BK": 128, "BN": 64, "BM": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BK": 64, "BN": 128, "BM": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BK": 128, "BN": 256, "BM": 32}, num_warps=8, num_stages=3),
-    ]
-    return small + gpu if INTERPRET else gpu
+    _GLU_SMALL = [_cfg(64, 32, 32, 4, 3)]
+    _GLU_LARGE = [_cfg(128, 64, 64, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(64, 64, 64, 4, 4)]
+    _DW_SMALL = [_cfg(64, 64, 32, 4, 3, names=("BK", "BN", "BM"))]
+    _DW_LARGE = [_cfg(128, 128, 64, 8, 3, names=("BK", "BN", "BM")), _cfg(128, 64, 64, 4, 4, names=("BK", "BN", "BM")),
+                 _cfg(128, 256, 32, 8, 3, names=("BK", "BN", "BM"))]
 
 
 def _even_k(args):
@@ -209,10 +203,19 @@ def _gmm_kernel(
         tl.store(out_ptr + rm64[:, None] * s_om + rn[None, :] * s_on, res.to(out_ty), mask=mask)
 
 
-_gmm_tuned = autotune(_fwd_configs(), key=["N", "K", "HAS_ROWS", "HAS_TW"])(
-    triton.heuristics({"EVEN_K": _even_k})(_gmm_kernel))
-_glu_tuned = autotune(_glu_configs(), key=["N", "K", "HAS_ROWS", "HAS_TW"])(
-    triton.heuristics({"EVEN_K": _even_k})(_gmm_kernel))
+def _tuned(kernel, configs, key, heuristics=None):
+    if heuristics:
+        kernel = triton.heuristics(heuristics)(kernel)
+    return autotune(configs, key=key)(kernel)
+
+
+_GMM_KEY = ["N", "K", "HAS_ROWS", "HAS_TW"]
+_GMM = {  # (glu, large) -> launcher
+    (False, False): _tuned(_gmm_kernel, _FWD_SMALL, _GMM_KEY, {"EVEN_K": _even_k}),
+    (False, True): _tuned(_gmm_kernel, _FWD_LARGE, _GMM_KEY, {"EVEN_K": _even_k}),
+    (True, False): _tuned(_gmm_kernel, _GLU_SMALL, _GMM_KEY, {"EVEN_K": _even_k}),
+    (True, True): _tuned(_gmm_kernel, _GLU_LARGE, _GMM_KEY, {"EVEN_K": _even_k}),
+}
 
 
 def _num_programs(device, upper):
@@ -259,7 +262,7 @@ def gmm(x, w, offs, out, *, rows=None, tw=None, slot=None, glu_act=None, h=None)
     tw_t = tw if tw is not None else w
     slot_t = slot if slot is not None else offs
     h_t = h if h is not None else out
-    kernel = _glu_tuned if glu else _gmm_tuned
+    kernel = _GMM[(glu, N * K >= LARGE)]
 
     def grid(meta):
         upper = (triton.cdiv(S_out, meta["BM"]) + E + 1) * triton.cdiv(N, meta["BN"])
@@ -328,7 +331,8 @@ def _gmm_dw_kernel(
         tl.store(d_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
 
 
-_dw_tuned = autotune(_dw_configs(), key=["N", "K", "HAS_XROWS", "HAS_YROWS"])(_gmm_dw_kernel)
+_DW_KEY = ["N", "K", "HAS_XROWS", "HAS_YROWS"]
+_DW = {False: _tuned(_gmm_dw_kernel, _DW_SMALL, _DW_KEY), True: _tuned(_gmm_dw_kernel, _DW_LARGE, _DW_KEY)}
 
 
 def gmm_dw(x, dy, offs, ids, dw, *, x_rows=None, dy_rows=None):
@@ -341,7 +345,7 @@ def gmm_dw(x, dy, offs, ids, dw, *, x_rows=None, dy_rows=None):
     def grid(meta):
         return (_num_programs(dw.device, E_t * triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"])),)
 
-    _dw_tuned[grid](
+    _DW[N * K >= LARGE][grid](
         x, x_rows if x_rows is not None else offs, dy, dy_rows if dy_rows is not None else offs, ids, offs, dw,
         N, K, E_t, S,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
