@@ -63,7 +63,8 @@ def act_grad(x, ACT: tl.constexpr):
 # ---------------------------------------------------------------------------- configs
 # Problems below LARGE (N * K elements of one expert's weight) take one fixed config: no
 # autotuning (tests and tiny layers would otherwise compile every candidate); larger ones
-# autotune over a short Hopper-minded list. Under the interpreter everything runs with
+# autotune over two Hopper-minded configs (each
+# candidate is a compile on first use). Under the interpreter everything runs with
 # 16-wide tiles, so tiny test shapes still cross several tiles and groups.
 LARGE = 1 << 20
 
@@ -80,13 +81,13 @@ if INTERPRET:
     _DW_SMALL = _DW_LARGE = [_cfg(16, 16, 16, 4, 1, names=("BK", "BN", "BM"))]
 else:
     _FWD_SMALL = [_cfg(64, 64, 32, 4, 3)]
-    _FWD_LARGE = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3), _cfg(64, 128, 64, 4, 4)]
-    # Two accumulators (gate and up) per tile: half the N width of the plain kernel.
+    _FWD_LARGE = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3)]
+    # Two fp32 accumulators (gate and up) per tile: half the N width of the plain kernel,
+    # keeping them at <= 64 registers per thread.
     _GLU_SMALL = [_cfg(64, 32, 32, 4, 3)]
-    _GLU_LARGE = [_cfg(128, 64, 64, 8, 3), _cfg(128, 128, 64, 8, 3), _cfg(64, 64, 64, 4, 4)]
+    _GLU_LARGE = [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 4)]
     _DW_SMALL = [_cfg(64, 64, 32, 4, 3, names=("BK", "BN", "BM"))]
-    _DW_LARGE = [_cfg(128, 128, 64, 8, 3, names=("BK", "BN", "BM")), _cfg(128, 64, 64, 4, 4, names=("BK", "BN", "BM")),
-                 _cfg(128, 256, 32, 8, 3, names=("BK", "BN", "BM"))]
+    _DW_LARGE = [_cfg(128, 128, 64, 8, 3, names=("BK", "BN", "BM")), _cfg(128, 64, 64, 4, 4, names=("BK", "BN", "BM"))]
 
 
 def _even_k(args):
@@ -126,7 +127,7 @@ def _gmm_kernel(
     x_ptr, rows_ptr, w_ptr, tw_ptr, slot_ptr, offs_ptr, out_ptr, h_ptr,
     S, N, K, E,
     s_xm, s_xk, s_we, s_wk, s_wn, s_te, s_tk, s_tn, s_om, s_on, s_hm, s_hn,
-    HAS_ROWS: tl.constexpr, HAS_TW: tl.constexpr, GLU: tl.constexpr, STORE_H: tl.constexpr,
+    HAS_ROWS: tl.constexpr, HAS_TW: tl.constexpr, GLU: tl.constexpr, STORE_H: tl.constexpr,  # HAS_TW: 0, 1, 2
     ACT: tl.constexpr, EP: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -171,9 +172,19 @@ def _gmm_kernel(
         k_end = tl.where(e < E, K, 0)
 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+        if GLU:
+            acc2 = tl.zeros((BM, BN), dtype=tl.float32)
+        else:
+            acc2 = tl.zeros((1, 1), dtype=tl.float32)  # unused: keep registers for acc
         e64 = e.to(tl.int64)
-        if HAS_TW:
+        if HAS_TW == 1:
+            # trainable_w shares w's inner strides: pick the base pointer, run one mainloop
+            # (one set of pipeline buffers; strides keep their unit-stride specialisation).
+            slot = tl.load(slot_ptr + e, mask=e < E, other=-1)
+            w_base = tl.where(slot >= 0, tw_ptr + tl.maximum(slot, 0).to(tl.int64) * s_te, w_ptr + e64 * s_we)
+            acc, acc2 = _mainloop(acc, acc2, a_ptrs, m_mask, s_xk, w_base, s_wk, s_wn,
+                                  rn, n_mask, N, K, k_end, GLU, EVEN_K, BK, PRECISION)
+        elif HAS_TW == 2:
             slot = tl.load(slot_ptr + e, mask=e < E, other=-1)
             if slot >= 0:
                 acc, acc2 = _mainloop(acc, acc2, a_ptrs, m_mask, s_xk, tw_ptr + slot.to(tl.int64) * s_te, s_tk, s_tn,
@@ -268,13 +279,15 @@ def gmm(x, w, offs, out, *, rows=None, tw=None, slot=None, glu_act=None, h=None)
         upper = (triton.cdiv(S_out, meta["BM"]) + E + 1) * triton.cdiv(N, meta["BN"])
         return (_num_programs(out.device, upper),)
 
+    # 0: no trainable weights; 1: they share w's inner strides (one mainloop); 2: they do not.
+    tw_mode = 0 if tw is None else (1 if tw.stride()[1:] == w.stride()[1:] else 2)
     kernel[grid](
         x, rows_t, w, tw_t, slot_t, offs, out, h_t,
         S_out, N, K, E,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
         tw_t.stride(0), tw_t.stride(1), tw_t.stride(2), out.stride(0), out.stride(1),
         h_t.stride(0), h_t.stride(1),
-        HAS_ROWS=rows is not None, HAS_TW=tw is not None, GLU=glu, STORE_H=h is not None,
+        HAS_ROWS=rows is not None, HAS_TW=tw_mode, GLU=glu, STORE_H=h is not None,
         ACT=glu_act if glu else 0, EP=_ep(E), PRECISION=_precision(x),
     )
     return out
