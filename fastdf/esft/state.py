@@ -76,6 +76,11 @@ def apply(model: nn.Module, selection: dict[int, list[int]]) -> nn.Module:
         "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
         "experts_implementation": getattr(model.config, "_experts_implementation", None),
     }
+    model.set_experts_implementation(hf_experts.NAME)  # first: a model that cannot switch stays untouched
+    if getattr(model.config, "_experts_implementation", None) != hf_experts.NAME:
+        raise ValueError(f"{type(model).__name__} did not switch to the 'fastdf' experts implementation (its experts "
+                         "class does not use transformers' @use_experts_implementation), so the selected experts "
+                         "would not train")
     for p in model.parameters():
         p.requires_grad_(False)
     for index, ids in chosen.items():
@@ -84,7 +89,6 @@ def apply(model: nn.Module, selection: dict[int, list[int]]) -> nn.Module:
         experts.register_buffer(hf_experts.ESFT_IDS, t)
         setattr(experts, hf_experts.ESFT_GATE_UP, nn.Parameter(experts.gate_up_proj.detach()[t].clone()))
         setattr(experts, hf_experts.ESFT_DOWN, nn.Parameter(experts.down_proj.detach()[t].clone()))
-    model.set_experts_implementation(hf_experts.NAME)
     setattr(model, STATE_ATTR, state)
     return model
 

@@ -194,6 +194,11 @@ def test_bad_input():
         esft.apply(model, {1: [2, 2]})
     with pytest.raises(TypeError, match="selection must be a dict"):
         esft.apply(model, [[1]])
+    stuck = tiny_model("deepseek_v2")
+    stuck.set_experts_implementation = lambda name: None  # an experts class that cannot switch
+    with pytest.raises(ValueError, match="would not train"):
+        esft.apply(stuck, {1: [1]})
+    assert all(p.requires_grad for p in stuck.parameters()) and not esft.is_applied(stuck)
     with pytest.raises(ValueError, match="no ESFT state to save"):
         esft.save(model, tempfile.gettempdir())
     with pytest.raises(ValueError, match="no ESFT state to merge"):
