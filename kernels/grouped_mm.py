@@ -62,10 +62,10 @@ def act_grad(x, ACT: tl.constexpr):
 
 # ---------------------------------------------------------------------------- configs
 # Problems below LARGE (N * K elements of one expert's weight) take one fixed config: no
-# autotuning (tests and tiny layers would otherwise compile every candidate); larger ones
-# autotune over two Hopper-minded configs (each
-# candidate is a compile on first use). Under the interpreter everything runs with
-# 16-wide tiles, so tiny test shapes still cross several tiles and groups.
+# autotuning (tests and tiny layers would otherwise compile every candidate). Larger ones
+# autotune over two Hopper-minded configs (each candidate is a compile on first use).
+# Under the interpreter everything runs with 16-wide tiles, so tiny test shapes still
+# cross several tiles and groups.
 LARGE = 1 << 20
 
 
