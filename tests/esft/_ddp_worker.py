@@ -11,13 +11,17 @@ def _loss(model, b):
 
 
 def run(rank, world, init_file):
+    import datetime
+    import gc
+
     torch.set_num_threads(1)
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from fastdf import esft
     from tests.hf_tiny import batch, tiny_model
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         b = batch(lengths=(9, 6), seed=rank)  # each rank its own data
 
@@ -43,5 +47,10 @@ def run(rank, world, init_file):
             assert all(torch.equal(gathered[0], other) for other in gathered[1:]), f"{name} differs across ranks"
             torch.testing.assert_close(g, want[name], atol=1e-6, rtol=1e-5, msg=name)
             assert g.abs().sum() > 0, f"{name} got a zero gradient"
+        # Tear down in order: DDP's reducer before the process group, both ranks together
+        # (destroying gloo under a live reducer can deadlock its threads against the GIL).
+        del ddp, model, local, grads, want
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()

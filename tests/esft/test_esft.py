@@ -221,9 +221,21 @@ def test_bad_input():
 def test_ddp_two_ranks():
     """DDP over gloo, 2 CPU processes: trainable experts' gradients agree across ranks and
     equal the mean of the ranks' own gradients; frozen parameters never get one."""
+    import time
+
     import torch.multiprocessing as mp
 
     from tests.esft import _ddp_worker
 
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_ddp_worker.run, args=(2, f"{d}/rendezvous"), nprocs=2, join=True)
+        ctx = mp.start_processes(_ddp_worker.run, args=(2, f"{d}/rendezvous"), nprocs=2, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + 180
+        try:
+            while not ctx.join(timeout=1):  # raises if a rank failed
+                if time.monotonic() > deadline:
+                    pytest.fail("the DDP ranks did not finish within 180 s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
