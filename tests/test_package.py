@@ -76,6 +76,6 @@ def test_kernels_subpackage_is_fastdf_kernels():
     # Nothing in fastdf imports a top-level `kernels`. Checked in a fresh process: in this
     # one, transformers' probe for the Hub's `kernels` package (importlib on "kernels", run
     # by any test that builds an HF model) finds the repository's kernels/ folder on sys.path.
-    code = "import sys, fastdf, fastdf.kernels, fastdf.ops, fastdf.prover; print('kernels' in sys.modules)"
+    code = "import sys, fastdf, fastdf.kernels, fastdf.ops, fastdf.nn, fastdf.prover, fastdf.esft, fastdf.diffusion_forcing; print('kernels' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"

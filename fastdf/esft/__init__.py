@@ -1,20 +1,22 @@
-"""Expert-Specialised Fine-Tuning of MoE LLMs (DESIGN.md §1, §4; issue #5)."""
+"""Expert-Specialised Fine-Tuning of MoE LLMs (DESIGN.md §1, §4; Wang et al. 2024).
 
-_PENDING = "it arrives with the ESFT capability (issue #5)"
+Measure which routed experts a task uses, train only those, save only those::
 
+    from fastdf import esft
+    stats = esft.collect_routing_stats(model, batches)      # paper's gate scores / token ratios
+    selection = esft.select_experts(stats, method="gate", p=0.1)
+    esft.apply(model, selection)                            # everything else frozen
+    ... train the parameters that require grad ...
+    esft.save(model, "out/")                                # trained experts + selection
+    esft.load(fresh_base_model, "out/")                     # ESFT state restored
+    esft.merge(model)                                       # plain HF model again
 
-def _pending(name):
-    def stub(*args, **kwargs):
-        raise NotImplementedError(f"fastdf.esft.{name} is not built yet: {_PENDING}")
+Works with HF MoE models whose experts use transformers' ``@use_experts_implementation``
+(DeepSeek-V2/V3, Qwen2/3-MoE, Mixtral, OLMoE): the selected experts run through fastdf's
+grouped GEMMs, whose backward computes weight gradients for them only.
+"""
 
-    stub.__name__ = name
-    stub.__doc__ = f"DESIGN.md §4 fastdf.esft.{name}. Not built yet."
-    return stub
+from .state import apply, is_applied, load, merge, save
+from .stats import RoutingStats, collect_routing_stats, select_experts
 
-
-collect_routing_stats = _pending("collect_routing_stats")
-select_experts = _pending("select_experts")
-apply = _pending("apply")
-save = _pending("save")
-load = _pending("load")
-merge = _pending("merge")
+__all__ = ["RoutingStats", "apply", "collect_routing_stats", "is_applied", "load", "merge", "save", "select_experts"]

@@ -1,0 +1,76 @@
+"""Compile the grouped-GEMM / MoE Triton kernels ahead of time for sm_90 and sm_80 without a
+GPU (Triton ships ptxas) and report what the compiler made of them.
+
+Run by test_grouped_mm.py::test_kernels_compile_for_hopper_and_ampere in a subprocess,
+because the test process imports the kernels under TRITON_INTERPRET=1. Argument
+specialisations mimic what the runtime sees for contiguous HF-layout tensors (unit
+strides as constants, 16-divisible pointers and leading strides), which is what lets the
+pipeliner use async copies.
+"""
+
+import json
+import os
+import re
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+
+def _build(fn, types, consts, div16, warps, stages, arch):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    ir = kernel.asm["ttgir"]
+    return {"smem": kernel.metadata.shared, "async_copies": len(re.findall("async_copy_global_to_local", ir)),
+            "wgmma": len(re.findall(r"warp_group_dot ", ir)),
+            "mma_versions": sorted(set(int(v) for v in re.findall(r"nvidia_mma<\{versionMajor = (\d)", ir)))}
+
+
+def main():
+    import fastdf  # noqa: F401  (installs fastdf.kernels)
+    from fastdf.kernels import grouped_mm as G
+    from fastdf.kernels import moe as M
+
+    gmm_ptrs = {n: "*bf16" for n in ("x_ptr", "w_ptr", "tw_ptr", "out_ptr", "h_ptr")}
+    gmm_ptrs.update(rows_ptr="*i32", slot_ptr="*i32", offs_ptr="*i32")
+    gmm_div = ["x_ptr", "w_ptr", "tw_ptr", "out_ptr", "h_ptr", "rows_ptr", "slot_ptr", "offs_ptr", "N", "K", "s_xm",
+               "s_we", "s_te", "s_om", "s_hm"]
+    k_major = dict(s_xk=1, s_wk=1, s_tk=1, s_on=1, s_hn=1)  # w = HF gate_up/down transposed
+    n_major = dict(s_xk=1, s_wn=1, s_tn=1, s_on=1, s_hn=1)  # w = HF weight as stored (dX)
+    out = {}
+    gemms = [  # name, arch, layout, HAS_ROWS, HAS_TW, GLU, BM, BN, BK, warps, stages
+        ("fwd_down_esft", 90, k_major, False, 1, False, 128, 256, 64, 8, 3),
+        ("fwd_gate_up_glu_esft", 90, k_major, True, 1, True, 128, 64, 64, 8, 3),
+        ("dx_gate_up", 90, n_major, False, 0, False, 128, 128, 64, 8, 3),
+        ("fwd_other_tw_layout", 90, k_major, False, 2, False, 64, 128, 64, 4, 3),
+        ("fwd_down_esft", 80, k_major, False, 1, False, 128, 256, 64, 8, 3),
+        ("fwd_gate_up_glu_esft", 80, k_major, True, 1, True, 128, 64, 64, 8, 3),
+    ]
+    for name, arch, layout, rows, tw, glu, bm, bn, bk, warps, stages in gemms:
+        consts = dict(HAS_ROWS=rows, HAS_TW=tw, GLU=glu, STORE_H=glu, ACT=0, EP=128, PRECISION="tf32", BM=bm, BN=bn,
+                      BK=bk, GROUP_M=8, EVEN_K=True, **layout)
+        div = gmm_div + [s for s in ("s_wk", "s_wn", "s_tk", "s_tn") if s not in layout]
+        out[f"{name}@sm{arch}"] = _build(G._gmm_kernel, gmm_ptrs, consts, div, warps, stages, arch)
+    dw_ptrs = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dw_ptr": "*bf16", "xrows_ptr": "*i32", "dyrows_ptr": "*i32",
+               "ids_ptr": "*i64", "offs_ptr": "*i32"}
+    dw_div = ["x_ptr", "dy_ptr", "dw_ptr", "N", "K", "s_xm", "s_ym", "s_de", "s_dn"]
+    for name, xr, yr, bk, bn, bm, warps, stages in [("dw_gate_up", True, False, 128, 128, 64, 8, 3),
+                                                    ("dw_down", False, True, 128, 64, 64, 4, 4)]:
+        consts = dict(HAS_XROWS=xr, HAS_YROWS=yr, PRECISION="tf32", BK=bk, BN=bn, BM=bm, s_xk=1, s_yn=1, s_dk=1)
+        out[f"{name}@sm90"] = _build(G._gmm_dw_kernel, dw_ptrs, consts, dw_div, warps, stages, 90)
+    out["combine@sm90"] = _build(M._combine_kernel, {"y_ptr": "*bf16", "inv_ptr": "*i32", "w_ptr": "*fp32",
+                                                     "out_ptr": "*bf16"}, dict(HAS_W=True, BT=8, BH=256), [], 4, 1, 90)
+    out["glu_backward@sm90"] = _build(
+        M._glu_bwd_kernel, {"h_ptr": "*bf16", "da_ptr": "*bf16", "dh_ptr": "*bf16", "aw_ptr": "*bf16", "w_ptr": "*bf16",
+                            "dw_ptr": "*fp32"}, dict(ACT=0, STORE_AW=True, BS=16, BI=128), [], 4, 1, 90)
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
