@@ -26,3 +26,4 @@ def install():
     module = importlib.util.module_from_spec(spec)
     sys.modules["fastdf.kernels"] = module
     spec.loader.exec_module(module)
+    setattr(sys.modules["fastdf"], "kernels", module)  # what the import system does for submodules

@@ -70,12 +70,18 @@ def test_import_without_extension(tmp_path):
     assert out.stdout.strip() == fastdf.__version__
 
 
-def test_kernels_subpackage_is_fastdf_kernels():
+def test_kernels_subpackage_is_fastdf_kernels(tmp_path):
     kernels = importlib.import_module("fastdf.kernels")
     assert Path(kernels.__file__).parent.name == "kernels"
-    # Nothing in fastdf imports a top-level `kernels`. Checked in a fresh process: in this
-    # one, transformers' probe for the Hub's `kernels` package (importlib on "kernels", run
-    # by any test that builds an HF model) finds the repository's kernels/ folder on sys.path.
-    code = "import sys, fastdf, fastdf.kernels, fastdf.ops, fastdf.nn, fastdf.prover, fastdf.esft, fastdf.diffusion_forcing; print('kernels' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert out.stdout.strip() == "False"
+    # Nothing in fastdf imports a top-level `kernels`. Checked in a fresh process whose path
+    # holds only a link to fastdf/, so the repository's kernels/ folder is not importable as
+    # `kernels` there (from the repo root it is, and transformers' probe for the Hub's
+    # unrelated `kernels` package imports it; harmless, as it has no version).
+    (tmp_path / "fastdf").symlink_to(ROOT / "fastdf")
+    code = ("import sys; sys.path = [p for p in sys.path if p not in ('', {root!r})]; "
+            "import fastdf, fastdf.kernels, fastdf.ops, fastdf.nn, fastdf.prover, fastdf.esft, "
+            "fastdf.diffusion_forcing; print('kernels' in sys.modules, fastdf.kernels.__file__)").format(root=str(ROOT))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
+    found, path = out.stdout.split()
+    assert found == "False" and Path(path).resolve().parent == ROOT / "kernels"
