@@ -146,7 +146,8 @@ def check_model(model, frame_shape: Sequence[int], *, steps: int, batch: int = 2
         changed[:, -1] = torch.randn(changed[:, -1].shape, generator=g, device=device, dtype=dtype)
         close(model(changed, levels)[:, :-1], full[:, :-1], "causality: changing the last frame changed earlier ones")
 
-        a, b = 2, frames - 3  # three pieces: [0, a), [a, b), [b, frames)
+        a = max(1, frames // 3)  # three pieces: [0, a), [a, b), [b, frames), each non-empty
+        b = a + max(1, (frames - a) // 2)
         cache = model.new_cache(batch, frames)
         frames_in(cache, 0, "new_cache")
         close(model(x[:, :a], levels[:, :a], cache=cache, commit=a), full[:, :a], "commit call output")
