@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import types
 
 import torch
 from tqdm.auto import tqdm
@@ -144,9 +145,9 @@ class Sampler:
     @torch.no_grad()
     def rollout(self, context: torch.Tensor, num_frames: int, guidance=None, generator: torch.Generator | None = None,
                 progress: bool = True) -> torch.Tensor:
-        """Generate ``num_frames`` frames after ``context`` ``[B, C, *frame_shape]`` (clean frames,
-        ``0 <= C <= window_frames``; C = 0 starts from nothing) and return them,
-        ``[B, num_frames, *frame_shape]`` in context's dtype and device.
+        """Generate ``num_frames`` frames after ``context`` ``[B, C, *frame_shape]`` (clean frames;
+        ``C <= window_frames`` under the window policy, any C under rolling; C = 0 starts from
+        nothing) and return them, ``[B, num_frames, *frame_shape]`` in context's dtype and device.
 
         ``guidance``: None, a :class:`RewardGuidance` (or a bare reward callable), a
         :class:`HistoryGuidance`, or a list of them. ``generator`` drives every random draw, in
@@ -196,18 +197,40 @@ class Sampler:
         present(torch.arange(n_ctx, device=device))
         total = sum(int((m[1:] != m[:-1]).any(1).sum()) for m in (self.matrix(h) for _, h in self._chunks(num_frames)))
         bar = tqdm(total=total, desc="rollout", unit="step", disable=not progress)
-        state = dict(seq=seq, presented=presented, masked=masked, present=present, randn=randn, bar=bar,
-                     rewards=rewards, history_guidance=history_guidance, generator=generator, n_ctx=n_ctx,
-                     num_frames=num_frames)
-        if self.cache_policy == "rolling":
-            self._rolling(**state)
-        else:
-            self._window(**state)
+        state = types.SimpleNamespace(seq=seq, presented=presented, masked=masked, present=present, randn=randn,
+                                      bar=bar, rewards=rewards, history_guidance=history_guidance, generator=generator)
+        (self._rolling if self.cache_policy == "rolling" else self._window)(state, n_ctx, num_frames)
         bar.close()
         return seq[:, n_ctx:]
 
-    def _window(self, seq, presented, masked, present, randn, bar, rewards, history_guidance, generator, n_ctx,
-                num_frames):
+    @staticmethod
+    def _rows(levels, device):
+        """The rows m of a chunk's matrix after which some frame changes level: (m, those frames
+        on the CPU and on ``device``, the matrix on ``device``)."""
+        levels_dev = levels.to(device)
+        for m in range(levels.shape[0] - 1):
+            update = (levels[m] != levels[m + 1]).nonzero().flatten()
+            if update.numel():
+                yield m, update, update.to(device), levels_dev
+
+    def _advance(self, st, x, pred, levels, levels_dev, m, update, upd, a, done):
+        """After a model call: mix the history-guidance branches, step the updated frames of the
+        chunk ``x`` (starting at frame ``a``, ``done`` generated before it) from row m to m + 1,
+        and present the frames that became clean as context."""
+        if st.history_guidance is not None:
+            cond, uncond = pred.chunk(2)
+            pred = uncond + st.history_guidance.weight * (cond - uncond)
+        now, nxt = levels_dev[m], levels_dev[m + 1]
+        x[:, upd] = self._step(x[:, upd], pred, now[upd], nxt[upd], upd + done, st.rewards, st.generator)
+        finished = update[levels[m + 1, update] == 0]
+        if finished.numel():
+            finished = finished.to(x.device)
+            st.seq[:, a + finished] = x[:, finished]
+            st.present(a + finished)
+        st.bar.update(1)
+
+    def _window(self, st, n_ctx, num_frames):
+        seq, presented, randn, history_guidance = st.seq, st.presented, st.randn, st.history_guidance
         batch, frame_shape, device = seq.shape[0], tuple(seq.shape[2:]), seq.device
         top = self.schedule.steps
         cache, cached = None, []  # the cache and the frame indices committed to it, in order
@@ -216,7 +239,6 @@ class Sampler:
             a = n_ctx + done
             hist = self.history(a, h)
             levels = self.matrix(h)  # on the CPU: it drives the control flow without device syncs
-            levels_dev = levels.to(device)
             x = randn(h)
             hist_x = presented[:, hist]
             hist_lv = torch.full((batch, len(hist)), self.context_noise, device=device, dtype=torch.int64)
@@ -226,11 +248,8 @@ class Sampler:
             if self.kv_cache and (history_guidance is not None or cache is None or hist[:len(cached)] != cached):
                 cache, cached = self.model.new_cache(batch * branches, self.window_frames), []
                 self.stats["caches"] += 1
-            for m in range(levels.shape[0] - 1):
-                update = (levels[m] != levels[m + 1]).nonzero().flatten()
-                if update.numel() == 0:
-                    continue
-                now, nxt, upd = levels_dev[m], levels_dev[m + 1], update.to(device)
+            for m, update, upd, levels_dev in self._rows(levels, device):
+                now = levels_dev[m]
                 clean = now == 0
                 chunk_x = torch.where(clean.view(1, h, *(1,) * len(frame_shape)), presented[:, a:a + h], x)
                 chunk_lv = torch.where(clean, self.context_noise, now).expand(batch, h)
@@ -253,19 +272,10 @@ class Sampler:
                 else:
                     out = self._call(torch.cat([hist_x, chunk_x], 1), torch.cat([hist_lv, chunk_lv], 1), None, 0)
                     pred = out[:, len(hist) + upd]
-                if branches == 2:
-                    cond, masked = pred.chunk(2)
-                    pred = masked + history_guidance.weight * (cond - masked)
-                x[:, upd] = self._step(x[:, upd], pred, now[upd], nxt[upd], upd + done, rewards, generator)
-                finished = update[levels[m + 1, update] == 0]
-                if finished.numel():
-                    finished = finished.to(device)
-                    seq[:, a + finished] = x[:, finished]
-                    present(a + finished)
-                bar.update(1)
+                self._advance(st, x, pred, levels, levels_dev, m, update, upd, a, done)
 
-    def _rolling(self, seq, presented, masked, present, randn, bar, rewards, history_guidance, generator, n_ctx,
-                 num_frames):
+    def _rolling(self, st, n_ctx, num_frames):
+        seq, presented, masked, randn, history_guidance = st.seq, st.presented, st.masked, st.randn, st.history_guidance
         batch, frame_shape, device = seq.shape[0], tuple(seq.shape[2:]), seq.device
         top, ctx_level = self.schedule.steps, self.context_noise
         mask = dict(window_frames=self.window_frames, sink_frames=self.sink_frames)
@@ -284,13 +294,9 @@ class Sampler:
         for done, h in self._chunks(num_frames):
             a = n_ctx + done
             levels = self.matrix(h)
-            levels_dev = levels.to(device)
             x = randn(h)
-            for m in range(levels.shape[0] - 1):
-                update = (levels[m] != levels[m + 1]).nonzero().flatten()
-                if update.numel() == 0:
-                    continue
-                now, nxt, upd = levels_dev[m], levels_dev[m + 1], update.to(device)
+            for m, update, upd, levels_dev in self._rows(levels, device):
+                now = levels_dev[m]
                 clean = now == 0
                 clean_x = clean.view(1, h, *(1,) * len(frame_shape))
                 chunk_x = torch.where(clean_x, presented[:, a:a + h], x)
@@ -316,16 +322,7 @@ class Sampler:
                     hx, hl = history(0, a)
                     out = self._call(torch.cat([hx, chunk_x], 1), torch.cat([hl, chunk_lv], 1), None, 0, mask)
                     pred = out[:, a + upd]
-                if branches == 2:
-                    cond, uncond = pred.chunk(2)
-                    pred = uncond + history_guidance.weight * (cond - uncond)
-                x[:, upd] = self._step(x[:, upd], pred, now[upd], nxt[upd], upd + done, rewards, generator)
-                finished = update[levels[m + 1, update] == 0]
-                if finished.numel():
-                    finished = finished.to(device)
-                    seq[:, a + finished] = x[:, finished]
-                    present(a + finished)
-                bar.update(1)
+                self._advance(st, x, pred, levels, levels_dev, m, update, upd, a, done)
 
     def _call(self, x, levels, cache, commit, mask=None):
         mask = mask or {}
