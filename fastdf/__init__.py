@@ -1,7 +1,8 @@
 """fastdf: Triton and CUDA kernels for Diffusion Forcing, ESFT and batched proof sampling.
 
 Ops (DESIGN.md §4) live on ``fastdf`` directly; the workflows are subpackages:
-``fastdf.diffusion_forcing``, ``fastdf.esft``, ``fastdf.prover``; modules in ``fastdf.nn``.
+``fastdf.diffusion_forcing``, ``fastdf.esft``, ``fastdf.prover``; modules in ``fastdf.nn``, reference
+models in ``fastdf.models``.
 Pick an implementation with ``FASTDF_BACKEND`` or ``with fastdf.backend("triton"): ...``.
 """
 
@@ -24,7 +25,7 @@ from .ops import (  # noqa: E402
     shared_prefix_attention,
 )
 
-_SUBPACKAGES = ("nn", "diffusion_forcing", "esft", "prover", "integrations", "bench", "testing")
+_SUBPACKAGES = ("nn", "models", "diffusion_forcing", "esft", "prover", "integrations", "bench", "testing")
 
 
 def __getattr__(name):

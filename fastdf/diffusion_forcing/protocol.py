@@ -12,6 +12,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
+from ..ops import _checks
+
 
 @runtime_checkable
 class DFCache(Protocol):
@@ -23,6 +25,12 @@ class DFCache(Protocol):
     sampler never commits more frames than the ``max_frames`` the cache was created with,
     never removes frames (when its window slides it starts a new cache instead), and never
     shares one cache between two windows, so an implementation needs no eviction.
+
+    Rolling extension (``Sampler(cache_policy="rolling")``): a cache made with
+    ``new_cache(batch, max_frames, window_frames=W, sink_frames=S)`` lives for the whole
+    rollout; ``frames`` counts every frame ever committed (the next frame's absolute
+    position), while the implementation may drop frames no later query can see (all but the
+    first S and the W - 1 most recent).
     """
 
     @property
@@ -69,6 +77,25 @@ class DFModel(Protocol):
     Optional attribute ``frame_shape`` (a tuple): when present, the sampler and
     :func:`training_step` check the data's frames against it and name the argument on a
     mismatch.
+
+    **Rolling extension** (only needed for ``Sampler(cache_policy="rolling")``, the
+    Self-Forcing / CausVid streaming policy; models without it keep working under the
+    default ``"window"`` policy). Both methods also take ``window_frames=W`` and
+    ``sink_frames=S``:
+
+    - ``model(x, levels, *, cache=None, commit=0, window_frames=W, sink_frames=S)`` applies
+      ``df_attention``'s window in every attention layer: a query frame at position p sees key
+      frame j iff ``j <= p`` and (``p - j < W`` or ``j < S``), positions as above.
+    - ``model.new_cache(batch, max_frames, *, window_frames=W, sink_frames=S)``: a cache the
+      sampler keeps for the whole rollout (``max_frames`` frames committed over its life);
+      positions therefore stay absolute (frame i of ``x`` at ``cache.frames + i``, where
+      ``cache.frames`` counts every frame ever committed). Eviction is the model's business
+      and invisible: with the window it may keep only the first S and the W - 1 most recent
+      frames' keys/values. Calls with such a cache pass the same W and S.
+    - Consistency: as above, with the window in both the cached and the cache-free call, over
+      sequences longer than ``S + W`` (so eviction happens): committing frames one at a time
+      and calling on the rest equals one cache-free windowed call on the whole sequence.
+      ``check_model(..., window_frames=W, sink_frames=S)`` verifies it.
     """
 
     def __call__(self, x: torch.Tensor, levels: torch.Tensor, *, cache: DFCache | None = None,
@@ -79,14 +106,22 @@ class DFModel(Protocol):
 
 def check_model(model, frame_shape: Sequence[int], *, steps: int, batch: int = 2, frames: int = 5,
                 dtype: torch.dtype = torch.float32, device=None, atol: float = 1e-5, rtol: float = 1e-4,
-                seed: int = 0) -> None:
+                seed: int = 0, window_frames: int | None = None, sink_frames: int = 0) -> None:
     """Verify numerically that ``model`` honours :class:`DFModel` (raises AssertionError
     saying which rule failed): output shape, frame causality, and cache consistency
-    (commit in one call, commit in pieces, ``commit=0`` leaves the cache alone)."""
+    (commit in one call, commit in pieces, ``commit=0`` leaves the cache alone).
+
+    With ``window_frames`` it also checks the rolling extension with that window and
+    ``sink_frames``: a cache made with the window, committed one frame at a time over
+    ``max(frames, sink_frames + window_frames + 3)`` frames (so frames get evicted), gives the
+    cache-free windowed call's outputs, and ``cache.frames`` counts every committed frame."""
     if frames < 4:
         raise ValueError(f"frames must be >= 4 to split the sequence three ways, got {frames}")
     if not isinstance(model, DFModel):
         raise TypeError(f"model must be callable and have new_cache(batch, max_frames), got {type(model).__name__}")
+    if window_frames is not None:
+        _checks.number("window_frames", window_frames, low=1, integer=True)
+    _checks.number("sink_frames", sink_frames, low=0, integer=True)
     g = torch.Generator(device=device or "cpu").manual_seed(seed)
     x = torch.randn((batch, frames, *frame_shape), generator=g, device=device, dtype=dtype)
     levels = torch.randint(0, steps + 1, (batch, frames), generator=g, device=device)
@@ -111,7 +146,8 @@ def check_model(model, frame_shape: Sequence[int], *, steps: int, batch: int = 2
         changed[:, -1] = torch.randn(changed[:, -1].shape, generator=g, device=device, dtype=dtype)
         close(model(changed, levels)[:, :-1], full[:, :-1], "causality: changing the last frame changed earlier ones")
 
-        a, b = 2, frames - 3  # three pieces: [0, a), [a, b), [b, frames)
+        a = max(1, frames // 3)  # three pieces: [0, a), [a, b), [b, frames), each non-empty
+        b = a + max(1, (frames - a) // 2)
         cache = model.new_cache(batch, frames)
         frames_in(cache, 0, "new_cache")
         close(model(x[:, :a], levels[:, :a], cache=cache, commit=a), full[:, :a], "commit call output")
@@ -122,3 +158,23 @@ def check_model(model, frame_shape: Sequence[int], *, steps: int, batch: int = 2
         close(out, full[:, a:b + 1], "partial commit call output")
         frames_in(cache, b, f"after commit={b - a} of {b + 1 - a} frames")
         close(model(x[:, b:], levels[:, b:], cache=cache), full[:, b:], "cached call after commits in pieces")
+
+        if window_frames is None:
+            return
+        mask = dict(window_frames=window_frames, sink_frames=sink_frames)
+        n = max(frames, sink_frames + window_frames + 3)
+        x = torch.randn((batch, n, *frame_shape), generator=g, device=device, dtype=dtype)
+        levels = torch.randint(0, steps + 1, (batch, n), generator=g, device=device)
+        full = model(x, levels, **mask)
+        if not isinstance(full, torch.Tensor) or full.shape != x.shape:
+            raise AssertionError(f"model(x, levels, window_frames=..., sink_frames=...) must return x's shape "
+                                 f"{tuple(x.shape)}")
+        cache = model.new_cache(batch, n, **mask)
+        frames_in(cache, 0, "new_cache with a window")
+        a = sink_frames + 1
+        close(model(x[:, :a], levels[:, :a], cache=cache, commit=a, **mask), full[:, :a],
+              "windowed commit call output")
+        for f in range(a, n - 1):  # two frames per call, the first committed: eviction from frame S + W on
+            close(model(x[:, f:f + 2], levels[:, f:f + 2], cache=cache, commit=1, **mask), full[:, f:f + 2],
+                  f"windowed cached call at frame {f} (positions absolute, evicted frames invisible)")
+            frames_in(cache, f + 1, f"windowed cache after committing frame {f}")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+import types
+
 import torch
 from tqdm.auto import tqdm
 
@@ -10,6 +13,19 @@ from . import guidance as _guidance
 from .matrix import scheduling_matrix, to_training_levels
 from .protocol import DFModel
 from .schedule import METHODS, NoiseSchedule, _check_prediction
+
+CACHE_POLICIES = ("window", "rolling")
+
+
+def _takes(fn, names) -> bool:
+    """Whether ``fn`` accepts the keyword arguments ``names`` (True when it cannot be told)."""
+    if isinstance(fn, torch.nn.Module):
+        fn = fn.forward
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is p.VAR_KEYWORD for p in params.values()) or all(n in params for n in names)
 
 
 class Sampler:
@@ -34,6 +50,7 @@ class Sampler:
     whose level changes in a sampling row are updated (``method`` ``"ddim"`` with ``eta``, or
     ``"ddpm"``); the others are left bit-for-bit.
 
+    ``cache_policy="window"`` (the default; what the paper's sampler computes).
     ``kv_cache=True``: context frames are committed to a :class:`DFCache` once per window
     (their K/V computed once; while the window does not slide the cache carries over to the
     next chunk), and each step runs only the uncommitted frames up to the last one being
@@ -41,6 +58,22 @@ class Sampler:
     model on the whole window (the official code's recompute), giving the same frames to
     floating-point rounding. When the window slides, every history frame loses a predecessor
     and so its K/V change (positions restart at 0): a new cache is filled in the next call.
+
+    ``cache_policy="rolling"`` (the Self-Forcing / CausVid streaming policy; needs the
+    protocol's rolling extension). The model sees the *whole* history through its attention
+    window instead: every attention layer applies ``df_attention``'s window of
+    ``window_frames`` frames plus the first ``sink_frames`` frames of the sequence, at
+    absolute positions (frame t of context + generated frames sits at position t).
+    ``kv_cache=True``: one cache for the whole rollout (``model.new_cache(..., window_frames=,
+    sink_frames=)``); each frame's K/V are computed once in its life, in the first call after
+    it becomes context, and the cache evicts what no later query can see. ``kv_cache=False``:
+    every step runs the model on the full history plus the chunk with the same window masks
+    (the cost grows with the rollout: the honest no-cache baseline), giving the same frames
+    to floating-point rounding. ``context`` may be longer than the window. The history stays
+    at its presented values forever (through the layers a frame's features depend on frames
+    further back than the window, so results differ from the ``"window"`` policy).
+    Under history guidance the masked branch replaces every context frame (including chunk
+    frames once they are clean) by pure noise at the top level, drawn once per frame.
 
     ``prediction``: the model's parameterisation (``"eps"``, ``"v"``, ``"x0"``).
     After a rollout, ``stats`` counts ``calls``, ``frames`` (frames passed to the model,
@@ -50,13 +83,20 @@ class Sampler:
     def __init__(self, model: DFModel, schedule: NoiseSchedule, sampling_steps: int, scheduling: str = "pyramid",
                  uncertainty: float | None = None, *, window_frames: int, horizon: int | None = None,
                  sink_frames: int = 0, context_noise: int = 0, kv_cache: bool = True, prediction: str = "v",
-                 method: str = "ddim", eta: float = 0.0):
+                 method: str = "ddim", eta: float = 0.0, cache_policy: str = "window"):
         if not callable(model):
             raise TypeError(f"model must be callable (see fastdf.diffusion_forcing.protocol.DFModel), got {type(model).__name__}")
         if kv_cache and not callable(getattr(model, "new_cache", None)):
             raise TypeError("model has no new_cache(batch, max_frames); pass kv_cache=False or implement DFModel")
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if cache_policy not in CACHE_POLICIES:
+            raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}; got {cache_policy!r}")
+        if cache_policy == "rolling":
+            window_kw = ("window_frames", "sink_frames")
+            if not _takes(model, window_kw) or (kv_cache and not _takes(model.new_cache, window_kw)):
+                raise TypeError("cache_policy='rolling' needs a model whose __call__ and new_cache take window_frames= "
+                                "and sink_frames= (the rolling extension of fastdf.diffusion_forcing.DFModel)")
         _checks.number("sampling_steps", sampling_steps, low=1, high=schedule.steps, integer=True)
         _checks.number("window_frames", window_frames, low=1, integer=True)
         _checks.number("sink_frames", sink_frames, low=0, high=window_frames - 1, integer=True)
@@ -75,7 +115,7 @@ class Sampler:
         self.scheduling, self.uncertainty = scheduling, uncertainty
         self.window_frames, self.horizon, self.sink_frames = window_frames, horizon, sink_frames
         self.context_noise, self.kv_cache, self.prediction = context_noise, bool(kv_cache), prediction
-        self.method, self.eta = method, eta
+        self.method, self.eta, self.cache_policy = method, eta, cache_policy
         self.stats = {"calls": 0, "frames": 0, "caches": 0}
         self._matrices: dict[int, torch.Tensor] = {}
 
@@ -105,9 +145,9 @@ class Sampler:
     @torch.no_grad()
     def rollout(self, context: torch.Tensor, num_frames: int, guidance=None, generator: torch.Generator | None = None,
                 progress: bool = True) -> torch.Tensor:
-        """Generate ``num_frames`` frames after ``context`` ``[B, C, *frame_shape]`` (clean frames,
-        ``0 <= C <= window_frames``; C = 0 starts from nothing) and return them,
-        ``[B, num_frames, *frame_shape]`` in context's dtype and device.
+        """Generate ``num_frames`` frames after ``context`` ``[B, C, *frame_shape]`` (clean frames;
+        ``C <= window_frames`` under the window policy, any C under rolling; C = 0 starts from
+        nothing) and return them, ``[B, num_frames, *frame_shape]`` in context's dtype and device.
 
         ``guidance``: None, a :class:`RewardGuidance` (or a bare reward callable), a
         :class:`HistoryGuidance`, or a list of them. ``generator`` drives every random draw, in
@@ -118,7 +158,7 @@ class Sampler:
         if context.dim() < 3 or not context.is_floating_point():
             raise ValueError(f"context must be a floating tensor [B, C, *frame_shape] with at least one frame dim, "
                              f"got {context.dtype} of shape {tuple(context.shape)}")
-        if context.shape[1] > self.window_frames:
+        if context.shape[1] > self.window_frames and self.cache_policy == "window":
             raise ValueError(f"context has {context.shape[1]} frames, longer than the window "
                              f"(window_frames={self.window_frames}); pass at most window_frames frames")
         expected = getattr(self.model, "frame_shape", None)
@@ -129,7 +169,6 @@ class Sampler:
         rewards, history_guidance = _guidance.parse(guidance)
         n_ctx = context.shape[1]
         batch, frame_shape, device, dtype = context.shape[0], tuple(context.shape[2:]), context.device, context.dtype
-        top = self.schedule.steps
         self.stats = {"calls": 0, "frames": 0, "caches": 0}
 
         def randn(frames):
@@ -146,16 +185,60 @@ class Sampler:
             lv = torch.full((batch, idx.numel()), self.context_noise, device=device)
             presented[:, idx] = self.schedule.add_noise(seq[:, idx], randn(idx.numel()), lv)
 
+        masked = None  # rolling + history guidance: each context frame's masking noise, drawn once
+        if history_guidance is not None and self.cache_policy == "rolling":
+            masked = torch.empty_like(seq)
+            plain_present = present
+
+            def present(idx: torch.Tensor):
+                plain_present(idx)
+                masked[:, idx] = randn(idx.numel())
+
         present(torch.arange(n_ctx, device=device))
         total = sum(int((m[1:] != m[:-1]).any(1).sum()) for m in (self.matrix(h) for _, h in self._chunks(num_frames)))
         bar = tqdm(total=total, desc="rollout", unit="step", disable=not progress)
+        state = types.SimpleNamespace(seq=seq, presented=presented, masked=masked, present=present, randn=randn,
+                                      bar=bar, rewards=rewards, history_guidance=history_guidance, generator=generator)
+        (self._rolling if self.cache_policy == "rolling" else self._window)(state, n_ctx, num_frames)
+        bar.close()
+        return seq[:, n_ctx:]
+
+    @staticmethod
+    def _rows(levels, device):
+        """The rows m of a chunk's matrix after which some frame changes level: (m, those frames
+        on the CPU and on ``device``, the matrix on ``device``)."""
+        levels_dev = levels.to(device)
+        for m in range(levels.shape[0] - 1):
+            update = (levels[m] != levels[m + 1]).nonzero().flatten()
+            if update.numel():
+                yield m, update, update.to(device), levels_dev
+
+    def _advance(self, st, x, pred, levels, levels_dev, m, update, upd, a, done):
+        """After a model call: mix the history-guidance branches, step the updated frames of the
+        chunk ``x`` (starting at frame ``a``, ``done`` generated before it) from row m to m + 1,
+        and present the frames that became clean as context."""
+        if st.history_guidance is not None:
+            cond, uncond = pred.chunk(2)
+            pred = uncond + st.history_guidance.weight * (cond - uncond)
+        now, nxt = levels_dev[m], levels_dev[m + 1]
+        x[:, upd] = self._step(x[:, upd], pred, now[upd], nxt[upd], upd + done, st.rewards, st.generator)
+        finished = update[levels[m + 1, update] == 0]
+        if finished.numel():
+            finished = finished.to(x.device)
+            st.seq[:, a + finished] = x[:, finished]
+            st.present(a + finished)
+        st.bar.update(1)
+
+    def _window(self, st, n_ctx, num_frames):
+        seq, presented, randn, history_guidance = st.seq, st.presented, st.randn, st.history_guidance
+        batch, frame_shape, device = seq.shape[0], tuple(seq.shape[2:]), seq.device
+        top = self.schedule.steps
         cache, cached = None, []  # the cache and the frame indices committed to it, in order
         branches = 2 if history_guidance is not None else 1
         for done, h in self._chunks(num_frames):
             a = n_ctx + done
             hist = self.history(a, h)
             levels = self.matrix(h)  # on the CPU: it drives the control flow without device syncs
-            levels_dev = levels.to(device)
             x = randn(h)
             hist_x = presented[:, hist]
             hist_lv = torch.full((batch, len(hist)), self.context_noise, device=device, dtype=torch.int64)
@@ -165,11 +248,8 @@ class Sampler:
             if self.kv_cache and (history_guidance is not None or cache is None or hist[:len(cached)] != cached):
                 cache, cached = self.model.new_cache(batch * branches, self.window_frames), []
                 self.stats["caches"] += 1
-            for m in range(levels.shape[0] - 1):
-                update = (levels[m] != levels[m + 1]).nonzero().flatten()
-                if update.numel() == 0:
-                    continue
-                now, nxt, upd = levels_dev[m], levels_dev[m + 1], update.to(device)
+            for m, update, upd, levels_dev in self._rows(levels, device):
+                now = levels_dev[m]
                 clean = now == 0
                 chunk_x = torch.where(clean.view(1, h, *(1,) * len(frame_shape)), presented[:, a:a + h], x)
                 chunk_lv = torch.where(clean, self.context_noise, now).expand(batch, h)
@@ -192,24 +272,64 @@ class Sampler:
                 else:
                     out = self._call(torch.cat([hist_x, chunk_x], 1), torch.cat([hist_lv, chunk_lv], 1), None, 0)
                     pred = out[:, len(hist) + upd]
-                if branches == 2:
-                    cond, masked = pred.chunk(2)
-                    pred = masked + history_guidance.weight * (cond - masked)
-                x[:, upd] = self._step(x[:, upd], pred, now[upd], nxt[upd], upd + done, rewards, generator)
-                finished = update[levels[m + 1, update] == 0]
-                if finished.numel():
-                    finished = finished.to(device)
-                    seq[:, a + finished] = x[:, finished]
-                    present(a + finished)
-                bar.update(1)
-        bar.close()
-        return seq[:, n_ctx:]
+                self._advance(st, x, pred, levels, levels_dev, m, update, upd, a, done)
 
-    def _call(self, x, levels, cache, commit):
+    def _rolling(self, st, n_ctx, num_frames):
+        seq, presented, masked, randn, history_guidance = st.seq, st.presented, st.masked, st.randn, st.history_guidance
+        batch, frame_shape, device = seq.shape[0], tuple(seq.shape[2:]), seq.device
+        top, ctx_level = self.schedule.steps, self.context_noise
+        mask = dict(window_frames=self.window_frames, sink_frames=self.sink_frames)
+        branches = 2 if history_guidance is not None else 1
+        cache, committed = None, 0  # one cache for the rollout; frames 0 .. committed - 1 are in it
+        if self.kv_cache:
+            cache = self.model.new_cache(batch * branches, n_ctx + num_frames, **mask)
+            self.stats["caches"] += 1
+
+        def history(lo, hi):  # frames lo .. hi - 1 (all clean) as both branches present them
+            xs, ls = presented[:, lo:hi], torch.full((batch, hi - lo), ctx_level, device=device, dtype=torch.int64)
+            if branches == 2:
+                xs, ls = torch.cat([xs, masked[:, lo:hi]]), torch.cat([ls, torch.full_like(ls, top)])
+            return xs, ls
+
+        for done, h in self._chunks(num_frames):
+            a = n_ctx + done
+            levels = self.matrix(h)
+            x = randn(h)
+            for m, update, upd, levels_dev in self._rows(levels, device):
+                now = levels_dev[m]
+                clean = now == 0
+                clean_x = clean.view(1, h, *(1,) * len(frame_shape))
+                chunk_x = torch.where(clean_x, presented[:, a:a + h], x)
+                chunk_lv = torch.where(clean, ctx_level, now).expand(batch, h)
+                if branches == 2:
+                    chunk_x = torch.cat([chunk_x, torch.where(clean_x, masked[:, a:a + h], x)])
+                    chunk_lv = torch.cat([chunk_lv, torch.where(clean, top, now).expand(batch, h)])
+                if self.kv_cache:
+                    # uncommitted frames up to the last one updated; the leading clean ones get committed
+                    lo, stop = max(committed - a, 0), int(update[-1]) + 1
+                    clean_lead = lo
+                    while clean_lead < stop and levels[m, clean_lead] == 0:
+                        clean_lead += 1
+                    commit = max(a - committed, 0) + clean_lead - lo
+                    xs, ls = [chunk_x[:, lo:stop]], [chunk_lv[:, lo:stop]]
+                    if committed < a:
+                        hx, hl = history(committed, a)
+                        xs, ls = [hx] + xs, [hl] + ls
+                    out = self._call(torch.cat(xs, 1), torch.cat(ls, 1), cache, commit, mask)
+                    pred = out[:, a + upd - committed]  # the call's frames start at `committed`
+                    committed += commit
+                else:
+                    hx, hl = history(0, a)
+                    out = self._call(torch.cat([hx, chunk_x], 1), torch.cat([hl, chunk_lv], 1), None, 0, mask)
+                    pred = out[:, a + upd]
+                self._advance(st, x, pred, levels, levels_dev, m, update, upd, a, done)
+
+    def _call(self, x, levels, cache, commit, mask=None):
+        mask = mask or {}
         if cache is None:
-            out = self.model(x, levels)
+            out = self.model(x, levels, **mask)
         else:
-            out = self.model(x, levels, cache=cache, commit=commit)
+            out = self.model(x, levels, cache=cache, commit=commit, **mask)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(f"model returned {got} for frames of shape {tuple(x.shape)}; it must return one "

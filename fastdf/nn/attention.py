@@ -279,7 +279,10 @@ class DFAttention(nn.Module):
     :class:`KVCache`, x holds whole frames that come right after the cache's frames
     (positions from ``cache.next_position``); they attend to the cached frames and each
     other; then the first ``commit_frames`` of them are appended to the cache. ``positions``
-    (``[T]`` int) overrides the rotary positions.
+    (``[T]`` int) overrides the rotary positions. ``window`` (``(window_frames, sink_frames)``)
+    overrides the module's window and sinks for this call, e.g. a rolling sampler's window
+    on a model trained without one; a cache must then have been made with the same pair
+    (``KVCache(frame_size=..., window_frames=..., sink_frames=...)``).
     """
 
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
@@ -331,19 +334,20 @@ class DFAttention(nn.Module):
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: Tensor, *, cache: KVCache | None = None, commit_frames: int = 0,
-                positions: Tensor | None = None) -> Tensor:
+                positions: Tensor | None = None, window: tuple[int | None, int] | None = None) -> Tensor:
         B, T, _ = x.shape
-        mask = dict(frame_size=self.frame_size, causal=self.causal, window_frames=self.window_frames,
-                    sink_frames=self.sink_frames)
+        window_frames, sink_frames = (self.window_frames, self.sink_frames) if window is None else window
+        mask = dict(frame_size=self.frame_size, causal=self.causal, window_frames=window_frames,
+                    sink_frames=sink_frames)
         if cache is None:
             if commit_frames:
                 raise ValueError("commit_frames needs a cache")
             q, k, v = self.project(x, positions)
         else:
             if (cache.frame_size, cache.window_frames, cache.sink_frames) != (
-                    self.frame_size, self.window_frames, self.sink_frames if self.window_frames is not None else 0):
+                    self.frame_size, window_frames, sink_frames if window_frames is not None else 0):
                 raise ValueError("the cache's frame_size/window_frames/sink_frames differ from this attention's; "
-                                 "make it with attn.new_cache()")
+                                 "make it with attn.new_cache() (or with the window passed to this call)")
             if not self.causal:
                 raise ValueError("a KV cache needs causal attention")
             q, k, v = self.project(x, positions, start=cache.next_position)

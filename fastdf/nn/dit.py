@@ -35,7 +35,8 @@ class DFBlock(nn.Module):
     ``forward(x, c, *, cache=None, commit_frames=0, positions=None)``: x ``[B, T, C]``, c
     ``[B, F, cond_dim]`` with ``T % F == 0`` (F = frames of x, T // F normally equal to
     ``frame_size``). With a cache (``block.new_cache()``), x is the frames that follow the
-    cached ones; see :class:`KVCache` for the rollout protocol.
+    cached ones; see :class:`KVCache` for the rollout protocol. ``window``
+    (``(window_frames, sink_frames)``) overrides the attention's window for this call.
     """
 
     def __init__(self, dim: int, num_heads: int, *, num_kv_heads: int | None = None, head_dim: int | None = None,
@@ -60,12 +61,13 @@ class DFBlock(nn.Module):
         return self.attn.new_cache(capacity_frames)
 
     def forward(self, x: Tensor, c: Tensor, *, cache: KVCache | None = None, commit_frames: int = 0,
-                positions: Tensor | None = None) -> Tensor:
+                positions: Tensor | None = None, window: tuple[int | None, int] | None = None) -> Tensor:
         if c.dim() != 3 or c.shape[0] != x.shape[0]:
             raise ValueError(f"c must be [B, F, cond_dim] with x's B, got {tuple(c.shape)} for x {tuple(x.shape)}")
         # Chunks of the [B, F, 6C] modulation are strided [B, F, C] views: the kernels take them as is.
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, -1)
         h = adaln_modulate(x, shift1, scale1, norm=self.norm, eps=self.eps)
-        x = gated_residual(x, self.attn(h, cache=cache, commit_frames=commit_frames, positions=positions), gate1)
+        x = gated_residual(x, self.attn(h, cache=cache, commit_frames=commit_frames, positions=positions,
+                                          window=window), gate1)
         h = adaln_modulate(x, shift2, scale2, norm=self.norm, eps=self.eps)
         return gated_residual(x, self.mlp(h), gate2)
