@@ -56,7 +56,14 @@ def main(argv=None):
         print(f"ceilings: {env['ceilings']}")
     if device.type == "cpu":
         print(CPU_BANNER)
-    rows = core.run(args.suite or sorted(suites), device, args.quick, progress=not args.no_progress)
+    rows, interrupted = [], False
+    save = (lambda done: core.write_json(args.json, done, env)) if args.json else None
+    try:
+        core.run(args.suite or sorted(suites), device, args.quick, progress=not args.no_progress, rows=rows,
+                 on_case=save)
+    except KeyboardInterrupt:  # e.g. a time limit in gpu_check.sh: keep what was measured
+        interrupted = True
+        print(f"interrupted: reporting the {len({(r['suite'], r['case']) for r in rows})} finished case(s)")
     print(core.table(rows))
     if args.json:
         core.write_json(args.json, rows, env)
@@ -65,7 +72,7 @@ def main(argv=None):
             f.write(core.markdown(rows, env) + "\n")
     if args.plot:
         core.plot(args.plot, rows, env)
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

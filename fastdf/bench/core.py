@@ -223,7 +223,9 @@ def run_case(suite_name: str, case: Case, device, quick: bool, memory: bool = Tr
     return rows
 
 
-def run(names, device, quick: bool, progress: bool = True) -> list[dict]:
+def run(names, device, quick: bool, progress: bool = True, rows: list | None = None, on_case=None) -> list[dict]:
+    """Run the named suites case by case, appending result rows to ``rows`` (returned);
+    ``on_case(rows)`` after each case lets a caller save partial results as it goes."""
     from tqdm.auto import tqdm
 
     suites = load_suites()
@@ -231,9 +233,11 @@ def run(names, device, quick: bool, progress: bool = True) -> list[dict]:
     if unknown:
         raise SystemExit(f"unknown suite(s) {', '.join(unknown)}; available: {', '.join(sorted(suites))}")
     work = [(name, case) for name in names for case in suites[name].cases(device, quick)]
-    rows = []
+    rows = [] if rows is None else rows
     for name, case in tqdm(work, desc="fastdf.bench", unit="case", disable=not progress):
         rows.extend(run_case(name, case, device, quick))
+        if on_case is not None:
+            on_case(rows)
     return rows
 
 
