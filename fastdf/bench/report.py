@@ -36,7 +36,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     runs = latest_per_device(Path(args.results).glob("*.json"))
     parts = [HEADER]
-    if not runs:
+    if not any(not device.startswith("CPU") for device in runs):
         parts.append("No GPU results yet: the next session with a lent GPU runs `benches/gpu_check.sh` first.\n")
     for device, (data, path) in sorted(runs.items()):
         parts.append(f"## {device}\n\nFrom `{Path(path).as_posix()}`.\n\n{markdown(data['results'], data['environment'])}\n")
