@@ -156,7 +156,6 @@ def measure_ceilings(device) -> dict:
     dst = torch.empty_like(src)
     ms = time_gpu(lambda: dst.copy_(src), quick=True)
     copy_gbps = 2 * src.numel() * src.element_size() / ms / 1e6
-    del src, dst
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     ms = time_gpu(lambda: a @ b, quick=True)
