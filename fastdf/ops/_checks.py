@@ -77,3 +77,107 @@ def number(name: str, value, *, low=None, high=None, low_open=False, high_open=F
     if high is not None and (value >= high if high_open else value > high):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
     return value
+
+
+# ---------------------------------------------------------------------------- knobs and index tensors
+# Unlike the checks above, ``finite_values`` and the value part of ``index_tensor`` read the
+# data (one device sync each); they skip that part while a CUDA graph is being captured.
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def capturing() -> bool:
+    """True while a CUDA graph is being captured (no host syncs allowed then)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _span(low, high, low_open, high_open):
+    lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
+    hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
+    return f"{lo}, {hi}"
+
+
+def finite_float(name: str, value, *, low=None, high=None, low_open=False, high_open=False,
+                 dtype: torch.dtype = torch.float32) -> float:
+    """A real Python number (not a bool) that is finite, within the bounds (open ends as
+    flagged) and representable in ``dtype`` (the compute dtype: 1e300 overflows float32).
+    Returns it as a float."""
+    import numbers
+
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float64
+        raise ValueError(f"{name} must be finite and representable in {str(dtype)[6:]}, got an int of "
+                         f"{int(value).bit_length()} bits") from None
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {v}")
+    if abs(v) > torch.finfo(dtype).max:
+        raise ValueError(f"{name} = {v} is not representable in {str(dtype)[6:]} "
+                         f"(|{name}| must be <= {torch.finfo(dtype).max:.4g})")
+    if (low is not None and (v <= low if low_open else v < low)) or \
+            (high is not None and (v >= high if high_open else v > high)):
+        raise ValueError(f"{name} must lie in {_span(low, high, low_open, high_open)}, got {v}")
+    return v
+
+
+def finite_values(name: str, t: torch.Tensor, *, low=None, high=None, low_open=False, high_open=False,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Every entry of float tensor ``t`` is finite, within the bounds and representable in
+    ``dtype`` (the ``finite_float`` rules, per entry; one device sync). Returns ``t``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {str(t.dtype)[6:]}")
+    if t.numel() == 0 or capturing():
+        return t
+    v = t.detach().double()
+    bad = ~torch.isfinite(v) | (v.abs() > torch.finfo(dtype).max)
+    if low is not None:
+        bad |= (v <= low) if low_open else (v < low)
+    if high is not None:
+        bad |= (v >= high) if high_open else (v > high)
+    if bool(bad.any()):
+        first = tuple(int(i) for i in bad.nonzero()[0])
+        where = first[0] if len(first) == 1 else first
+        raise ValueError(f"{name}[{where}] = {t[first].item()} must be finite, representable in {str(dtype)[6:]} "
+                         f"and lie in {_span(low, high, low_open, high_open)}")
+    return t
+
+
+def index_tensor(name: str, t, *, ndim: int | Iterable[int] | None = None, dtypes=(torch.int32, torch.int64),
+                 low: int | None = INT32_MIN, high: int | None = INT32_MAX + 1, optional=False,
+                 cast: torch.dtype | None = None) -> torch.Tensor | None:
+    """Check an index/length tensor (ids, offsets, lengths) and return it ready for a kernel.
+
+    ``t`` must be a tensor of the given rank(s) with an integer dtype in ``dtypes`` (float,
+    bool or complex ids raise ValueError naming ``name``); its values must lie in
+    ``[low, high)`` (default: the int32 range the kernels index with; one device sync,
+    skipped for an empty tensor or while a CUDA graph is captured; None drops a bound).
+    Returns ``t`` contiguous (kernels index it as a flat array: a ``[::2]`` view would read
+    the wrong entries), cast to ``cast`` when given.
+    """
+    if t is None and optional:
+        return None
+    tensor(name, t, ndim=ndim)
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must be an integer tensor of dtype {_dtype_names(dtypes)}, "
+                         f"got {str(t.dtype).removeprefix('torch.')}")
+    info = torch.iinfo(t.dtype)
+    # Bounds the dtype cannot reach need no check (and would wrap if compared in it).
+    check_low = low is not None and low > info.min
+    check_high = high is not None and high <= info.max
+    if t.numel() and (check_low or check_high) and not capturing():
+        bad = torch.zeros((), dtype=torch.bool, device=t.device)
+        if check_low:
+            bad = bad | (t < low).any()
+        if check_high:
+            bad = bad | (t >= high).any()
+        if bool(bad):
+            raise ValueError(f"{name} must lie in [{'-inf' if low is None else low}, {'inf' if high is None else high})"
+                             f", got values in [{int(t.min())}, {int(t.max())}]")
+    if cast is not None and t.dtype != cast:
+        t = t.to(cast)
+    return t.contiguous()
