@@ -117,9 +117,10 @@ def finite_float(name: str, value, *, low=None, high=None, low_open=False, high_
     if abs(v) > torch.finfo(dtype).max:
         raise ValueError(f"{name} = {v} is not representable in {str(dtype)[6:]} "
                          f"(|{name}| must be <= {torch.finfo(dtype).max:.4g})")
-    if (low is not None and (v <= low if low_open else v < low)) or \
-            (high is not None and (v >= high if high_open else v > high)):
-        raise ValueError(f"{name} must lie in {_span(low, high, low_open, high_open)}, got {v}")
+    if low is not None and (v <= low if low_open else v < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {v}")
+    if high is not None and (v >= high if high_open else v > high):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {v}")
     return v
 
 
@@ -142,8 +143,14 @@ def finite_values(name: str, t: torch.Tensor, *, low=None, high=None, low_open=F
     if bool(bad.any()):
         first = tuple(int(i) for i in bad.nonzero()[0])
         where = first[0] if len(first) == 1 else first
-        raise ValueError(f"{name}[{where}] = {t[first].item()} must be finite, representable in {str(dtype)[6:]} "
-                         f"and lie in {_span(low, high, low_open, high_open)}")
+        value = t[first].item()
+        if value != value or abs(value) == float("inf"):
+            why = "is not finite"
+        elif abs(value) > torch.finfo(dtype).max:
+            why = f"is not representable in {str(dtype)[6:]}"
+        else:
+            why = f"is outside {_span(low, high, low_open, high_open)}"
+        raise ValueError(f"{name}[{where}] = {value} {why}")
     return t
 
 
@@ -163,7 +170,7 @@ def index_tensor(name: str, t, *, ndim: int | Iterable[int] | None = None, dtype
         return None
     tensor(name, t, ndim=ndim)
     if t.dtype not in dtypes:
-        raise ValueError(f"{name} must be an integer tensor of dtype {_dtype_names(dtypes)}, "
+        raise ValueError(f"{name} must be one of {_dtype_names(dtypes)} (an integer index tensor), "
                          f"got {str(t.dtype).removeprefix('torch.')}")
     info = torch.iinfo(t.dtype)
     # Bounds the dtype cannot reach need no check (and would wrap if compared in it).

@@ -1,4 +1,5 @@
 """The shared argument checks in fastdf.ops._checks (knobs and index tensors)."""
+
 import pytest
 import torch
 
@@ -21,24 +22,29 @@ def test_finite_float_accepts_and_bounds():
     assert _checks.finite_float("knob", 7e4, dtype=torch.float64) == 7e4
     with pytest.raises(ValueError, match="knob"):
         _checks.finite_float("knob", 7e4, dtype=torch.float16)
-    with pytest.raises(ValueError, match=r"knob must lie in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"knob must be > 0"):
         _checks.finite_float("knob", 0.0, low=0, high=1, low_open=True)
     assert _checks.finite_float("knob", 1.0, low=0, high=1, low_open=True) == 1.0
     with pytest.raises(ValueError, match="knob"):
         _checks.finite_float("knob", 1.0, low=0, high=1, high_open=True)
+    with pytest.raises(ValueError, match="knob must be <= 1"):
+        _checks.finite_float("knob", 2, low=0, high=1)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
-def test_finite_values_names_the_entry(bad):
+@pytest.mark.parametrize("bad,why", [(float("nan"), "not finite"), (float("inf"), "not finite"),
+                                     (-1.0, r"outside \[0, inf\)")])
+def test_finite_values_names_the_entry(bad, why):
     t = torch.tensor([0.5, 1.0, bad])
-    with pytest.raises(ValueError, match=r"temp\[2\]"):
+    with pytest.raises(ValueError, match=rf"temp\[2\] = .* {why}"):
         _checks.finite_values("temp", t, low=0)
     assert _checks.finite_values("temp", t[:2], low=0) is not None
     assert _checks.finite_values("temp", torch.empty(0), low=0).numel() == 0
     with pytest.raises(ValueError, match="temp"):
         _checks.finite_values("temp", torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match=r"temp\[0\] = 1e\+300 is not representable in float32"):
         _checks.finite_values("temp", torch.tensor([1e300], dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"temp\[\(1, 0\)\]"):
+        _checks.finite_values("temp", torch.tensor([[1.0], [float("nan")]]))
 
 
 def test_index_tensor_makes_views_contiguous():
