@@ -1,0 +1,220 @@
+"""fastdf as a drop-in backend for diffusers' SkyReels-V2 Diffusion Forcing transformer.
+
+::
+
+    import fastdf.integrations.diffusers as fdd
+    pipe = SkyReelsV2DiffusionForcingPipeline.from_pretrained(
+        "Skywork/SkyReels-V2-DF-1.3B-540P-Diffusers", torch_dtype=torch.bfloat16)
+    fdd.apply(pipe.transformer)          # in place; fdd.remove(pipe.transformer) undoes it
+
+``apply`` switches a ``SkyReelsV2Transformer3DModel`` (diffusers 0.42.1) to fastdf:
+
+- self-attention (every block's ``attn1``) through :func:`fastdf.df_attention` with
+  ``frame_size = tokens per latent frame x num_frame_per_block`` (frame-block causal; plain
+  bidirectional attention when ``num_frame_per_block == 1``), keeping the QK-norm, the
+  rotary embedding and the projections. Installed with diffusers' public
+  ``set_attn_processor``; the cross-attention (text, and image through
+  ``added_kv_proj_dim``) keeps diffusers' processor;
+- the AdaLN modulation of every block and of the output norm read per frame through
+  :func:`fastdf.adaln_modulate` / :func:`fastdf.gated_residual` with the model's fp32
+  semantics (norm and modulation in fp32, cast back; residuals in fp32);
+- no ``[L, L]`` mask and no per-token ``[B, 6, L, C]`` modulation table is built.
+
+The forward of the transformer and of its blocks is replaced per instance through
+diffusers' ``HookRegistry`` (a ``ModelHook`` with ``new_forward`` named ``"fastdf"``), so
+hooks added afterwards (group offloading, caches) wrap the fastdf forward, and ``remove``
+restores the stock forwards and processors. ``num_frame_per_block`` is read at every call
+(the pipelines change it with ``causal_block_size``).
+
+Served: ``enable_diffusion_forcing`` True/False, ``inject_sample_info`` (fps), image
+conditioning, batches, fp32/fp16/bf16 (and fp64 on the torch backend), autograd,
+``gradient_checkpointing``, LoRA scale through ``attention_kwargs``. One difference where
+the stock model fails: with fps, diffusion forcing and several fps values in a batch the
+stock forward raises; here row b uses ``fps[b]``.
+
+Refused with ValueError, nothing changed: a model that is not the stock class (a subclass
+overriding a forward, blocks or norms replaced), diffusers hooks already on the transformer
+or its blocks (a ``new_forward`` would bypass them: apply fastdf first), a self-attention
+processor other than diffusers' ``SkyReelsV2AttnProcessor`` (custom processors, context
+parallelism), a model already applied, and ``cache=True`` (not implemented yet).
+At call time, inputs the stock forward cannot serve either (timestep shapes that do not
+match the latent frames, frames not a multiple of ``num_frame_per_block``, a missing fps)
+raise ValueError naming the argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+try:
+    import diffusers as _diffusers
+    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.models.normalization import FP32LayerNorm
+    from diffusers.models.transformers.transformer_skyreels_v2 import (
+        SkyReelsV2Attention,
+        SkyReelsV2AttnProcessor,
+        SkyReelsV2Transformer3DModel,
+        SkyReelsV2TransformerBlock,
+    )
+    from diffusers.utils import apply_lora_scale
+except ImportError as exc:  # pragma: no cover - exercised only without diffusers
+    raise ImportError("fastdf.integrations.diffusers needs diffusers: pip install 'fastdf[diffusers]' "
+                      "(tested with diffusers==0.42.1)") from exc
+
+from . import _skyreels
+from ._skyreels import FastdfSkyReelsAttnProcessor, FrameLayout
+
+__all__ = ["apply", "remove", "is_applied", "FastdfSkyReelsAttnProcessor", "FrameLayout", "HOOK_NAME"]
+
+HOOK_NAME = "fastdf"
+TESTED_DIFFUSERS = "0.42"
+_STATE = "_fastdf_state"
+
+if not _diffusers.__version__.startswith(TESTED_DIFFUSERS + "."):
+    warnings.warn(f"fastdf.integrations.diffusers mirrors the SkyReels-V2 forward of diffusers {TESTED_DIFFUSERS}.x; "
+                  f"diffusers {_diffusers.__version__} is installed. Compare outputs with the stock model before "
+                  "relying on it.", stacklevel=2)
+
+_lora_forward = apply_lora_scale("attention_kwargs")(_skyreels.transformer_forward)
+
+
+class _TransformerHook(ModelHook):
+    """Replaces ``SkyReelsV2Transformer3DModel.forward`` (no mask, per-frame tables)."""
+
+    def new_forward(self, module, *args, **kwargs):
+        return _lora_forward(module, *args, **kwargs)
+
+
+class _BlockHook(ModelHook):
+    """Replaces ``SkyReelsV2TransformerBlock.forward`` (per-frame AdaLN, fastdf attention)."""
+
+    def new_forward(self, module, *args, **kwargs):
+        return _skyreels.block_forward(module, *args, **kwargs)
+
+
+@dataclasses.dataclass
+class _State:
+    processors: dict  # attn1 processor name -> the processor apply replaced
+    new_registries: list  # modules whose HookRegistry apply created (dropped again by remove)
+
+
+def _hooks(module) -> list[str]:
+    registry = getattr(module, "_diffusers_hook", None)
+    return list(registry.hooks) if registry is not None else []
+
+
+def _refusal(model) -> str | None:
+    """Why apply cannot serve this model exactly (None if it can)."""
+    if type(model).forward is not SkyReelsV2Transformer3DModel.forward:
+        return f"{type(model).__name__} overrides SkyReelsV2Transformer3DModel.forward"
+    if getattr(model, _STATE, None) is not None:
+        return "fastdf is already applied to this transformer (call remove first)"
+    modules = [("transformer", model)] + [(f"blocks.{i}", b) for i, b in enumerate(model.blocks)]
+    for name, module in modules:
+        if _hooks(module):
+            return (f"{name} has diffusers hooks {_hooks(module)}; fastdf replaces the forward and would bypass them. "
+                    "Apply fastdf first, then enable caching/offloading")
+        if "forward" in module.__dict__:
+            return f"{name}.forward was replaced on the instance"
+    if not isinstance(model.norm_out, FP32LayerNorm):
+        return f"norm_out is a {type(model.norm_out).__name__}, not diffusers' FP32LayerNorm"
+    for i, block in enumerate(model.blocks):
+        if type(block) is not SkyReelsV2TransformerBlock:
+            return f"blocks.{i} is a {type(block).__name__}, not SkyReelsV2TransformerBlock"
+        for norm in ("norm1", "norm3"):
+            if not isinstance(getattr(block, norm), FP32LayerNorm):
+                return f"blocks.{i}.{norm} is a {type(getattr(block, norm)).__name__}, not FP32LayerNorm"
+        attn = block.attn1
+        if type(attn) is not SkyReelsV2Attention or attn.is_cross_attention or attn.add_k_proj is not None:
+            return f"blocks.{i}.attn1 is not a SkyReelsV2Attention self-attention"
+        processor = attn.processor
+        if type(processor) is not SkyReelsV2AttnProcessor:
+            return (f"blocks.{i}.attn1 uses {type(processor).__name__}; fastdf replaces diffusers' "
+                    "SkyReelsV2AttnProcessor only")
+        if getattr(processor, "_parallel_config", None) is not None:
+            return f"blocks.{i}.attn1 runs context-parallel attention, which fastdf does not serve"
+    return None
+
+
+def is_applied(transformer) -> bool:
+    """Whether :func:`apply` is in effect on ``transformer``."""
+    return getattr(transformer, _STATE, None) is not None
+
+
+def apply(transformer, *, cache: bool = False):
+    """Switch ``transformer`` (a diffusers ``SkyReelsV2Transformer3DModel``) to fastdf, in
+    place, and return it. See the module docstring for what changes and what is refused.
+
+    Args:
+        transformer: the model (e.g. ``pipe.transformer``).
+        cache: reuse of unchanged leading frame blocks across calls; not implemented yet
+            (True raises ValueError).
+
+    Raises:
+        TypeError: ``transformer`` is not a ``SkyReelsV2Transformer3DModel`` or ``cache`` is
+            not a bool.
+        ValueError: the model or configuration cannot be served exactly (the model is left
+            unchanged).
+    """
+    if not isinstance(transformer, SkyReelsV2Transformer3DModel):
+        raise TypeError(f"transformer must be a diffusers SkyReelsV2Transformer3DModel, got {type(transformer).__name__}")
+    if not isinstance(cache, bool):
+        raise TypeError(f"cache must be a bool, got {type(cache).__name__}")
+    if cache:
+        raise ValueError("cache=True (reuse of unchanged leading frame blocks) is not implemented yet; "
+                         "use apply(transformer) without it")
+    reason = _refusal(transformer)
+    if reason is not None:
+        raise ValueError(f"transformer: {reason}")
+
+    processors = transformer.attn_processors
+    saved = {name: p for name, p in processors.items() if name.endswith(".attn1.processor")}
+    new_registries = [m for m in (transformer, *transformer.blocks) if not hasattr(m, "_diffusers_hook")]
+    transformer.set_attn_processor(
+        {name: FastdfSkyReelsAttnProcessor() if name in saved else p for name, p in processors.items()})
+    for block in transformer.blocks:
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(), HOOK_NAME)
+    registry = HookRegistry.check_if_exists_or_initialize(transformer)
+    registry.register_hook(_TransformerHook(), HOOK_NAME)
+    registry.invalidate_child_registries_cache()
+    setattr(transformer, _STATE, _State(processors=saved, new_registries=new_registries))
+    return transformer
+
+
+def remove(transformer) -> None:
+    """Undo :func:`apply`: the stock forwards and self-attention processors come back (hooks
+    registered after ``apply`` stay, now wrapping the stock forwards).
+
+    Raises:
+        TypeError: ``transformer`` is not a ``SkyReelsV2Transformer3DModel``.
+        ValueError: fastdf is not applied to it.
+    """
+    if not isinstance(transformer, SkyReelsV2Transformer3DModel):
+        raise TypeError(f"transformer must be a diffusers SkyReelsV2Transformer3DModel, got {type(transformer).__name__}")
+    state = getattr(transformer, _STATE, None)
+    if state is None:
+        raise ValueError("transformer: fastdf is not applied to it")
+
+    transformer._diffusers_hook.remove_hook(HOOK_NAME, recurse=True)
+    for module in (transformer, *transformer.blocks):
+        # remove_hook leaves the stock bound method as an instance attribute; drop it so the
+        # module is exactly as before (only when no later hook is wrapping it).
+        bound = module.__dict__.get("forward")
+        if (not _hooks(module) and bound is not None and getattr(bound, "__self__", None) is module
+                and getattr(bound, "__func__", None) is type(module).forward):
+            del module.__dict__["forward"]
+    for module in state.new_registries:
+        if hasattr(module, "_diffusers_hook") and not _hooks(module):
+            del module._diffusers_hook
+    if hasattr(transformer, "_diffusers_hook"):
+        transformer._diffusers_hook.invalidate_child_registries_cache()
+
+    processors = transformer.attn_processors
+    transformer.set_attn_processor({
+        name: state.processors[name] if isinstance(p, FastdfSkyReelsAttnProcessor) and name in state.processors else p
+        for name, p in processors.items()
+    })
+    delattr(transformer, _STATE)
