@@ -269,6 +269,8 @@ def gmm(x, w, offs, out, *, rows=None, tw=None, slot=None, glu_act=None, h=None)
     S_out, N = out.shape
     E, K = w.shape[0], w.shape[1]
     glu = glu_act is not None
+    # The kernel indexes these as flat arrays (no strides): a view must not reach it.
+    offs, rows, slot = (t.contiguous() if t is not None else None for t in (offs, rows, slot))
     rows_t = rows if rows is not None else offs
     tw_t = tw if tw is not None else w
     slot_t = slot if slot is not None else offs
@@ -353,6 +355,8 @@ def gmm_dw(x, dy, offs, ids, dw, *, x_rows=None, dy_rows=None):
     E_t, K, N = dw.shape
     if E_t == 0:
         return dw
+    # The kernel indexes these as flat arrays (no strides): a view must not reach it.
+    offs, ids, x_rows, dy_rows = (t.contiguous() if t is not None else None for t in (offs, ids, x_rows, dy_rows))
     S = x_rows.shape[0] if x_rows is not None else x.shape[0]
 
     def grid(meta):

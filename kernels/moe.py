@@ -37,6 +37,7 @@ def combine(y, inverse, weights, out):
     """out [T, H] = per-token (weighted) sum of the K rows of ``y`` at ``inverse`` [T * K]."""
     T, H = out.shape
     KS = inverse.numel() // max(T, 1)
+    inverse = inverse.contiguous()  # read as a flat [T * K] array
     w = weights if weights is not None else out
     block_h = min(triton.next_power_of_2(max(H, 16)), 256)
     block_t = max(1, 2048 // block_h)
@@ -63,6 +64,7 @@ def _gather_kernel(x_ptr, rows_ptr, out_ptr, S, H, s_xm, s_xh, s_om, s_oh, BS: t
 def gather(x, rows, out):
     """out[s] = x[rows[s]] (only the unfused-activation path needs the gather on its own)."""
     S, H = out.shape
+    rows = rows.contiguous()  # read as a flat array
     block_h = min(triton.next_power_of_2(max(H, 16)), 256)
     block_s = max(1, 2048 // block_h)
     grid = (triton.cdiv(S, block_s), triton.cdiv(H, block_h))
@@ -110,6 +112,7 @@ def glu_backward(h, da, w_sorted, act, dh, dw, aw=None):
     """Fill dh [S, 2I], dw [S] (fp32) and, if given, aw [S, I] from h [S, 2I] and da [S, I]."""
     S, I2 = h.shape
     I = I2 // 2
+    w_sorted = w_sorted.contiguous()  # read as a flat [S] array
     block_i = min(triton.next_power_of_2(max(I, 16)), 128)
     block_s = 16
     a_t = aw if aw is not None else da

@@ -47,8 +47,7 @@ def grouped_mm_reference(x: Tensor, w: Tensor, offs: Tensor, *, trainable_w: Ten
 
 # ---------------------------------------------------------------------------- value checks
 
-def _capturing() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+_capturing = _checks.capturing
 
 
 def check_offs_values(offs: Tensor, rows: int, trainable_ids: Tensor | None, num_experts: int):
@@ -232,7 +231,7 @@ def check_trainable(num_experts, *, ids_name, ids, pairs, ref):
         if given:
             raise ValueError(f"{given[0]} needs {ids_name} (which experts its rows belong to)")
         return
-    _checks.tensor(ids_name, ids, ndim=1, dtypes=(torch.int64,))
+    _checks.index_tensor(ids_name, ids, ndim=1, dtypes=(torch.int64,), low=None, high=None)
     missing = [name for name, t, *_ in pairs if t is None]
     if missing:
         raise ValueError(f"{ids_name} needs {missing[0]} (the compact weights of those experts)")
@@ -268,7 +267,8 @@ def grouped_mm(x: Tensor, w: Tensor, offs: Tensor, *, trainable_w: Tensor | None
     """
     _checks.tensor("x", x, ndim=2, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
     _checks.tensor("w", w, ndim=3)
-    _checks.tensor("offs", offs, ndim=1, dtypes=(torch.int32,))
+    # Kernels index offs and trainable_ids as flat arrays: views (offs[::2]) are copied here.
+    offs = _checks.index_tensor("offs", offs, ndim=1, dtypes=(torch.int32,), low=None, high=None)
     _checks.same_device(x=x, w=w, offs=offs)
     _checks.same_dtype(x=x, w=w)
     if w.shape[1] != x.shape[1]:
@@ -278,4 +278,6 @@ def grouped_mm(x: Tensor, w: Tensor, offs: Tensor, *, trainable_w: Tensor | None
     _checks.shape("offs", offs, (w.shape[0],), what="([E], one cumulative row end per expert of w)")
     check_trainable(w.shape[0], ids_name="trainable_ids", ids=trainable_ids, ref=("x", x),
                     pairs=[("trainable_w", trainable_w, tuple(w.shape[1:]), w.dtype)])
+    if trainable_ids is not None:
+        trainable_ids = trainable_ids.contiguous()
     return _gmm_op(x, w, offs, trainable_w, trainable_ids)

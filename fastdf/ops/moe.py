@@ -109,8 +109,8 @@ def moe_combine_reference(y: Tensor, inverse: Tensor, weights: Tensor | None) ->
     rows = y[inverse.reshape(-1).long()].view(T, K, y.shape[1]).to(acc)
     if weights is not None:
         rows = rows * weights.to(acc).unsqueeze(-1)
-    out = rows[:, 0]
-    for k in range(1, K):
+    out = torch.zeros((T, y.shape[1]), dtype=acc, device=y.device)  # K = 0 slots: zeros, as the kernels give
+    for k in range(K):
         out = out + rows[:, k]
     return out.to(y.dtype)
 
@@ -192,12 +192,17 @@ def moe_route(topk_ids: Tensor, num_experts: int):
     Returns int32 ``order`` [T*K] (sorted position -> pair ``t*K + k``), ``inverse`` [T, K]
     (pair -> sorted position) and ``offs`` [E] (cumulative row ends per expert, as
     ``grouped_mm`` takes them). Ids outside ``[0, num_experts)`` sort to the tail."""
-    _checks.tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int64, torch.int32))
-    _checks.number("num_experts", num_experts, low=1, integer=True)
+    topk_ids = _checks.index_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int64, torch.int32), low=None,
+                                    high=None)
+    # offs and the sorted positions are int32.
+    _checks.number("num_experts", num_experts, low=1, high=_checks.INT32_MAX, integer=True)
+    if topk_ids.numel() > _checks.INT32_MAX:
+        raise ValueError(f"topk_ids has {topk_ids.numel()} pairs; at most {_checks.INT32_MAX} fit the int32 routing")
     return _route_op(topk_ids, num_experts)
 
 
 def _gather_rows_cuda(x, rows):
+    rows = rows.contiguous()  # read as a flat array
     out = _alloc.empty((rows.numel(), x.shape[1]), dtype=x.dtype, device=x.device)
     if out.numel():
         _native.module().moe_gather(
@@ -325,10 +330,13 @@ _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 def moe_combine(y: Tensor, inverse: Tensor, weights: Tensor | None = None) -> Tensor:
     """``out[t] = sum_k weights[t, k] * y[inverse[t, k]]`` ([T, H], y's dtype), accumulated in
-    fp32 with each token's slots summed in order: deterministic, no atomics."""
+    fp32 with each token's slots summed in order: deterministic, no atomics. ``inverse``
+    int32 ``[T, K]`` must index rows of ``y`` (checked: ValueError); ``K = 0`` gives zeros."""
     _checks.tensor("y", y, ndim=2, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
-    _checks.tensor("inverse", inverse, ndim=2, dtypes=(torch.int32,))
-    _checks.tensor("weights", weights, ndim=2, optional=True)
+    _checks.tensor("weights", weights, ndim=2, dtypes=_checks.FLOAT_DTYPES + (torch.float64,), optional=True)
+    _checks.same_device(y=y, inverse=_checks.tensor("inverse", inverse), weights=weights)
+    # An index past y would read out of bounds in the kernels: refused here (one sync).
+    inverse = _checks.index_tensor("inverse", inverse, ndim=2, dtypes=(torch.int32,), low=0, high=y.shape[0])
     if weights is not None:
         _checks.shape("weights", weights, tuple(inverse.shape), what="(the shape of inverse)")
     return _combine_op(y, inverse, weights)
@@ -636,7 +644,9 @@ def moe_experts(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up:
         (deterministic). Differentiable in ``hidden``, ``topk_weights`` and the weights.
     """
     _checks.tensor("hidden", hidden, ndim=2, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
-    _checks.tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int64, torch.int32))
+    # Values (in [0, E)) are checked inside the op, together with trainable_ids (one sync).
+    topk_ids = _checks.index_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int64, torch.int32), low=None,
+                                    high=None)
     _checks.tensor("topk_weights", topk_weights, ndim=2, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
     _checks.tensor("gate_up", gate_up, ndim=3)
     _checks.tensor("down", down, ndim=3)
@@ -654,6 +664,8 @@ def moe_experts(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up:
         ("trainable_gate_up", trainable_gate_up, tuple(gate_up.shape[1:]), gate_up.dtype),
         ("trainable_down", trainable_down, tuple(down.shape[1:]), down.dtype),
     ])
+    if trainable_ids is not None:
+        trainable_ids = trainable_ids.contiguous()  # indexed as a flat array by the kernels
     code, fn = resolve_act(act)
     if code is None:
         return _moe_composite(hidden, topk_ids, topk_weights, gate_up, down, fn, trainable_ids, trainable_gate_up,

@@ -111,7 +111,8 @@ def sample_reference(logits: Tensor, uniforms: Tensor, temperature: Tensor, top_
         by_row = torch.argsort(inverse, stable=True)
         counts = torch.bincount(inverse, minlength=cw.shape[0])
         slot = torch.arange(inverse.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[inverse[by_row]]
-        targets = torch.zeros(cw.shape[0], int(counts.max()), dtype=acc, device=x.device)
+        widest = int(counts.max()) if counts.numel() else 0  # no indices: no samples
+        targets = torch.zeros(cw.shape[0], widest, dtype=acc, device=x.device)
         targets[inverse[by_row], slot] = uniforms.to(acc)[by_row] * cw[inverse[by_row], -1]
         found = torch.searchsorted(cw, targets, right=True)
         pick = torch.empty_like(inverse)
@@ -174,29 +175,30 @@ def _(logits, uniforms, indices, temperature, top_k, top_p, min_p, *scalars):
 
 
 def _knob(name, value, rows, device, *, integer, low, high, low_open=False, check):
-    """(tensor or None, scalar) for one knob; tensors are cast to the kernel's dtype."""
+    """(tensor or None, scalar) for one knob; tensors are cast to the kernel's dtype.
+
+    Scalars are always checked (float knobs: finite and representable in float32, the
+    dtype the kernels compute in). Tensor values are checked when ``check`` (one sync)."""
     if isinstance(value, torch.Tensor):
-        if integer and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
-            raise ValueError(f"{name} must be an integer tensor, got {str(value.dtype).removeprefix('torch.')}")
-        if not integer and not value.is_floating_point():
+        if integer:
+            if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+                raise ValueError(f"{name} must be an integer tensor, got {str(value.dtype).removeprefix('torch.')}")
+        elif not value.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got {str(value.dtype).removeprefix('torch.')}")
         _checks.shape(name, value, (rows,), what="(one entry per logits row)")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but logits is on {device}; put them on one device")
+        if integer:
+            # top_k is read as int64; larger values than V just mean "no cut".
+            value = _checks.index_tensor(name, value, dtypes=_checks.INT_DTYPES, low=low if check else None,
+                                         high=None, cast=torch.int64)
+            return value, 0
         if check:
-            bad = ~torch.isfinite(value) if not integer else torch.zeros_like(value, dtype=torch.bool)
-            bad |= (value <= low) if low_open else (value < low)
-            if high is not None:
-                bad |= value > high
-            if bool(bad.any()):
-                first = int(bad.nonzero()[0, 0])
-                span = f"{'(' if low_open else '['}{low}, {high if high is not None else 'inf'}]"
-                raise ValueError(f"{name}[{first}] = {value[first].item()} is outside {span}")
-        return value.to(torch.int64 if integer else torch.float32).contiguous(), (0 if integer else 0.0)
-    _checks.number(name, value, low=low, high=high, low_open=low_open, integer=integer)
-    if not integer and not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return None, value
+            _checks.finite_values(name, value, low=low, high=high, low_open=low_open)
+        return value.to(torch.float32).contiguous(), 0.0
+    if integer:
+        return None, _checks.number(name, value, low=low, high=high, low_open=low_open, integer=True)
+    return None, _checks.finite_float(name, value, low=low, high=high, low_open=low_open)
 
 
 def sample(logits: Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
@@ -207,15 +209,19 @@ def sample(logits: Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
         logits: ``[B, V]`` float32/float16/bfloat16 (float64 on the torch backend); any
             strides. ``-inf`` bans a token.
         temperature: ``>= 0`` (0 = argmax for that row). A Python number or a ``[B]`` tensor.
+            Float knobs must be finite and representable in float32 (NaN, inf or 1e300
+            raise ValueError; for tensors when ``check_nan``).
         top_k: ``>= 0`` (0 or ``>= V`` = no cut). Number or ``[B]`` integer tensor.
         top_p: in ``(0, 1]`` (1 = no cut). Number or ``[B]`` tensor.
         min_p: in ``[0, 1]`` (0 = no cut). Number or ``[B]`` tensor.
         generator: a ``torch.Generator`` for reproducible draws: one uniform per output is
             drawn from it with ``torch.rand`` (on the generator's device), so a seeded
-            generator gives the same tokens on every run of the same backend.
+            generator gives the same tokens on every run of the same backend. It must live
+            on the CPU or on logits' device (ValueError otherwise).
         indices: optional int64 ``[N]``: output ``i`` samples row ``indices[i]`` (many
             samples of one shared row, e.g. the first token of k proofs of one prompt);
-            knobs stay per logits row. The output then has ``N`` entries.
+            knobs stay per logits row. The output then has ``N`` entries (``N = 0``: an
+            empty result).
         check_nan: ``True`` (default) checks values on the host (one device sync): NaN or
             ``+inf`` logits, rows with no finite logit, knob tensors out of range and
             indices out of range raise ``ValueError``. ``False`` skips the checks (no sync,
@@ -244,12 +250,18 @@ def sample(logits: Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
     if indices is not None:
         _checks.tensor("indices", indices, ndim=1, dtypes=(torch.int64,))
         _checks.same_device(logits=logits, indices=indices)
+        # The kernel reads indices as a flat array (a [::2] view is copied); rows of logits.
+        indices = _checks.index_tensor("indices", indices, dtypes=(torch.int64,), low=0 if check_nan else None,
+                                       high=rows if check_nan else None)
         n = indices.shape[0]
-        if check_nan and n and bool(((indices < 0) | (indices >= rows)).any()):
-            raise ValueError(f"indices must lie in [0, {rows}) (rows of logits)")
-        indices = indices.contiguous()
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        # The draws are made on the generator's device, then moved: only the CPU or logits'
+        # own device make sense (a generator on another GPU would be a silent cross-device copy).
+        if generator.device.type != "cpu" and generator.device != device:
+            raise ValueError(f"generator is on {generator.device} but logits is on {device}; "
+                             f"use a generator on {device} or on the CPU")
     gen_device = generator.device if generator is not None else device
     uniforms = torch.rand(n, generator=generator, device=gen_device, dtype=torch.float32).to(device)
     ids, status = _sample_op(logits, uniforms, indices, temperature, top_k, top_p, min_p, float(t_v), int(k_v),
