@@ -165,6 +165,8 @@ def _row_config(C):
 
 def _chunks(B, F, S, rows):
     """Tokens per backward program (a multiple of ``rows``) and chunks per frame."""
+    if B * F == 0 or S == 0:
+        return rows, 0  # no tokens: no programs, the per-frame sums are empty (zero)
     want = max(1, triton.cdiv(TARGET_PROGRAMS, B * F))
     tok = triton.cdiv(triton.cdiv(S, want), rows) * rows
     return tok, triton.cdiv(S, tok)

@@ -77,7 +77,7 @@ def gated_residual_reference(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
 
 def _stats_torch(x, rms, eps):
     xf = x.to(_acc(x.dtype))
-    mean = torch.zeros_like(xf[..., 0]) if rms else xf.mean(-1)
+    mean = xf.new_zeros(xf.shape[:-1]) if rms else xf.mean(-1)
     rstd = torch.rsqrt((xf - mean[..., None]).square().mean(-1) + eps)
     return mean, rstd
 
@@ -307,7 +307,8 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, *, norm: str = "laye
             sample). Any float dtype (e.g. fp32 tables with bf16 x).
         norm: ``"layer"`` (LayerNorm) or ``"rms"`` (RMSNorm) over C; statistics in fp32.
         weight, bias: optional ``[C]`` affine of the norm.
-        eps: added to the variance (mean square for RMS).
+        eps: added to the variance (mean square for RMS): finite, ``>= 0`` and
+            representable in float32 (ValueError otherwise).
 
     Returns:
         ``[B, T, C]`` in x's dtype. Differentiable in x, shift, scale, weight and bias; the
@@ -325,8 +326,9 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, *, norm: str = "laye
             _checks.tensor(name, t, ndim=1, dtypes=_DTYPES)
             _checks.shape(name, t, (x.shape[-1],), what="([C] with x's C)")
     _checks.same_device(x=x, shift=shift, scale=scale, weight=weight, bias=bias)
-    _checks.number("eps", eps, low=0)
-    y, _, _ = _modulate_op(x, shift, scale, weight, bias, norm == "rms", float(eps))
+    # The kernels add eps in fp32: NaN, inf or 1e300 would silently turn into NaN/zeros.
+    eps = _checks.finite_float("eps", eps, low=0)
+    y, _, _ = _modulate_op(x, shift, scale, weight, bias, norm == "rms", eps)
     return y
 
 
