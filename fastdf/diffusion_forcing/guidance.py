@@ -4,10 +4,11 @@ history guidance (classifier-free guidance with the history masked by full noise
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Callable
 
 import torch
+
+from ..ops import _checks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,8 +29,8 @@ class RewardGuidance:
     def __post_init__(self):
         if not callable(self.reward):
             raise TypeError(f"reward must be callable, got {type(self.reward).__name__}")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise TypeError(f"scale must be a finite number, got {self.scale!r}")
+        # Finite in float32: the gradient step is taken in the frames' dtype.
+        _checks.finite_float("scale", self.scale)
 
     def __call__(self, x0: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
@@ -38,7 +39,10 @@ class RewardGuidance:
             if not isinstance(value, torch.Tensor) or not value.requires_grad:
                 raise ValueError("reward must return a tensor that is differentiable in x0 "
                                  f"(got {type(value).__name__}{'' if not isinstance(value, torch.Tensor) else ' without grad'})")
-            (grad,) = torch.autograd.grad(value.sum(), leaf)
+            (grad,) = torch.autograd.grad(value.sum(), leaf, allow_unused=True)
+        if grad is None:
+            raise ValueError("reward's value does not depend on x0 (no gradient reaches the frames); "
+                             "compute the reward from its x0 argument")
         return x0 + self.scale * grad.to(x0.dtype)
 
 
@@ -53,8 +57,7 @@ class HistoryGuidance:
     weight: float
 
     def __post_init__(self):
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not math.isfinite(self.weight):
-            raise TypeError(f"weight must be a finite number, got {self.weight!r}")
+        _checks.finite_float("weight", self.weight)
 
 
 def parse(guidance) -> tuple[list[RewardGuidance], HistoryGuidance | None]:

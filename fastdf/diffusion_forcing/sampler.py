@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import types
 
 import torch
@@ -10,9 +11,9 @@ from tqdm.auto import tqdm
 
 from ..ops import _checks
 from . import guidance as _guidance
-from .matrix import scheduling_matrix, to_training_levels
+from .matrix import MAX_ENTRIES, scheduling_matrix, to_training_levels
 from .protocol import DFModel
-from .schedule import METHODS, NoiseSchedule, _check_prediction
+from .schedule import NoiseSchedule, _check_method, _check_prediction, _choice, check_generator
 
 CACHE_POLICIES = ("window", "rolling")
 
@@ -26,6 +27,12 @@ def _takes(fn, names) -> bool:
     except (TypeError, ValueError):
         return True
     return any(p.kind is p.VAR_KEYWORD for p in params.values()) or all(n in params for n in names)
+
+
+def _flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 class Sampler:
@@ -90,8 +97,8 @@ class Sampler:
             raise TypeError("model has no new_cache(batch, max_frames); pass kv_cache=False or implement DFModel")
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-        if cache_policy not in CACHE_POLICIES:
-            raise ValueError(f"cache_policy must be one of {', '.join(CACHE_POLICIES)}; got {cache_policy!r}")
+        _choice("cache_policy", cache_policy, CACHE_POLICIES)
+        _flag("kv_cache", kv_cache)
         if cache_policy == "rolling":
             window_kw = ("window_frames", "sink_frames")
             if not _takes(model, window_kw) or (kv_cache and not _takes(model.new_cache, window_kw)):
@@ -100,17 +107,23 @@ class Sampler:
         _checks.number("sampling_steps", sampling_steps, low=1, high=schedule.steps, integer=True)
         _checks.number("window_frames", window_frames, low=1, integer=True)
         _checks.number("sink_frames", sink_frames, low=0, high=window_frames - 1, integer=True)
-        if horizon is None:
+        default_horizon = horizon is None
+        if default_horizon:
             horizon = max(1, (window_frames - sink_frames) // 2)
         _checks.number("horizon", horizon, low=1, high=window_frames - sink_frames, integer=True)
         _checks.number("context_noise", context_noise, low=0, high=schedule.steps, integer=True)
         _check_prediction(prediction)
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-        _checks.number("eta", eta, low=0, high=1)
+        _check_method(method)
+        eta = _checks.finite_float("eta", eta, low=0, high=1)
         if uncertainty is None and scheduling in ("pyramid", "trapezoid"):
             uncertainty = 1.0
-        scheduling_matrix(scheduling, horizon, sampling_steps, uncertainty=uncertainty)  # validates
+        try:
+            scheduling_matrix(scheduling, horizon, sampling_steps, uncertainty=uncertainty)  # validates
+        except ValueError as err:
+            if not default_horizon or "horizon" not in str(err):
+                raise
+            raise ValueError(f"the default horizon (window_frames - sink_frames) // 2 = {horizon} is too large for a "
+                             f"scheduling matrix; pass horizon= or a smaller window_frames ({err})") from None
         self.model, self.schedule, self.sampling_steps = model, schedule, sampling_steps
         self.scheduling, self.uncertainty = scheduling, uncertainty
         self.window_frames, self.horizon, self.sink_frames = window_frames, horizon, sink_frames
@@ -121,6 +134,7 @@ class Sampler:
 
     def matrix(self, horizon: int) -> torch.Tensor:
         """The chunk scheduling matrix for ``horizon`` frames, in training levels (int64 [M, horizon])."""
+        _checks.number("horizon", horizon, low=1, high=self.horizon, integer=True)
         if horizon not in self._matrices:
             rows = scheduling_matrix(self.scheduling, horizon, self.sampling_steps, uncertainty=self.uncertainty)
             self._matrices[horizon] = to_training_levels(rows, self.sampling_steps, self.schedule.steps)
@@ -130,6 +144,8 @@ class Sampler:
         """Indices (into context + generated frames) of the history a chunk of ``chunk`` frames
         starting at frame ``before`` sees: all earlier frames if they fit, else the sinks and
         the latest frames that fill the window."""
+        _checks.number("before", before, low=0, integer=True)
+        _checks.number("chunk", chunk, low=1, high=self.horizon, integer=True)
         recent = self.window_frames - chunk
         if before <= recent:
             return list(range(before))
@@ -153,11 +169,20 @@ class Sampler:
         :class:`HistoryGuidance`, or a list of them. ``generator`` drives every random draw, in
         an order that does not depend on ``kv_cache``. ``progress`` shows a tqdm bar over the
         model calls.
+
+        Everything is checked before the first model call. An empty request is an error, as
+        everywhere in the toolkit: B = 0 (``context.shape[0]``) and ``num_frames = 0`` raise
+        ValueError (C = 0 context frames is fine).
         """
+        _checks.number("num_frames", num_frames, low=1, integer=True)
         _checks.tensor("context", context)
-        if context.dim() < 3 or not context.is_floating_point():
-            raise ValueError(f"context must be a floating tensor [B, C, *frame_shape] with at least one frame dim, "
-                             f"got {context.dtype} of shape {tuple(context.shape)}")
+        if context.dim() < 3:
+            raise ValueError(f"context must be [B, C, *frame_shape] with at least one frame dim, got shape "
+                             f"{tuple(context.shape)}")
+        if not context.is_floating_point():
+            raise TypeError(f"context must be a floating-point tensor, got {str(context.dtype).removeprefix('torch.')}")
+        if context.shape[0] == 0:
+            raise ValueError(f"context must hold at least one batch row (B >= 1), got shape {tuple(context.shape)}")
         if context.shape[1] > self.window_frames and self.cache_policy == "window":
             raise ValueError(f"context has {context.shape[1]} frames, longer than the window "
                              f"(window_frames={self.window_frames}); pass at most window_frames frames")
@@ -165,7 +190,11 @@ class Sampler:
         if expected is not None and tuple(context.shape[2:]) != tuple(expected):
             raise ValueError(f"context frames have shape {tuple(context.shape[2:])} but the model takes frames of "
                              f"shape {tuple(expected)} (model.frame_shape)")
-        _checks.number("num_frames", num_frames, low=1, integer=True)
+        # The output and its bookkeeping copies are single tensors: their element count must fit.
+        if context.shape[0] * math.prod(context.shape[2:]) * (context.shape[1] + num_frames) >= MAX_ENTRIES**2:
+            raise ValueError(f"num_frames={num_frames} is too large: the rollout's frames would not fit in one tensor")
+        check_generator(generator, context.device)
+        _flag("progress", progress)
         rewards, history_guidance = _guidance.parse(guidance)
         n_ctx = context.shape[1]
         batch, frame_shape, device, dtype = context.shape[0], tuple(context.shape[2:]), context.device, context.dtype

@@ -24,6 +24,10 @@ KINDS = ("cosine", "linear", "sigmoid")
 PREDICTIONS = ("eps", "v", "x0")
 WEIGHTINGS = ("uniform", "snr", "min_snr")
 METHODS = ("ddim", "ddpm")
+# The most noise levels a schedule (or a sampler) may have. Levels index float64 tables and
+# scheduling matrices, and ``level * schedule_steps`` must stay exact in int64; a million
+# levels is far beyond any published schedule (DDPM uses 1000).
+MAX_STEPS = 2**20
 
 
 def _betas(kind: str, steps: int) -> torch.Tensor:
@@ -70,7 +74,7 @@ class NoiseSchedule:
             raise TypeError(f"kind must be a str, got {type(kind).__name__}")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
-        _checks.number("steps", steps, low=1, integer=True)
+        _checks.number("steps", steps, low=1, high=MAX_STEPS, integer=True)
         self.kind, self.steps = kind, steps
         self.alphas_cumprod = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - _betas(kind, steps), 0)])
         self._tables: dict = {}
@@ -126,10 +130,12 @@ class NoiseSchedule:
     # ------------------------------------------------------------------ forward process
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-        """``sqrt(ab[levels]) * x0 + sqrt(1 - ab[levels]) * noise``; level 0 returns x0 exactly."""
-        _checks.tensor("x0", x0)
-        _checks.tensor("noise", noise)
-        _checks.shape("noise", noise, tuple(x0.shape), what="(the shape of x0)")
+        """``sqrt(ab[levels]) * x0 + sqrt(1 - ab[levels]) * noise``; level 0 returns x0 exactly.
+
+        ``x0`` and ``noise``: floating tensors of one shape, dtype and device (TypeError for an
+        integer or bool ``x0``: noise cannot be added to it without a silent cast)."""
+        _data("x0", x0)
+        _data("noise", noise, like=x0, like_name="x0")
         self.check_levels(levels, x0)
         a, s = self._coefs(levels, x0)
         return a * x0 + s * noise
@@ -137,7 +143,8 @@ class NoiseSchedule:
     def target(self, x0: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor, prediction: str) -> torch.Tensor:
         """What a model trained with ``prediction`` should output for ``add_noise(x0, noise, levels)``."""
         _check_prediction(prediction)
-        _checks.shape("noise", noise, tuple(x0.shape), what="(the shape of x0)")
+        _data("x0", x0)
+        _data("noise", noise, like=x0, like_name="x0")
         self.check_levels(levels, x0)
         return self._join(x0, noise, levels, prediction)
 
@@ -158,7 +165,8 @@ class NoiseSchedule:
         and eps (undefined there) is 0 for ``"x0"`` and follows the formulas otherwise."""
         _check_prediction(prediction)
         if check:
-            _checks.shape("pred", pred, tuple(x_t.shape), what="(the shape of x_t)")
+            _data("x_t", x_t)
+            _data("pred", pred, like=x_t, like_name="x_t")
             self.check_levels(levels, x_t)
         a, s = self._coefs(levels, x_t)
         if prediction == "eps":
@@ -172,6 +180,7 @@ class NoiseSchedule:
     def convert(self, pred: torch.Tensor, x_t: torch.Tensor, levels: torch.Tensor, source: str, target: str) -> torch.Tensor:
         """Re-express a model output from parameterisation ``source`` in ``target`` (each of
         ``"eps"``, ``"v"``, ``"x0"``), given the noisy input ``x_t`` at ``levels``."""
+        _check_prediction(source, name="source")
         _check_prediction(target, name="target")
         x0, eps = self.split(pred, x_t, levels, source)
         return self._join(x0, eps, levels, target)
@@ -190,9 +199,9 @@ class NoiseSchedule:
         Level 0 (clean, nothing to denoise) always gets weight 0.
         """
         _check_prediction(prediction)
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {', '.join(WEIGHTINGS)}; got {weighting!r}")
-        _checks.number("snr_gamma", snr_gamma, low=0, low_open=True)
+        _check_weighting(weighting)
+        # The weights are float64; a NaN gamma would clamp every snr to NaN.
+        _checks.finite_float("snr_gamma", snr_gamma, low=0, low_open=True, dtype=torch.float64)
         snr = self.snr(levels)
         noisy = levels > 0
         if weighting == "uniform":
@@ -218,11 +227,11 @@ class NoiseSchedule:
         with eta = 1). ``z`` is ``noise`` (x_t's shape) or drawn from ``generator``; reaching
         level 0 returns the predicted x0.
         """
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-        _checks.number("eta", eta, low=0, high=1)
-        _checks.tensor("x_t", x_t)
-        _checks.shape("pred", pred, tuple(x_t.shape), what="(the shape of x_t)")
+        _check_prediction(prediction)
+        _check_method(method)
+        eta = _checks.finite_float("eta", eta, low=0, high=1)
+        _data("x_t", x_t)
+        _data("pred", pred, like=x_t, like_name="x_t")
         self.check_levels(levels, x_t)
         self.check_levels(next_levels, x_t, name="next_levels")
         if levels.shape != next_levels.shape:
@@ -231,8 +240,10 @@ class NoiseSchedule:
         if bool((next_levels > levels).any()) and stochastic:
             raise ValueError("next_levels must be <= levels (going up in level is only defined for ddim with eta=0)")
         if noise is not None:
-            _checks.shape("noise", noise, tuple(x_t.shape), what="(the shape of x_t)")
-        elif stochastic:
+            _data("noise", noise, like=x_t, like_name="x_t")
+        else:
+            check_generator(generator, x_t.device)
+        if noise is None and stochastic:
             noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         x0, eps = self.split(pred, x_t, levels, prediction, check=False)
         return self._update(x_t, x0, eps, levels, next_levels, method, eta, noise)
@@ -257,6 +268,50 @@ class NoiseSchedule:
         return torch.where(_expand(levels != next_levels, x_t), out, x_t)
 
 
+def _choice(name, value, choices):
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str (one of {', '.join(choices)}), got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
 def _check_prediction(prediction, name="prediction"):
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"{name} must be one of {', '.join(PREDICTIONS)}; got {prediction!r}")
+    return _choice(name, prediction, PREDICTIONS)
+
+
+def _check_weighting(weighting):
+    return _choice("weighting", weighting, WEIGHTINGS)
+
+
+def _check_method(method):
+    return _choice("method", method, METHODS)
+
+
+def _data(name: str, t, *, like: torch.Tensor | None = None, like_name: str = ""):
+    """``t`` is a floating tensor (integer or bool data would be cast silently by the
+    arithmetic) and, given ``like``, has its shape, dtype and device."""
+    _checks.tensor(name, t)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {str(t.dtype).removeprefix('torch.')}")
+    if like is not None:
+        _checks.shape(name, t, tuple(like.shape), what=f"(the shape of {like_name})")
+        if t.dtype != like.dtype:
+            raise ValueError(f"{name} has dtype {str(t.dtype).removeprefix('torch.')} but {like_name} has "
+                             f"{str(like.dtype).removeprefix('torch.')}; they must match")
+        if t.device != like.device:
+            raise ValueError(f"{name} is on {t.device} but {like_name} is on {like.device}")
+    return t
+
+
+def check_generator(generator, device, name: str = "generator"):
+    """``generator`` is None or a ``torch.Generator`` on ``device``'s type (a CPU generator
+    cannot draw CUDA noise: torch would raise deep inside ``randn``)."""
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{name} must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != torch.device(device).type:
+        raise ValueError(f"{name} is on {generator.device} but the data is on {device}; make it with "
+                         f"torch.Generator(device={str(torch.device(device).type)!r})")
+    return generator
