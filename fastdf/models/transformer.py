@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..ops import _checks
 from ..ops.adaln import adaln_modulate
 from ..nn import DFBlock, KVCache
+from ..nn.attention import MAX_SIZE
 
 NORMS = ("layer", "rms")
 
@@ -127,11 +128,22 @@ class DFTransformer(nn.Module):
         super().__init__()
         frame_shape = tuple(frame_shape) if isinstance(frame_shape, (tuple, list, torch.Size)) else frame_shape
         if not isinstance(frame_shape, tuple) or not 1 <= len(frame_shape) <= 3 or not all(
-                isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in frame_shape):
-            raise ValueError(f"frame_shape must be (D,), (tokens, D) or (C, H, W) of positive ints, got {frame_shape!r}")
+                isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_SIZE for s in frame_shape):
+            raise ValueError(f"frame_shape must be (D,), (tokens, D) or (C, H, W) of ints in 1..{MAX_SIZE}, "
+                             f"got {frame_shape!r}")
+        if math.prod(frame_shape) > MAX_SIZE:
+            raise ValueError(f"frame_shape {frame_shape} has more than {MAX_SIZE} elements per frame")
         for name, value in (("dim", dim), ("depth", depth), ("num_heads", num_heads), ("patch_size", patch_size),
                             ("level_dim", level_dim)):
-            _checks.number(name, value, low=1, integer=True)
+            _checks.number(name, value, low=1, high=MAX_SIZE, integer=True)
+        if num_kv_heads is not None:
+            _checks.number("num_kv_heads", num_kv_heads, low=1, high=MAX_SIZE, integer=True)
+        if cond_dim is not None:
+            _checks.number("cond_dim", cond_dim, low=1, high=MAX_SIZE, integer=True)
+        if rope_theta is not None:
+            _checks.finite_float("rope_theta", rope_theta, low=1, low_open=True)
+        _checks.finite_float("mlp_ratio", mlp_ratio, low=0, low_open=True)
+        _checks.finite_float("eps", eps, low=0, low_open=True)
         if len(frame_shape) == 3:
             C, H, W = frame_shape
             if H % patch_size or W % patch_size:
@@ -148,6 +160,8 @@ class DFTransformer(nn.Module):
             raise ValueError(f"dim ({dim}) must be a multiple of num_heads ({num_heads})")
         if len(grid) == 2 and dim % 4:
             raise ValueError(f"dim must be a multiple of 4 for the 2-D patch positions, got {dim}")
+        if not isinstance(norm, str):
+            raise TypeError(f"norm must be a str (one of {', '.join(NORMS)}), got {type(norm).__name__}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
         kw = dict(device=device, dtype=dtype)
@@ -213,6 +227,10 @@ class DFTransformer(nn.Module):
         _checks.number("batch", batch, low=1, integer=True)
         _checks.number("max_frames", max_frames, low=1, integer=True)
         self._check_window(window_frames, sink_frames)
+        if window_frames is None and max_frames > MAX_SIZE // self.tokens_per_frame:
+            # Without a window every committed frame stays: the layers preallocate all of them.
+            raise ValueError(f"max_frames must be <= {MAX_SIZE // self.tokens_per_frame} without a window "
+                             f"({self.tokens_per_frame} tokens per frame, at most {MAX_SIZE} tokens), got {max_frames}")
         capacity = max_frames if window_frames is None else None
         layers = [KVCache(frame_size=self.tokens_per_frame, window_frames=window_frames,
                           sink_frames=sink_frames if window_frames is not None else 0, capacity_frames=capacity)
@@ -232,7 +250,9 @@ class DFTransformer(nn.Module):
         if x.dim() != 2 + len(self.frame_shape) or tuple(x.shape[2:]) != self.frame_shape:
             raise ValueError(f"x must be [B, F, *frame_shape] with frame_shape {self.frame_shape}, got {tuple(x.shape)}")
         if not x.is_floating_point():
-            raise ValueError(f"x must be a floating tensor, got {x.dtype}")
+            raise TypeError(f"x must be a floating-point tensor, got {str(x.dtype).removeprefix('torch.')}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"x must hold at least one row and one frame (B >= 1, F >= 1), got shape {tuple(x.shape)}")
         _checks.tensor("levels", levels)
         if levels.dtype.is_floating_point or levels.is_complex() or levels.dtype == torch.bool:
             raise TypeError(f"levels must be an integer tensor of noise levels, got {levels.dtype}")
@@ -256,13 +276,21 @@ class DFTransformer(nn.Module):
             if self.cond_proj is None:
                 raise ValueError("cond given but the model was built without cond_dim")
             _checks.tensor("cond", cond, ndim=(2, 3))
+            if not cond.is_floating_point():
+                raise TypeError(f"cond must be a floating-point tensor, got {str(cond.dtype).removeprefix('torch.')}")
+            if cond.device != x.device:
+                raise ValueError(f"cond is on {cond.device} but x is on {x.device}")
             want = (x.shape[0], self.cond_dim) if cond.dim() == 2 else (x.shape[0], x.shape[1], self.cond_dim)
             _checks.shape("cond", cond, want, what="([B, cond_dim] or [B, F, cond_dim])")
 
     def forward(self, x: Tensor, levels: Tensor, *, cache: DFTransformerCache | None = None, commit: int = 0,
                 cond: Tensor | None = None, window_frames: int | None = None, sink_frames: int = 0) -> Tensor:
         """Predictions for ``x`` ``[B, F, *frame_shape]`` at ``levels`` ``[B, F]`` (see the class
-        docstring for the protocol). ``cond``: ``[B, cond_dim]`` or ``[B, F, cond_dim]``."""
+        docstring for the protocol). ``cond``: ``[B, cond_dim]`` or ``[B, F, cond_dim]``.
+
+        Every argument is checked before anything runs, and a call that raises leaves
+        ``cache`` as it was: the layers commit only once every block has run. B = 0 or F = 0
+        is a ValueError, as everywhere in the Diffusion Forcing toolkit."""
         self._check(x, levels, cache, commit, cond, window_frames, sink_frames)
         B, F = x.shape[:2]
         S, C = self.tokens_per_frame, self.dim
@@ -279,9 +307,21 @@ class DFTransformer(nn.Module):
             start = cache.frames if cache is not None else 0
             positions = torch.arange(start, start + F, device=x.device).repeat_interleave(S)
         window = None if window_frames is None else (window_frames, sink_frames)
-        for i, block in enumerate(self.blocks):
-            h = block(h, c, cache=None if cache is None else cache.layers[i], commit_frames=commit,
-                      positions=positions, window=window)
-        shift, scale = self.final_modulation(c).chunk(2, -1)
-        h = adaln_modulate(h, shift, scale, norm=self.norm, eps=self.eps)
-        return self.unpatchify(self.head(h), B, F).to(x.dtype)
+        try:
+            # Each layer's K/V stay pending (commit_frames=0) until every block has run, so a
+            # failure half-way cannot leave the layers holding different frames.
+            for i, block in enumerate(self.blocks):
+                h = block(h, c, cache=None if cache is None else cache.layers[i], commit_frames=0,
+                          positions=positions, window=window)
+            shift, scale = self.final_modulation(c).chunk(2, -1)
+            h = adaln_modulate(h, shift, scale, norm=self.norm, eps=self.eps)
+            out = self.unpatchify(self.head(h), B, F).to(x.dtype)
+        except BaseException:
+            if cache is not None:
+                for layer in cache.layers:
+                    layer.discard()
+            raise
+        if cache is not None:
+            for layer in cache.layers:
+                layer.commit(commit)
+        return out

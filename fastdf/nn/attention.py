@@ -23,7 +23,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops import _checks
 from ..ops.attention import df_attention
+
+# Sizes a module is built with (widths, heads, tokens per frame) must fit the int32 the
+# kernels index with; windows may be larger (a window longer than the sequence is no window).
+MAX_SIZE = 2**31 - 1
+# With a window, a cache preallocates room for the sinks and two windows of frames (so it
+# compacts at most once every window); longer windows grow the buffer on demand instead.
+PREALLOC_WINDOW_FRAMES = 1024
+
+
+def _int(name, value, low, high=None):
+    return _checks.number(name, value, low=low, high=high, integer=True)
+
+
+def _flag(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _window(window_frames, sink_frames, *, name="window_frames"):
+    """Validate a (window_frames, sink_frames) pair: None or an int >= 1, and an int >= 0."""
+    if window_frames is not None:
+        _int(name, window_frames, 1)
+    _int("sink_frames", sink_frames, 0)
 
 
 # ---------------------------------------------------------------------------- rotary
@@ -32,6 +57,13 @@ from ..ops.attention import df_attention
 def rotary_cos_sin(positions: Tensor, dim: int, theta: float = 10000.0, dtype=torch.float32):
     """cos/sin tables ``[T, dim]`` for rotary embeddings at ``positions`` ``[T]`` (the
     rotate-half convention of Llama/HF: frequency i pairs lanes i and i + dim/2)."""
+    _checks.tensor("positions", positions, ndim=1)
+    if positions.is_complex() or positions.dtype == torch.bool:
+        raise TypeError(f"positions must be a real tensor, got {str(positions.dtype).removeprefix('torch.')}")
+    _int("dim", dim, 2)
+    if dim % 2:
+        raise ValueError(f"dim must be even (lanes i and i + dim/2 rotate together), got {dim}")
+    _checks.finite_float("theta", theta, low=1, low_open=True)
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), -1)
@@ -40,6 +72,12 @@ def rotary_cos_sin(positions: Tensor, dim: int, theta: float = 10000.0, dtype=to
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` ``[B, T, H, D]`` by tables ``[T, D]`` (computed in fp32, returned in x's dtype)."""
+    _checks.tensor("x", x, ndim=4)
+    for name, t in (("cos", cos), ("sin", sin)):
+        _checks.tensor(name, t, ndim=2)
+        _checks.shape(name, t, (x.shape[1], x.shape[3]), what="([T, D] with x's T and D)")
+    if x.shape[-1] % 2:
+        raise ValueError(f"x's head dim must be even for rotary embeddings, got {x.shape[-1]}")
     half = x.shape[-1] // 2
     xf = x.float()
     rotated = torch.cat((-xf[..., half:], xf[..., :half]), -1)
@@ -57,6 +95,9 @@ class KVCache:
         window_frames: the attention's window (None: keep every frame).
         sink_frames: the attention's sink frames (the first frames ever committed stay).
         capacity_frames: frames to preallocate room for (grows by doubling if exceeded).
+
+    Every method validates its arguments before it changes anything (a failed call leaves
+    the cache as it was). A window longer than any sequence is legal and never evicts.
 
     What is kept: with a window of W frames, a query frame sees itself and the W - 1
     frames before it (plus the sinks), so after each commit the cache keeps the sink
@@ -84,12 +125,10 @@ class KVCache:
 
     def __init__(self, *, frame_size: int = 1, window_frames: int | None = None, sink_frames: int = 0,
                  capacity_frames: int | None = None):
-        if not isinstance(frame_size, int) or frame_size < 1:
-            raise ValueError(f"frame_size must be an int >= 1, got {frame_size!r}")
-        if window_frames is not None and (not isinstance(window_frames, int) or window_frames < 1):
-            raise ValueError(f"window_frames must be None or an int >= 1, got {window_frames!r}")
-        if not isinstance(sink_frames, int) or sink_frames < 0:
-            raise ValueError(f"sink_frames must be an int >= 0, got {sink_frames!r}")
+        _int("frame_size", frame_size, 1, MAX_SIZE)
+        _window(window_frames, sink_frames)
+        if capacity_frames is not None:
+            _int("capacity_frames", capacity_frames, 0, MAX_SIZE // frame_size)
         self.frame_size = frame_size
         self.window_frames = window_frames
         self.sink_frames = sink_frames if window_frames is not None else 0
@@ -158,11 +197,14 @@ class KVCache:
 
     def commit(self, num_frames: int):
         """Keep the first ``num_frames`` frames of the last :meth:`extend` (they are final),
-        then drop frames no later query can see."""
+        then drop frames no later query can see. ``num_frames`` is an int from 0 to the
+        frames that extend() passed; anything else raises before the cache changes."""
+        _int("num_frames", num_frames, 0)
         if num_frames == 0:
             return
         if self._pending is None:
-            raise RuntimeError("KVCache.commit: call extend() (or the attention with this cache) first")
+            raise ValueError(f"num_frames={num_frames} but nothing is pending: call extend() (or the attention with "
+                             f"this cache) first; each extend() can be committed once")
         k, v, written = self._pending
         tokens = num_frames * self.frame_size
         if not 0 < tokens <= k.shape[2]:
@@ -185,11 +227,22 @@ class KVCache:
             self.extend(k, v)
         self.commit(k.shape[2] // self.frame_size)
 
+    def discard(self):
+        """Forget the last :meth:`extend` without committing it (what a caller does when the
+        attention after an extend fails, so no stale frames can be committed later)."""
+        self._pending = None
+
     # -- internals
 
     def _check_new(self, k, v):
+        _checks.tensor("k", k)
+        _checks.tensor("v", v)
         if k.dim() != 4 or v.shape != k.shape:
             raise ValueError(f"k and v must both be [B, Hkv, T, D], got {tuple(k.shape)} and {tuple(v.shape)}")
+        if not k.is_floating_point():
+            raise TypeError(f"k must be a floating-point tensor, got {str(k.dtype).removeprefix('torch.')}")
+        _checks.same_dtype(k=k, v=v)
+        _checks.same_device(k=k, v=v)
         if k.shape[2] % self.frame_size:
             raise ValueError(f"the cache takes whole frames: {k.shape[2]} tokens is not a multiple of frame_size "
                              f"{self.frame_size}")
@@ -211,7 +264,7 @@ class KVCache:
             fs = self.frame_size
             want = self.capacity_frames or 0
             if self.window_frames is not None:
-                want = max(want, self.sink_frames + 2 * self.window_frames)
+                want = max(want, self.sink_frames + 2 * min(self.window_frames, PREALLOC_WINDOW_FRAMES))
             cap = max(want * fs, 2 * need)
             self._k = like.new_empty((B, cap, H, D))
             self._v = like.new_empty((B, cap, H, D))
@@ -290,8 +343,26 @@ class DFAttention(nn.Module):
                  qk_norm: bool = False, rope_theta: float | None = None, norm_eps: float = 1e-6,
                  qkv_bias: bool = True, out_bias: bool = True, device=None, dtype=None):
         super().__init__()
-        num_kv_heads = num_kv_heads or num_heads
-        head_dim = head_dim or dim // num_heads
+        _int("dim", dim, 1, MAX_SIZE)
+        _int("num_heads", num_heads, 1, MAX_SIZE)
+        num_kv_heads = num_heads if num_kv_heads is None else _int("num_kv_heads", num_kv_heads, 1, MAX_SIZE)
+        if head_dim is None:
+            if dim < num_heads:
+                raise ValueError(f"dim ({dim}) must be >= num_heads ({num_heads}) for the default head_dim "
+                                 f"dim // num_heads; pass head_dim")
+            head_dim = dim // num_heads
+        _int("head_dim", head_dim, 1, MAX_SIZE)
+        _int("frame_size", frame_size, 1, MAX_SIZE)
+        _window(window_frames, sink_frames)
+        _flag("causal", causal)
+        _flag("qk_norm", qk_norm)
+        _flag("qkv_bias", qkv_bias)
+        _flag("out_bias", out_bias)
+        if not causal and (window_frames is not None or sink_frames):
+            raise ValueError("window_frames/sink_frames need causal=True (without causality every key is visible)")
+        if rope_theta is not None:
+            _checks.finite_float("rope_theta", rope_theta, low=1, low_open=True)
+        _checks.finite_float("norm_eps", norm_eps, low=0, low_open=True)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         if rope_theta is not None and head_dim % 2:
@@ -333,26 +404,84 @@ class DFAttention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x: Tensor, *, cache: KVCache | None = None, commit_frames: int = 0,
-                positions: Tensor | None = None, window: tuple[int | None, int] | None = None) -> Tensor:
-        B, T, _ = x.shape
-        window_frames, sink_frames = (self.window_frames, self.sink_frames) if window is None else window
-        mask = dict(frame_size=self.frame_size, causal=self.causal, window_frames=window_frames,
-                    sink_frames=sink_frames)
+    def _check_call(self, x, cache, commit_frames, positions, window):
+        _checks.tensor("x", x, ndim=3)
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {str(x.dtype).removeprefix('torch.')}")
+        if x.shape[-1] != self.qkv.in_features:
+            raise ValueError(f"x must be [B, T, {self.qkv.in_features}] (the attention's dim), got {tuple(x.shape)}")
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"x must hold at least one row and one token (B >= 1, T >= 1), got {tuple(x.shape)}")
+        if window is None:
+            window_frames, sink_frames = self.window_frames, self.sink_frames
+        else:
+            if not isinstance(window, (tuple, list)) or len(window) != 2:
+                raise TypeError(f"window must be a (window_frames, sink_frames) pair, got {window!r}")
+            window_frames, sink_frames = window
+            _window(window_frames, sink_frames, name="window[0] (window_frames)")
+            if sink_frames and window_frames is None:
+                raise ValueError(f"window has sink_frames={sink_frames} but no window_frames")
+            if not self.causal and window_frames is not None:
+                raise ValueError("window needs causal attention (this DFAttention has causal=False)")
+        if positions is not None:
+            _checks.tensor("positions", positions, ndim=1)
+            _checks.shape("positions", positions, (x.shape[1],), what="(one position per token of x)")
+            if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+                raise TypeError(f"positions must be an integer tensor, got {str(positions.dtype).removeprefix('torch.')}")
+            if positions.device != x.device:
+                raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
+        _int("commit_frames", commit_frames, 0)
         if cache is None:
             if commit_frames:
                 raise ValueError("commit_frames needs a cache")
-            q, k, v = self.project(x, positions)
         else:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"cache must be a KVCache (attn.new_cache()), got {type(cache).__name__}")
             if (cache.frame_size, cache.window_frames, cache.sink_frames) != (
                     self.frame_size, window_frames, sink_frames if window_frames is not None else 0):
                 raise ValueError("the cache's frame_size/window_frames/sink_frames differ from this attention's; "
                                  "make it with attn.new_cache() (or with the window passed to this call)")
             if not self.causal:
                 raise ValueError("a KV cache needs causal attention")
+            if x.shape[1] % self.frame_size:
+                raise ValueError(f"the cache takes whole frames: {x.shape[1]} tokens is not a multiple of frame_size "
+                                 f"{self.frame_size}")
+            if commit_frames * self.frame_size > x.shape[1]:
+                raise ValueError(f"commit_frames must be between 0 and the {x.shape[1] // self.frame_size} frames "
+                                 f"passed, got {commit_frames}")
+        return window_frames, sink_frames
+
+    def _mask(self, tk: int, window_frames, sink_frames) -> dict:
+        """df_attention's mask for ``tk`` keys. Sizes beyond the keys change nothing, so they
+        are clamped: a window covering every key frame is no window, a frame longer than the
+        keys is one frame of ``tk`` tokens, and sinks past the last key frame are all of them.
+        The mask is identical and the op never sees a number too large for its schema."""
+        frame_size = min(self.frame_size, max(tk, 1))
+        key_frames = -(-tk // frame_size)
+        if window_frames is not None and window_frames >= key_frames:
+            window_frames, sink_frames = None, 0
+        elif window_frames is not None:
+            sink_frames = min(sink_frames, key_frames)
+        return dict(frame_size=frame_size, causal=self.causal, window_frames=window_frames, sink_frames=sink_frames)
+
+    def forward(self, x: Tensor, *, cache: KVCache | None = None, commit_frames: int = 0,
+                positions: Tensor | None = None, window: tuple[int | None, int] | None = None) -> Tensor:
+        """``x`` ``[B, T, C]`` -> ``[B, T, C]`` (see the class docstring). Every argument is
+        checked before the cache is touched; if the attention itself fails, the cache is left
+        as it was (nothing from this call can be committed later). B = 0 or T = 0 is a
+        ValueError, as everywhere in the Diffusion Forcing toolkit."""
+        window_frames, sink_frames = self._check_call(x, cache, commit_frames, positions, window)
+        B, T, _ = x.shape
+        if cache is None:
+            q, k, v = self.project(x, positions)
+            out = df_attention(q, k, v, **self._mask(k.shape[2], window_frames, sink_frames))
+        else:
             q, k, v = self.project(x, positions, start=cache.next_position)
             k, v = cache.extend(k, v)
-        out = df_attention(q, k, v, **mask)
-        if cache is not None:
+            try:
+                out = df_attention(q, k, v, **self._mask(k.shape[2], window_frames, sink_frames))
+            except BaseException:
+                cache.discard()
+                raise
             cache.commit(commit_frames)
         return self.proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..ops import _checks
 from ..ops.adaln import adaln_modulate, gated_residual
-from .attention import DFAttention, KVCache
+from .attention import MAX_SIZE, DFAttention, KVCache
+
+NORMS = ("layer", "rms")
 
 
 class DFBlock(nn.Module):
@@ -45,8 +48,20 @@ class DFBlock(nn.Module):
                  rope_theta: float | None = None, qkv_bias: bool = True, norm: str = "layer", eps: float = 1e-6,
                  device=None, dtype=None):
         super().__init__()
-        kw = dict(device=device, dtype=dtype)
+        _checks.number("dim", dim, low=1, high=MAX_SIZE, integer=True)
+        if cond_dim is not None:
+            _checks.number("cond_dim", cond_dim, low=1, high=MAX_SIZE, integer=True)
+        mlp_ratio = _checks.finite_float("mlp_ratio", mlp_ratio, low=0, low_open=True)
         hidden = int(dim * mlp_ratio)
+        if not 1 <= hidden <= MAX_SIZE:
+            raise ValueError(f"mlp_ratio={mlp_ratio} gives an MLP width int(dim * mlp_ratio) = {hidden}; it must lie "
+                             f"in 1..{MAX_SIZE}")
+        if not isinstance(norm, str):
+            raise TypeError(f"norm must be a str (one of {', '.join(NORMS)}), got {type(norm).__name__}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
+        _checks.finite_float("eps", eps, low=0, low_open=True)
+        kw = dict(device=device, dtype=dtype)
         self.norm, self.eps = norm, eps
         self.attn = DFAttention(dim, num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, frame_size=frame_size,
                                 window_frames=window_frames, sink_frames=sink_frames, qk_norm=qk_norm,
@@ -62,8 +77,20 @@ class DFBlock(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor, *, cache: KVCache | None = None, commit_frames: int = 0,
                 positions: Tensor | None = None, window: tuple[int | None, int] | None = None) -> Tensor:
-        if c.dim() != 3 or c.shape[0] != x.shape[0]:
-            raise ValueError(f"c must be [B, F, cond_dim] with x's B, got {tuple(c.shape)} for x {tuple(x.shape)}")
+        """x ``[B, T, C]`` conditioned per frame by c ``[B, F, cond_dim]`` (see the class
+        docstring). Arguments are checked before the cache is touched; B, T or F = 0 is a
+        ValueError."""
+        _checks.tensor("x", x, ndim=3)
+        _checks.tensor("c", c, ndim=3)
+        if c.shape[0] != x.shape[0] or c.shape[2] != self.modulation[1].in_features:
+            raise ValueError(f"c must be [B, F, {self.modulation[1].in_features}] with x's B, got {tuple(c.shape)} "
+                             f"for x {tuple(x.shape)}")
+        if c.shape[1] == 0 or x.shape[1] % c.shape[1]:
+            raise ValueError(f"c must have F >= 1 frames with x's tokens T a multiple of F, got c {tuple(c.shape)} "
+                             f"for x {tuple(x.shape)}")
+        # The attention's own checks, before the modulation runs, so a bad cache/window/commit
+        # raises before anything is computed.
+        self.attn._check_call(x, cache, commit_frames, positions, window)
         # Chunks of the [B, F, 6C] modulation are strided [B, F, C] views: the kernels take them as is.
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(c).chunk(6, -1)
         h = adaln_modulate(x, shift1, scale1, norm=self.norm, eps=self.eps)

@@ -195,7 +195,7 @@ def test_cache_errors():
         attn(torch.randn(1, 3, 16), cache=cache)
     with pytest.raises(ValueError, match="commit_frames must be between"):
         attn(torch.randn(1, 4, 16), cache=cache, commit_frames=3)
-    with pytest.raises(RuntimeError, match="call extend"):
+    with pytest.raises(ValueError, match="call extend"):
         KVCache(frame_size=2).commit(1)
     with pytest.raises(ValueError, match="commit_frames needs a cache"):
         attn(torch.randn(1, 4, 16), commit_frames=1)
