@@ -15,6 +15,7 @@ of the logits, kept at the chosen experts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Iterable
 
 import torch
@@ -40,21 +41,42 @@ class RoutingStats:
                 f"{self.num_sequences} sequences, {self.num_tokens} tokens)")
 
 
-def _batch_tensors(batch, device):
+def _vocab_size(model: nn.Module) -> int | None:
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    size = getattr(embed, "num_embeddings", None)
+    if size is None:
+        size = getattr(getattr(model, "config", None), "vocab_size", None)
+    return size if isinstance(size, int) else None
+
+
+def _batch_tensors(i: int, batch, device, vocab: int | None):
+    """batches[i]'s input_ids [B, T] (int64) and attention_mask [B, T], checked."""
+    name = f"batches[{i}]"
     if not isinstance(batch, dict):
-        raise TypeError(f"each batch must be a dict with input_ids (and attention_mask), got {type(batch).__name__}")
+        raise TypeError(f"{name} must be a dict with input_ids (and attention_mask), got {type(batch).__name__}")
     if "input_ids" not in batch:
-        raise ValueError(f"each batch needs input_ids, got keys {sorted(batch)}")
-    ids = batch["input_ids"]
-    _checks.tensor("batch['input_ids']", ids, ndim=(1, 2))
+        raise ValueError(f"{name} needs input_ids, got keys {sorted(map(str, batch))}")
+    ids = _checks.tensor(f"{name}['input_ids']", batch["input_ids"], ndim=(1, 2))
+    if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
+        raise ValueError(f"{name}['input_ids'] must hold integer token ids, got {str(ids.dtype).removeprefix('torch.')}")
     ids = ids if ids.dim() == 2 else ids[None]
+    if ids.numel() == 0:
+        raise ValueError(f"{name}['input_ids'] is empty (shape {tuple(ids.shape)})")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        raise ValueError(f"{name}['input_ids'] holds token ids in [{low}, {high}], outside the model's vocabulary "
+                         f"[0, {vocab})")
     mask = batch.get("attention_mask")
     if mask is None:
         mask = torch.ones_like(ids)
-    _checks.tensor("batch['attention_mask']", mask)
+    _checks.tensor(f"{name}['attention_mask']", mask, ndim=(1, 2))
+    if mask.dtype.is_complex:
+        raise ValueError(f"{name}['attention_mask'] must be bool, integer or float 0/1, got complex")
     mask = mask if mask.dim() == 2 else mask[None]
-    _checks.shape("batch['attention_mask']", mask, tuple(ids.shape), what="(the shape of input_ids)")
-    return ids.to(device), mask.to(device)
+    _checks.shape(f"{name}['attention_mask']", mask, tuple(ids.shape), what="(the shape of input_ids)")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError(f"{name}['attention_mask'] must hold only 0 and 1 (1 = a real token)")
+    return ids.to(device=device, dtype=torch.int64), mask.to(device)
 
 
 def collect_routing_stats(model: nn.Module, batches: Iterable[dict], progress: bool = True) -> RoutingStats:
@@ -64,6 +86,15 @@ def collect_routing_stats(model: nn.Module, batches: Iterable[dict], progress: b
     from tqdm.auto import tqdm
 
     layers = moe_layers(model)
+    if isinstance(batches, dict):  # iterating a dict would give its keys
+        raise TypeError("batches must be an iterable of dicts (a list of batches); got a single dict: wrap it in a list")
+    try:
+        batches = iter(batches)
+    except TypeError:
+        raise TypeError(f"batches must be an iterable of dicts, got {type(batches).__name__}") from None
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    vocab = _vocab_size(model)
     sizes = {layer.num_experts for layer in layers}
     if len(sizes) != 1:
         raise ValueError(f"MoE layers with different expert counts ({sorted(sizes)}) are not supported")
@@ -100,8 +131,8 @@ def collect_routing_stats(model: nn.Module, batches: Iterable[dict], progress: b
     num_sequences = num_tokens = 0
     try:
         with torch.no_grad():
-            for batch in tqdm(batches, desc="fastdf.esft routing stats", unit="batch", disable=not progress):
-                ids, mask = _batch_tensors(batch, device)
+            for i, batch in enumerate(tqdm(batches, desc="fastdf.esft routing stats", unit="batch", disable=not progress)):
+                ids, mask = _batch_tensors(i, batch, device, vocab)
                 current["mask"] = (mask != 0).float()
                 current["lengths"] = (mask != 0).sum(1).to(torch.float64)
                 model(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -117,6 +148,22 @@ def collect_routing_stats(model: nn.Module, batches: Iterable[dict], progress: b
                         num_sequences, num_tokens)
 
 
+def _check_stats(stats: RoutingStats, field: str) -> Tensor:
+    """stats.<field> checked against stats.layers: a finite, non-negative [len(layers), E] tensor."""
+    layers = stats.layers
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+        raise TypeError(f"stats.layers must be a list of decoder-layer indices (int), got {layers!r}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"stats.layers lists a decoder layer twice: {list(layers)}")
+    scores = _checks.tensor(f"stats.{field}", getattr(stats, field), ndim=2)
+    if not scores.dtype.is_floating_point:
+        raise ValueError(f"stats.{field} must be a float tensor, got {str(scores.dtype).removeprefix('torch.')}")
+    _checks.shape(f"stats.{field}", scores, (len(layers), None), what="(one row per entry of stats.layers)")
+    if not torch.isfinite(scores).all() or (scores < 0).any():
+        raise ValueError(f"stats.{field} must be finite and non-negative")
+    return scores
+
+
 def select_experts(stats: RoutingStats, method: str = "gate", p: float = 0.1) -> dict[int, list[int]]:
     """Per MoE layer, the experts to train: sorted by score (``method`` "gate": average gate
     score, "token": token selection ratio), taken until their running sum reaches ``p``
@@ -124,10 +171,14 @@ def select_experts(stats: RoutingStats, method: str = "gate", p: float = 0.1) ->
     ``{decoder-layer index: sorted expert ids}``."""
     if not isinstance(stats, RoutingStats):
         raise TypeError(f"stats must be the RoutingStats from collect_routing_stats, got {type(stats).__name__}")
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str ('gate' or 'token'), got {type(method).__name__}")
     if method not in ("gate", "token"):
         raise ValueError(f"method must be 'gate' or 'token', got {method!r}")
     _checks.number("p", p, low=0, high=1, low_open=True)
-    scores = stats.gate_scores if method == "gate" else stats.token_ratios
+    if not math.isfinite(p):  # NaN passes every comparison above and would select every expert
+        raise ValueError(f"p must be a finite number in (0, 1], got {p}")
+    scores = _check_stats(stats, "gate_scores" if method == "gate" else "token_ratios")
     selection = {}
     for layer, row in zip(stats.layers, scores):
         order = torch.sort(row, descending=True, stable=True).indices.tolist()

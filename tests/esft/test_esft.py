@@ -212,7 +212,7 @@ def test_bad_input():
         esft.collect_routing_stats(None, [])
     with pytest.raises(ValueError, match="no routed experts"):
         esft.collect_routing_stats(torch.nn.Linear(2, 2), [])
-    with pytest.raises(TypeError, match="each batch must be a dict"):
+    with pytest.raises(TypeError, match=r"batches\[0\] must be a dict"):
         esft.collect_routing_stats(tiny_model("olmoe"), [torch.ones(2, 3, dtype=torch.long)], progress=False)
     with pytest.raises(ValueError, match="no real tokens"):
         esft.collect_routing_stats(tiny_model("olmoe"), [], progress=False)
