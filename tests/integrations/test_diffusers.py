@@ -355,3 +355,72 @@ def test_examples_of_exactness_fp64():
         fast = fdd.apply(copy.deepcopy(model))(**kw)[0]
     assert fast.dtype == torch.float64
     torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+
+def _tiny_pipeline(transformer):
+    """SkyReelsV2DiffusionForcingPipeline from configs: tiny Wan VAE, UniPC flow scheduler,
+    tiny UMT5 encoder and a word-level tokenizer built in code. The pipeline's own prompt
+    path needs ``ftfy`` (not installed), so the test encodes the prompts itself and passes
+    ``prompt_embeds``."""
+    from diffusers import AutoencoderKLWan, SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(3)
+    words = "a cat dog runs on the beach red blue".split()
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
+                                        unk_token="<unk>")
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=16, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                               relative_attention_num_buckets=8)).eval()
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    pipe = SkyReelsV2DiffusionForcingPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
+                                              transformer=transformer, vae=vae, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+
+    def embed(text):
+        ids = tokenizer([text], padding="max_length", max_length=8, return_tensors="pt")
+        with torch.no_grad():
+            return text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state
+
+    return pipe, embed("a cat runs on the beach"), embed("blue dog")
+
+
+PIPELINE_CASES = {
+    "sync": dict(num_frames=17, causal_block_size=1, ar_step=0),
+    "async": dict(num_frames=17, causal_block_size=2, ar_step=2),
+    "long-overlap": dict(num_frames=25, base_num_frames=17, overlap_history=5, causal_block_size=1, ar_step=0),
+}
+
+
+@pytest.mark.parametrize("case", list(PIPELINE_CASES))
+def test_pipeline_end_to_end(case):
+    """The unchanged pipeline with an applied transformer gives the stock latents (rule:
+    float64 stock transformer as reference) and decodes to a video."""
+    options = PIPELINE_CASES[case]
+    transformer = _model(inject_sample_info=True)
+    pipe, prompt, negative = _tiny_pipeline(transformer)
+
+    def run(output_type="latent"):
+        return pipe(None, prompt_embeds=prompt, negative_prompt_embeds=negative, height=16, width=16,
+                    num_inference_steps=3, guidance_scale=3.0, max_sequence_length=8, output_type=output_type,
+                    generator=torch.Generator().manual_seed(0), **options).frames
+
+    stock = run()
+    pipe.transformer = copy.deepcopy(transformer).double()
+    ref = run()
+    pipe.transformer = fdd.apply(transformer)
+    fast = run()
+    assert fast.shape == stock.shape
+    assert_close_by_rule(fast, ref, stock)
+    if case == "sync":
+        video = run("np")
+        assert video.shape == (1, options["num_frames"], 16, 16, 3) and video.min() >= 0 and video.max() <= 1
