@@ -11,9 +11,12 @@ they stop costing compute.
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import warnings
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from ..ops import _checks
@@ -21,6 +24,9 @@ from ..ops.sampling import sample as sample_tokens
 from .decoder import DecodeCache, PrefixDecoder, StepGraph
 
 FINISH_REASONS = ("stop", "eos", "length")
+
+_F32 = torch.finfo(torch.float32)
+_MAX_POSITIONS = 2**31 - 1  # suffix lengths and positions are int32 in the decode cache and kernels
 
 
 @dataclasses.dataclass
@@ -47,7 +53,19 @@ def apply_repetition_penalty(logits, seen, penalty):
     if penalty == 1.0:
         return logits
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    # An extreme penalty may overflow the dtype: +inf logits would make the draw NaN, so
+    # clamp to the largest finite value (finite results are exactly HF's).
+    big = torch.finfo(logits.dtype).max
+    penalised = penalised.clamp(-big, big)
     return torch.where(seen, penalised, logits)
+
+
+def _finite(name, value, *, low, high=None, low_open=False):
+    """A float knob: a real number, finite, within [low, high]."""
+    _checks.number(name, value, low=low, high=high, low_open=low_open)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
 
 
 class ProofSampler:
@@ -64,6 +82,8 @@ class ProofSampler:
     """
 
     def __init__(self, model, tokenizer=None, *, cuda_graphs: bool = True):
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
         self.decoder = PrefixDecoder(model)
         self.model = model
         self.tokenizer = tokenizer
@@ -101,44 +121,117 @@ class ProofSampler:
             prompts = [prompts]
         if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a string or a list of strings")
+        args = self._check_args(num_samples, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+                                generator=None, batch_size=batch_size, eos_token_id=eos_token_id, progress=progress)
         ids = [self.tokenizer(p)["input_ids"] for p in prompts]
-        if any(len(p) == 0 for p in ids):
-            raise ValueError("prompts must tokenise to at least one token")
-        stop = self._check_stop(stop)
-        results = self.sample_ids(ids, num_samples, max_new_tokens, temperature=temperature, top_p=top_p,
-                                  top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, stop=stop,
-                                  seed=seed, batch_size=batch_size, eos_token_id=eos_token_id, progress=progress)
-        return [[self._completion(tokens, reason, stop) for tokens, reason in per_prompt] for per_prompt in results]
+        empty = [i for i, p in enumerate(ids) if len(p) == 0]
+        if empty:
+            raise ValueError(f"prompts must tokenise to at least one token; prompts[{empty[0]}] is empty")
+        results = self._run(self._check_prompts(ids, max_new_tokens), args)
+        return [[self._completion(tokens, reason, args["stop"]) for tokens, reason in per_prompt]
+                for per_prompt in results]
 
     def sample_ids(self, prompts: Sequence[Sequence[int]], num_samples: int, max_new_tokens: int, *,
                    temperature=1.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0, stop=None, seed=None,
                    generator=None, batch_size=None, eos_token_id=None, progress=True):
-        """Token-level :meth:`sample`: prompts as token id lists; returns per prompt a list
-        of ``(generated token ids, finish reason)``."""
+        """Token-level :meth:`sample`: prompts as token id lists (or 1-D integer tensors);
+        returns per prompt a list of ``(generated token ids, finish reason)``.
+
+        ``generator``: a ``torch.Generator`` for the draws (instead of ``seed``). Every
+        argument is checked before any work starts: a wrong type raises TypeError (a float
+        or bool token id, ``stop=123``, ``eos_token_id="x"``), a bad value ValueError (token
+        ids outside the model's vocabulary, NaN/inf knobs, a seed outside
+        ``[-2**63, 2**64)``)."""
+        args = self._check_args(num_samples, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
+                                generator=generator, batch_size=batch_size, eos_token_id=eos_token_id,
+                                progress=progress)
+        return self._run(self._check_prompts(prompts, max_new_tokens), args)
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_args(self, num_samples, max_new_tokens, *, temperature, top_p, top_k, min_p, repetition_penalty,
+                    stop, seed, generator, batch_size, eos_token_id, progress) -> dict:
+        """Validate every knob (naming the argument); returns them normalised."""
         _checks.number("num_samples", num_samples, low=1, integer=True)
-        _checks.number("max_new_tokens", max_new_tokens, low=1, integer=True)
-        _checks.number("temperature", temperature, low=0)
-        _checks.number("top_p", top_p, low=0, high=1, low_open=True)
-        _checks.number("top_k", top_k, low=0, integer=True)
-        _checks.number("min_p", min_p, low=0, high=1)
-        _checks.number("repetition_penalty", repetition_penalty, low=0, low_open=True)
+        _checks.number("max_new_tokens", max_new_tokens, low=1, high=_MAX_POSITIONS, integer=True)
+        knobs = dict(
+            # Beyond float32's range the scaled logits overflow (inf / inf = NaN).
+            temperature=_finite("temperature", temperature, low=0, high=_F32.max),
+            top_p=_finite("top_p", top_p, low=0, high=1, low_open=True),
+            top_k=int(_checks.number("top_k", top_k, low=0, integer=True)),
+            min_p=_finite("min_p", min_p, low=0, high=1),
+        )
+        # Logits are multiplied and divided by it: it must be a normal float32 number.
+        penalty = _finite("repetition_penalty", repetition_penalty, low=_F32.tiny, high=_F32.max)
         if batch_size is not None:
             _checks.number("batch_size", batch_size, low=1, integer=True)
         if seed is not None:
-            _checks.number("seed", seed, integer=True)
+            _checks.number("seed", seed, low=-2**63, high=2**64, high_open=True, integer=True)
+            if generator is not None:
+                raise ValueError("pass seed or generator, not both")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+        stop = self._check_stop(stop)
         if stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: ProofSampler(model, tokenizer)")
-        prompts = [list(map(int, p)) for p in prompts]
-        eos = self._eos_ids(eos_token_id)
-        if generator is None and seed is not None:
-            generator = torch.Generator(self.decoder.device).manual_seed(seed)
-        knobs = dict(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k), min_p=float(min_p))
-        batch_size = batch_size or max(1, len(prompts))
+        return dict(num_samples=num_samples, max_new_tokens=max_new_tokens, knobs=knobs, penalty=penalty, stop=stop,
+                    seed=seed, generator=generator, batch_size=batch_size, eos=self._eos_ids(eos_token_id),
+                    progress=progress)
+
+    def _check_prompts(self, prompts, max_new_tokens) -> list[list[int]]:
+        """Token id lists, each id an int in the model's input vocabulary."""
+        if isinstance(prompts, (str, bytes, torch.Tensor)) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of token id lists, got {type(prompts).__name__}")
+        vocab = self.decoder.base.embed_tokens.num_embeddings
+        out = []
+        for g, prompt in enumerate(prompts):
+            if isinstance(prompt, torch.Tensor):
+                if prompt.dim() != 1 or prompt.is_floating_point() or prompt.is_complex() or prompt.dtype == torch.bool:
+                    raise TypeError(f"prompts[{g}] must be a 1-D integer tensor or a list of ints, got a "
+                                    f"{prompt.dim()}-D {str(prompt.dtype).removeprefix('torch.')} tensor")
+                prompt = prompt.tolist()
+            elif isinstance(prompt, np.ndarray):
+                if prompt.ndim != 1 or prompt.dtype.kind not in "iu":
+                    raise TypeError(f"prompts[{g}] must be a 1-D integer array or a list of ints, got a "
+                                    f"{prompt.ndim}-D {prompt.dtype} array")
+                prompt = prompt.tolist()
+            elif isinstance(prompt, (str, bytes)) or not isinstance(prompt, Sequence):
+                raise TypeError(f"prompts[{g}] must be a list of token ids, got {type(prompt).__name__}")
+            if len(prompt) == 0:
+                raise ValueError(f"prompts[{g}] is empty: every prompt needs at least one token")
+            ids = []
+            for j, t in enumerate(prompt):
+                if isinstance(t, bool) or isinstance(t, float):
+                    raise TypeError(f"prompts[{g}][{j}] must be an int token id, got {type(t).__name__} {t!r}")
+                try:
+                    t = operator.index(t)
+                except TypeError:
+                    raise TypeError(f"prompts[{g}][{j}] must be an int token id, got {type(t).__name__}") from None
+                if not 0 <= t < vocab:
+                    raise ValueError(f"prompts[{g}][{j}] = {t} is outside the model's vocabulary [0, {vocab})")
+                ids.append(t)
+            if len(ids) + max_new_tokens > _MAX_POSITIONS:
+                raise ValueError(f"max_new_tokens = {max_new_tokens} plus prompts[{g}]'s {len(ids)} tokens exceeds "
+                                 f"{_MAX_POSITIONS} positions")
+            out.append(ids)
+        return out
+
+    def _run(self, prompts, args):
+        if not prompts:
+            return []
+        generator = args["generator"]
+        if args["seed"] is not None:
+            generator = torch.Generator(self.decoder.device).manual_seed(args["seed"])
+        batch_size = args["batch_size"] or len(prompts)
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            out.extend(self._generate(chunk, num_samples, max_new_tokens, knobs, float(repetition_penalty),
-                                      stop or [], eos, generator, progress))
+            out.extend(self._generate(chunk, args["num_samples"], args["max_new_tokens"], args["knobs"],
+                                      args["penalty"], args["stop"], args["eos"], generator, args["progress"]))
         return out
 
     # ------------------------------------------------------------------ internals
@@ -149,14 +242,35 @@ class ProofSampler:
             return []
         if isinstance(stop, str):
             stop = [stop]
-        if not all(isinstance(s, str) and s for s in stop):
-            raise ValueError("stop must be a list of non-empty strings")
+        if isinstance(stop, bytes) or not isinstance(stop, Sequence):
+            raise TypeError(f"stop must be a string or a list of strings, got {type(stop).__name__}")
+        for i, s in enumerate(stop):
+            if not isinstance(s, str):
+                raise TypeError(f"stop must be a list of strings; stop[{i}] is a {type(s).__name__}")
+            if not s:
+                raise ValueError(f"stop strings must be non-empty; stop[{i}] is ''")
         return list(stop)
 
     def _eos_ids(self, eos_token_id):
-        if eos_token_id is None:
-            config = getattr(self.model, "generation_config", None)
-            eos_token_id = getattr(config, "eos_token_id", None)
+        """The EOS ids: given ones are checked (ints inside the logits' vocabulary); the
+        defaults come from the model's generation config, else the tokenizer."""
+        if eos_token_id is not None:
+            given = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else list(eos_token_id)
+            vocab = self.decoder.lm_head.weight.shape[0]
+            ids = []
+            for e in given:
+                try:
+                    if isinstance(e, (bool, float)):
+                        raise TypeError
+                    ids.append(operator.index(e))
+                except TypeError:
+                    raise TypeError(
+                        f"eos_token_id must be an int or a list of ints, got {type(e).__name__} {e!r}") from None
+                if not 0 <= ids[-1] < vocab:
+                    raise ValueError(f"eos_token_id {ids[-1]} is outside the model's vocabulary [0, {vocab})")
+            return ids
+        config = getattr(self.model, "generation_config", None)
+        eos_token_id = getattr(config, "eos_token_id", None)
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = self.tokenizer.eos_token_id
         if eos_token_id is None:

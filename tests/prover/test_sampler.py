@@ -187,7 +187,7 @@ def test_bad_arguments(model_factory, tokenizer):
         sampler.sample("x", top_p=0.0)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         sampler.sample("x", temperature=-1.0)
-    with pytest.raises(ValueError, match="stop must be a list of non-empty strings"):
+    with pytest.raises(ValueError, match=r"stop strings must be non-empty; stop\[0\] is ''"):
         sampler.sample("x", stop=[""])
     with pytest.raises(TypeError, match="prompts must be a string or a list of strings"):
         sampler.sample([1, 2])
@@ -206,6 +206,116 @@ def test_bad_arguments(model_factory, tokenizer):
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         ProofSampler(NotALM(), tokenizer)
 
+
+
+NAN, INF = float("nan"), float("inf")
+BAD_SAMPLE_IDS = [  # (kwargs, prompts, error, message)
+    (dict(), [[1.5, 2.7]], TypeError, r"prompts\[0\]\[0\] must be an int token id, got float 1.5"),
+    (dict(), [[5, True]], TypeError, r"prompts\[0\]\[1\] must be an int token id, got bool"),
+    (dict(), [["5"]], TypeError, r"prompts\[0\]\[0\] must be an int token id, got str"),
+    (dict(), [[5, 10**6]], ValueError, r"prompts\[0\]\[1\] = 1000000 is outside the model's vocabulary \[0, "),
+    (dict(), [[5], [-1]], ValueError, r"prompts\[1\]\[0\] = -1 is outside"),
+    (dict(), [[5], []], ValueError, r"prompts\[1\] is empty"),
+    (dict(), "abc", TypeError, "prompts must be a list of token id lists, got str"),
+    (dict(), [5, 6], TypeError, r"prompts\[0\] must be a list of token ids, got int"),
+    (dict(), [torch.tensor([1.0, 2.0])], TypeError, r"prompts\[0\] must be a 1-D integer tensor"),
+    (dict(stop=123), [[5]], TypeError, "stop must be a string or a list of strings, got int"),
+    (dict(stop=["ok", 3]), [[5]], TypeError, r"stop\[1\] is a int"),
+    (dict(seed=2**70), [[5]], ValueError, "seed must be < 18446744073709551616"),
+    (dict(seed=1.5), [[5]], TypeError, "seed must be an int"),
+    (dict(seed=0, generator=torch.Generator()), [[5]], ValueError, "seed or generator, not both"),
+    (dict(generator=0), [[5]], TypeError, "generator must be a torch.Generator"),
+    (dict(eos_token_id="x"), [[5]], TypeError, "eos_token_id must be an int or a list of ints, got str"),
+    (dict(eos_token_id=[2, 1.0]), [[5]], TypeError, "eos_token_id must be an int or a list of ints, got float"),
+    (dict(eos_token_id=10**6), [[5]], ValueError, "eos_token_id 1000000 is outside the model's vocabulary"),
+    (dict(repetition_penalty=NAN), [[5]], ValueError, "repetition_penalty must be finite, got nan"),
+    (dict(repetition_penalty=INF), [[5]], ValueError, "repetition_penalty must be <="),
+    (dict(repetition_penalty=0.0), [[5]], ValueError, "repetition_penalty must be >="),
+    (dict(temperature=NAN), [[5]], ValueError, "temperature must be finite, got nan"),
+    (dict(temperature=1e300), [[5]], ValueError, "temperature must be <= 3.40"),
+    (dict(temperature="1"), [[5]], TypeError, "temperature must be a number, got str"),
+    (dict(top_p=NAN), [[5]], ValueError, "top_p must be finite"),
+    (dict(top_p=1.5), [[5]], ValueError, "top_p must be <= 1"),
+    (dict(min_p=NAN), [[5]], ValueError, "min_p must be finite"),
+    (dict(top_k=2.5), [[5]], TypeError, "top_k must be an int"),
+    (dict(top_k=-1), [[5]], ValueError, "top_k must be >= 0"),
+    (dict(max_new_tokens=0), [[5]], ValueError, "max_new_tokens must be >= 1"),
+    (dict(max_new_tokens=2**31), [[5]], ValueError, "max_new_tokens must be <= 2147483647"),
+    (dict(max_new_tokens=2**31 - 1), [[5]], ValueError, "max_new_tokens = 2147483647 plus prompts\\[0\\]'s 1 tokens"),
+    (dict(max_new_tokens=3.0), [[5]], TypeError, "max_new_tokens must be an int"),
+    (dict(num_samples=True), [[5]], TypeError, "num_samples must be an int"),
+    (dict(batch_size=0), [[5]], ValueError, "batch_size must be >= 1"),
+    (dict(progress="no"), [[5]], TypeError, "progress must be a bool"),
+]
+
+
+@pytest.fixture
+def guarded_sampler(model_factory, tokenizer, monkeypatch):
+    """A sampler whose model must not run: validation comes before any work."""
+    sampler = ProofSampler(model_factory("llama"), tokenizer)
+
+    def no_work(*a, **k):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(sampler.decoder, "prefill", no_work)
+    monkeypatch.setattr(sampler, "_generate", no_work)
+    return sampler
+
+
+@pytest.mark.parametrize("kwargs,prompts,error,match", BAD_SAMPLE_IDS)
+def test_sample_ids_rejects_bad_arguments_before_any_work(guarded_sampler, kwargs, prompts, error, match):
+    kwargs = {"num_samples": 2, "max_new_tokens": 3, **kwargs}
+    with pytest.raises(error, match=match):
+        guarded_sampler.sample_ids(prompts, **kwargs)
+
+
+def test_sample_checks_knobs_before_tokenising(guarded_sampler):
+    calls = []
+    tokenizer = guarded_sampler.tokenizer
+    guarded_sampler.tokenizer = lambda text: calls.append(text) or tokenizer(text)
+    for kwargs, error, match in [(dict(repetition_penalty=NAN), ValueError, "repetition_penalty must be finite"),
+                                 (dict(stop=123), TypeError, "stop must be a string"),
+                                 (dict(seed=2**70), ValueError, "seed must be <"),
+                                 (dict(eos_token_id="x"), TypeError, "eos_token_id must be")]:
+        with pytest.raises(error, match=match):
+            guarded_sampler.sample(["theorem"], **kwargs)
+    assert calls == []
+    with pytest.raises(TypeError, match="cuda_graphs must be a bool"):
+        ProofSampler(guarded_sampler.model, tokenizer, cuda_graphs="yes")
+
+
+def test_integer_like_prompts_and_extreme_knobs(model_factory, tokenizer):
+    import numpy as np
+
+    sampler = ProofSampler(model_factory("llama"), tokenizer)
+    kw = dict(num_samples=2, max_new_tokens=4, temperature=0.0, progress=False)
+    want = sampler.sample_ids([[5, 17, 40]], **kw)
+    assert sampler.sample_ids([torch.tensor([5, 17, 40])], **kw) == want
+    assert sampler.sample_ids([np.array([5, 17, 40])], **kw) == want
+    assert sampler.sample_ids([(np.int64(5), 17, torch.tensor(40))], **kw) == want
+    assert sampler.sample_ids([[5, 17, 40]], eos_token_id=np.int64(2), **kw) == sampler.sample_ids(
+        [[5, 17, 40]], eos_token_id=[2], **kw)
+    assert sampler.sample_ids([], **kw) == []
+    # The largest allowed temperature draws from the flat distribution; the most extreme
+    # penalties saturate the logits instead of making them infinite (no NaN).
+    for knobs in (dict(temperature=float(torch.finfo(torch.float32).max)),
+                  dict(temperature=1.0, repetition_penalty=float(torch.finfo(torch.float32).tiny)),
+                  dict(temperature=1.0, repetition_penalty=float(torch.finfo(torch.float32).max))):
+        out = sampler.sample_ids([[5, 17, 40]], **{**kw, **knobs}, seed=0)
+        assert all(0 <= t < len(tokenizer) for ids, _ in out[0] for t in ids)
+
+
+def test_repetition_penalty_saturates_instead_of_overflowing():
+    logits = torch.tensor([[30.0, -30.0, 2.0, -1.0]])
+    seen = torch.tensor([[True, True, False, True]])
+    tiny, big = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+    boosted = apply_repetition_penalty(logits, seen, tiny)
+    assert torch.isfinite(boosted).all() and boosted[0, 0] == big and boosted[0, 2] == 2.0
+    banned = apply_repetition_penalty(logits, seen, big)
+    assert torch.isfinite(banned).all() and banned[0, 1] == -big and banned[0, 3] == -big
+    assert banned[0, 0] == 30.0 / big
+    ordinary = apply_repetition_penalty(logits, seen, 1.3)  # finite results are HF's exactly
+    assert torch.equal(ordinary, torch.tensor([[30.0 / 1.3, -30.0 * 1.3, 2.0, -1.0 * 1.3]]))
 
 
 @pytest.mark.gpu
