@@ -33,6 +33,7 @@
 
 #include <climits>
 #include <cmath>
+#include <cstring>
 
 namespace fastdf {
 namespace {
@@ -197,7 +198,10 @@ struct Row {
   __device__ __forceinline__ void load(int64_t base, float (&x)[kItems]) const {
     if (kVec && base + kItems <= vocab) {
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr + base));
-      const T* v = reinterpret_cast<const T*>(&raw);
+      // Copy out rather than read raw through a T*: that would be type punning, undefined
+      // behaviour that g++ -O2 miscompiles (tests/cuda_cpu/test_sampling_cpu.py).
+      T v[kItems];
+      memcpy(v, &raw, sizeof(raw));
 #pragma unroll
       for (int j = 0; j < kItems; ++j) x[j] = to_float(v[j]);
     } else {
@@ -337,9 +341,13 @@ __device__ void scan_row(const Row<T, kVec>& row, float temperature, float inv_t
       for (int o = 16; o; o >>= 1) wmax = fmaxf(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
       if (lane == 0 && wmax > -INFINITY) atomicMax(&sm.run_max_key, float_key(wmax));
       // Until the row's head is seen, the running maximum sits in the bulk and admits much
-      // of it: compact before the next chunk could overflow the list. Every warp appends
-      // before it votes, so the last voter sees every append of this chunk.
-      const int n = *reinterpret_cast<volatile int*>(&sm.n_cand);
+      // of it: compact before the next chunk could overflow the list. The count is read
+      // after a barrier, when every append of this chunk has landed: a count read before it
+      // can be stale, and a stale vote could compact a list that has already overflowed
+      // (reading never-written slots cand[cap..n-1] as token indices). The vote's barrier
+      // keeps the next chunk's appends from moving n_cand before every thread has read it.
+      __syncthreads();
+      const int n = sm.n_cand;
       if (__syncthreads_or(n <= cap && n > cap - kChunk)) compact_candidates(row, span, temperature, cap, sm);
     }
   }
