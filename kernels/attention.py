@@ -127,9 +127,17 @@ def _query_block(rows, heads, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end, ce, lo, SINK_END, qk_scale,
+def _finite(x):
+    return tl.abs(x.to(tl.float32)) < float("inf")  # False for +-inf and NaN
+
+
+@triton.jit
+def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end, ce, lo, SINK_END, qk_scale, bias,
                offs_n, offs_d, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+    """Online softmax over keys [start, end). m_i is the running max of the log2-domain
+    scores (-inf before the first visible key); probabilities are exp2(s - m - bias), so
+    l_i <= 1 and acc stays within max|v| (bias = log2 of the key count, 0 for fp16)."""
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         j = n0 + offs_n
         jin = j < end
@@ -141,11 +149,23 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end,
         else:
             s = s * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
+        # A row with no visible key yet keeps m = -inf; subtracting 0 instead gives p = 0, not NaN.
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - (m_sub + bias)[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(v_base + j[:, None] * svt + offs_d[None, :] * svd, jin, offs_d, D, EVEN_D, MASKED)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            # Edge tiles only (inside fully visible tiles every key is seen anyway): a
+            # non-finite value behind a key a row cannot see would turn 0 * v into NaN, so
+            # such values are zeroed for the product and the rows that do see one get NaN.
+            fin = _finite(v)
+            v = tl.where(fin, v, 0.0)
+            bad = tl.max(tl.where(fin, 0, 1), 1)
+            hit = tl.max(tl.where(vis, bad[None, :], 0), 1)
+            acc = tl.where((hit > 0)[:, None], float("nan"), acc)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -153,7 +173,7 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end,
 @triton.jit(do_not_specialize=["Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END", "tune_rows", "tune_fs"])
 def _fwd_kernel(Q, K, V, O, LSE, KS,
                 sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
-                Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, tune_rows, tune_fs,
+                Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, bias, tune_rows, tune_fs,
                 D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     rows = G * Tq
@@ -175,20 +195,20 @@ def _fwd_kernel(Q, K, V, O, LSE, KS,
     s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KS, b, BLOCK_N,
                                                                HAS_WINDOW, HAS_KS)
 
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: a fully masked first tile gives p = 0, not NaN
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_WINDOW:
         acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, s_lo, s_full, ce, lo, SINK_END,
-                                   qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+                                   qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
         acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, s_full, s_hi, ce, lo, SINK_END,
-                                   qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+                                   qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
         acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, k_lo, full_lo, ce, lo, SINK_END,
-                                   qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+                                   qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, full_lo, mid, ce, lo, SINK_END,
-                               qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
+                               qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, mid, k_hi, ce, lo, SINK_END,
-                               qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+                               qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
 
     # Rows that see no key (left padding; tile padding) give 0 and lse = -inf.
     empty = l_i == 0
@@ -196,7 +216,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KS,
     out = acc / l_i[:, None]
     omask = rmask[:, None] & (offs_d < D)[None, :]
     tl.store(O + b * sob + (h * soh + i * sot)[:, None] + offs_d[None, :] * sod, out.to(O.dtype.element_ty), mask=omask)
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_i)) * LN2)
+    lse = tl.where(empty, float("-inf"), (m_i + bias + tl.math.log2(l_i)) * LN2)
     tl.store(LSE + b * slb + h * slh + i * slt, lse, mask=rmask)
 
 
@@ -234,7 +254,7 @@ def _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW: 
 @triton.jit(do_not_specialize=["BHkv", "Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END"])
 def _fwd_short_kernel(Q, K, V, O, LSE, KS,
                       sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
-                      BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale,
+                      BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, bias,
                       D, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       R: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr):
     smask, b, hk, rmask, i, h, j, d = _short_offsets(R, BLOCK_M, BLOCK_N, BLOCK_D, BHkv, Hkv, G, Tq, Tk)
@@ -249,13 +269,19 @@ def _fwd_short_kernel(Q, K, V, O, LSE, KS,
                 mask=kmask, other=0.0)
     s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC)
     vis = _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW, HAS_KS)
-    s = tl.where(vis, s * qk_scale, -1.0e30)  # finite: padded rows stay NaN-free
+    s = tl.where(vis, s * qk_scale, float("-inf"))
     m = tl.max(s, 2)
-    p = tl.where(vis, tl.math.exp2(s - m[:, :, None]), 0.0)
+    m = tl.where(m == float("-inf"), 0.0, m) + bias  # rows without keys: p = exp2(-inf) = 0, not NaN
+    p = tl.math.exp2(s - m[:, :, None])
     l_i = tl.sum(p, 2)
     empty = l_i == 0
     l_i = tl.where(empty, 1.0, l_i)
-    out = tl.dot(p.to(v.dtype), v, input_precision=PREC) / l_i[:, :, None]
+    # Non-finite values behind invisible keys must not leak in as 0 * inf (see _fwd_range).
+    fin = _finite(v)
+    bad = tl.max(tl.where(fin, 0, 1), 2)
+    hit = tl.max(tl.where(vis, bad[:, None, :], 0), 2) > 0
+    out = tl.dot(p.to(v.dtype), tl.where(fin, v, 0.0), input_precision=PREC) / l_i[:, :, None]
+    out = tl.where(hit[:, :, None], float("nan"), out)
     tl.store(O + (b[:, None] * sob + h * soh + i[None, :] * sot)[:, :, None] + d[None, None, :] * sod,
              out.to(O.dtype.element_ty), mask=qmask)
     lmask = smask[:, None] & rmask[None, :]
@@ -304,15 +330,23 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, s
             delta = tl.load(delta_base + i)
         s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
         p_t = tl.math.exp2(s_t - lse2[None, :])
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
         if MASKED:
             ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
             vis = iin[None, :] & _visible(j[:, None], ce[None, :], lo[None, :], SINK_END, HAS_WINDOW)
             if HAS_KS:
                 vis = vis & (j[:, None] >= ks)
+            # Edge tiles: queries that cannot see a key (and whatever non-finite q, dO,
+            # lse or delta they carry) must not reach its gradient; 0 * NaN would.
             p_t = tl.where(vis, p_t, 0.0)
+            ds_t = tl.where(vis, ds_t, 0.0)
+            fin_do = _finite(do)
+            hit = tl.max(tl.where(vis, tl.max(tl.where(fin_do, 0, 1), 1)[None, :], 0), 1)
+            dv = tl.where((hit > 0)[:, None], float("nan"), dv)
+            do = tl.where(fin_do, do, 0.0)
+            q = tl.where(_finite(q), q, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
 
@@ -398,11 +432,14 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, start,
         v = _load_rows(v_base + j[:, None] * svt + offs_d[None, :] * svd, jin, offs_d, D, EVEN_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
-        if MASKED:
-            vis = jin[None, :] & _visible(j[None, :], ce[:, None], lo[:, None], SINK_END, HAS_WINDOW)
-            p = tl.where(vis, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
+        if MASKED:
+            # Edge tiles: a non-finite key or value a row cannot see must not reach its dq
+            # (a visible one already makes p or dp, hence ds, NaN).
+            vis = jin[None, :] & _visible(j[None, :], ce[:, None], lo[:, None], SINK_END, HAS_WINDOW)
+            ds = tl.where(vis, ds, 0.0)
+            k = tl.where(_finite(k), k, 0.0)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
     return dq
 
@@ -481,11 +518,15 @@ def _bwd_short_kernel(Q, K, V, O, DO, LSE, DLSE, KS, DQ, DK, DV,
     s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * qk_scale
     vis = _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW, HAS_KS)
     p = tl.where(vis, tl.math.exp2(s - lse2[:, :, None]), 0.0)
-    dv = tl.dot(tl.trans(p.to(do.dtype), (0, 2, 1)), do, input_precision=PREC)
+    # As in the tiled kernels: non-finite data on one side of an invisible pair stays there.
+    fin_do = _finite(do)
+    hit = tl.max(tl.where(vis, tl.max(tl.where(fin_do, 0, 1), 2)[:, :, None], 0), 1) > 0
+    dv = tl.dot(tl.trans(p.to(do.dtype), (0, 2, 1)), tl.where(fin_do, do, 0.0), input_precision=PREC)
+    dv = tl.where(hit[:, :, None], float("nan"), dv)
     dp = tl.dot(do, tl.trans(v, (0, 2, 1)), input_precision=PREC)
-    ds = p * (dp - delta[:, :, None])
-    dq = tl.dot(ds.to(k.dtype), k, input_precision=PREC) * scale
-    dk = tl.dot(tl.trans(ds.to(q.dtype), (0, 2, 1)), q, input_precision=PREC) * scale
+    ds = tl.where(vis, p * (dp - delta[:, :, None]), 0.0)
+    dq = tl.dot(ds.to(k.dtype), tl.where(_finite(k), k, 0.0), input_precision=PREC) * scale
+    dk = tl.dot(tl.trans(ds.to(q.dtype), (0, 2, 1)), tl.where(_finite(q), q, 0.0), input_precision=PREC) * scale
     tl.store(DQ + (rb * sdqb + h * sdqh + ri * sdqt)[:, :, None] + d[None, None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=qmask)
     tl.store(DK + (b * sdkb + hk * sdkh)[:, None, None] + j[None, :, None] * sdkt + d[None, None, :] * sdkd,
@@ -573,6 +614,16 @@ def _short_meta(G, Tq, Tk, block_d):
     return bm, bn, 1 << (r.bit_length() - 1)
 
 
+def _prob_bias(dtype, tk):
+    """log2 of the key count, subtracted from every exponent of the forward so that the
+    unnormalised sums stay <= 1 and acc <= max|v| (no overflow for |v| up to the dtype's
+    max). fp16: 0, since fp16 probabilities would lose precision as subnormals and fp16
+    values (<= 65504) cannot overflow an fp32 sum of 2**100 keys anyway."""
+    import torch
+
+    return 0.0 if dtype == torch.float16 else float((max(tk, 1) - 1).bit_length())
+
+
 def _use_short(G, Tq, Tk, block_d):
     return Tk <= SHORT_MAX and G * Tq <= SHORT_MAX and block_d <= 128
 
@@ -582,6 +633,7 @@ def attention_forward(q, k, v, out, lse, mask, scale, key_start=None):
     in kernel terms (see fastdf.ops.attention._mask_args); ``key_start`` int32 [B] or None."""
     B, Hq, Hkv, G, Tq, Tk, D, block_d, fs, window, sink_end, prec = _common(q, k, mask)
     qk_scale = scale * _LOG2E
+    bias = _prob_bias(q.dtype, Tk)
     strides = [*_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(lse, 3)]
     has_window = window is not None
     has_ks = key_start is not None
@@ -589,11 +641,11 @@ def attention_forward(q, k, v, out, lse, mask, scale, key_start=None):
     if _use_short(G, Tq, Tk, block_d):
         bm, bn, r = _short_meta(G, Tq, Tk, block_d)
         _fwd_short_kernel[(triton.cdiv(B * Hkv, r),)](
-            q, k, v, out, lse, ks, *strides, B * Hkv, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale,
+            q, k, v, out, lse, ks, *strides, B * Hkv, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale, bias,
             D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, HAS_KS=has_ks, PREC=prec,
             num_warps=4)
         return
-    args = (q, k, v, out, lse, ks, *strides, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale,
+    args = (q, k, v, out, lse, ks, *strides, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale, bias,
             _bucket(G * Tq), _bucket(fs))
     meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KS=has_ks, PREC=prec)
     wide = q.dtype.itemsize == 4

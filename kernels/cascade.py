@@ -28,11 +28,18 @@ def _merge_states_kernel(
     lb = tl.load(lb_ptr + i0 * slb0 + i1 * slb1 + i2 * slb2 + i3 * slb3, mask=rmask, other=float("-inf"))
     m = tl.maximum(la, lb)
     empty = m == float("-inf")
-    m = tl.where(empty, 0.0, m)  # both states empty: weights 0, output 0, lse -inf
-    wa = tl.exp(la - m)
-    wb = tl.exp(lb - m)
+    pinf = m == float("inf")
+    # both states empty: weights 0, output 0, lse -inf; a +inf state takes all the weight
+    shift = tl.where(empty | pinf, 0.0, m)
+    wa = tl.where(pinf, tl.where(la == float("inf"), 1.0, 0.0), tl.exp(la - shift))
+    wb = tl.where(pinf, tl.where(lb == float("inf"), 1.0, 0.0), tl.exp(lb - shift))
+    nan = (la != la) | (lb != lb)  # tl.maximum may drop a NaN: keep it loud
+    wa = tl.where(nan, float("nan"), wa)
     total = tl.where(empty, 1.0, wa + wb)
-    lse = tl.where(empty, float("-inf"), m + tl.log(total))
+    lse = tl.where(nan, float("nan"), tl.where(empty | pinf, m, m + tl.log(total)))
+    # an empty state's o may hold anything (SDPA: NaN); its weight is exactly 0
+    drop_a = (la == float("-inf"))[:, None]
+    drop_b = (lb == float("-inf"))[:, None]
     scale = 1.0 / total
     wa = (wa * scale)[:, None]
     wb = (wb * scale)[:, None]
@@ -46,7 +53,7 @@ def _merge_states_kernel(
                      mask=mask, other=0.0).to(tl.float32)
         vb = tl.load(ob_ptr + (i0 * sob0 + i1 * sob1 + i2 * sob2 + i3 * sob3)[:, None] + dd[None, :] * sobd,
                      mask=mask, other=0.0).to(tl.float32)
-        out = wa * va + wb * vb
+        out = wa * tl.where(drop_a, 0.0, va) + wb * tl.where(drop_b, 0.0, vb)
         tl.store(o_ptr + (i0 * so0 + i1 * so1 + i2 * so2 + i3 * so3)[:, None] + dd[None, :] * sod,
                  out.to(o_ptr.dtype.element_ty), mask=mask)
 
@@ -77,7 +84,7 @@ def merge_states(o_a, lse_a, o_b, lse_b, o, lse, sizes, strides):
 # so each prefix key block is loaded once and multiplied with every row (a matrix
 # product, not N matrix-vector products). Long prefixes are split along the keys
 # (split-K) so small grids still fill the GPU; every split writes a normalised partial
-# state (o, natural-log lse). Kernel 2 (suffix + merge): one program per (g, sample, KV
+# state (normalised o, running max, sum of probabilities). Kernel 2 (suffix + merge): one program per (g, sample, KV
 # head) attends over the sample's own suffix keys and folds the prefix partials in by
 # log-sum-exp, writing the final output in q's dtype.
 
@@ -86,14 +93,16 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_block(q, k, v, kmask, m_i, l_i, acc, qk_scale, PRECISION: tl.constexpr):
-    """One key block of online softmax (log2 domain). Every block holds a visible key, so
-    the new running max is finite."""
+def _attend_block(q, k, v, kmask, m_i, l_i, acc, qk_scale, bias, PRECISION: tl.constexpr):
+    """One key block of online softmax (log2 domain). m_i is the running max score
+    (-inf before any visible key; subtracting 0 then gives p = 0, not NaN);
+    probabilities are exp2(s - m - bias), so l_i <= 1 and acc stays within max|v|."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     s = tl.where(kmask[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_sub)
+    p = tl.exp2(s - (m_sub + bias)[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
@@ -101,10 +110,10 @@ def _attend_block(q, k, v, kmask, m_i, l_i, acc, qk_scale, PRECISION: tl.constex
 
 @triton.jit
 def _prefix_kernel(
-    q_ptr, k_ptr, v_ptr, lens_ptr, po_ptr, pl_ptr,
+    q_ptr, k_ptr, v_ptr, lens_ptr, po_ptr, pm_ptr, pl_ptr,
     M, GS, HKV, P, D, SPLIT,
     sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sv0, sv1, sv2, sv3,
-    qk_scale,
+    qk_scale, bias,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -134,22 +143,23 @@ def _prefix_kernel(
         kmask = keys < end
         k = tl.load(k_base + keys[:, None] * sk2 + d[None, :] * sk3, mask=kmask[:, None] & dmask[None, :], other=0.0)
         v = tl.load(v_base + keys[:, None] * sv2 + d[None, :] * sv3, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        m_i, l_i, acc = _attend_block(q, k, v, kmask, m_i, l_i, acc, qk_scale, PRECISION)
-    has = l_i > 0
-    safe_l = tl.where(has, l_i, 1.0)
-    lse = tl.where(has, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+        m_i, l_i, acc = _attend_block(q, k, v, kmask, m_i, l_i, acc, qk_scale, bias, PRECISION)
+    # The partial state is (normalised o, m + bias, l), not an lse: at |scores| ~ 1e30 an
+    # fp32 lse loses log2(l) and the merge would weigh the parts wrongly.
+    safe_l = tl.where(l_i > 0, l_i, 1.0)
     part = (pid_s * tl.num_programs(1) + pid_gh).to(tl.int64) * M
     tl.store(po_ptr + (part + rows[:, None]) * D + d[None, :], acc / safe_l[:, None], mask=rmask[:, None] & dmask[None, :])
-    tl.store(pl_ptr + part + rows, lse, mask=rmask)
+    tl.store(pm_ptr + part + rows, m_i + bias, mask=rmask)
+    tl.store(pl_ptr + part + rows, l_i, mask=rmask)
 
 
 @triton.jit
 def _suffix_merge_kernel(
-    q_ptr, k_ptr, v_ptr, lens_ptr, po_ptr, pl_ptr, o_ptr, lse_ptr,
+    q_ptr, k_ptr, v_ptr, lens_ptr, po_ptr, pm_ptr, pl_ptr, o_ptr, lse_ptr,
     N, GS, HKV, S, D, SPLITS, M, GH,
     sq0, sq1, sq2, sq3, sk0, sk1, sk2, sk3, sk4, sv0, sv1, sv2, sv3, sv4, sn0, sn1,
     so0, so1, so2, so3,
-    qk_scale,
+    qk_scale, bias,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_gn = tl.program_id(0)
@@ -177,26 +187,31 @@ def _suffix_merge_kernel(
         kmask = keys < length
         k = tl.load(k_base + keys[:, None] * sk3 + d[None, :] * sk4, mask=kmask[:, None] & dmask[None, :], other=0.0)
         v = tl.load(v_base + keys[:, None] * sv3 + d[None, :] * sv4, mask=kmask[:, None] & dmask[None, :], other=0.0)
-        m_i, l_i, acc = _attend_block(q, k, v, kmask, m_i, l_i, acc, qk_scale, PRECISION)
-    # Fold in the prefix partials: a normalised state (o, lse) is (m = lse, l = 1, acc = o).
+        m_i, l_i, acc = _attend_block(q, k, v, kmask, m_i, l_i, acc, qk_scale, bias, PRECISION)
+    # Fold in the prefix partials, normalised state by normalised state (out = weighted mean
+    # of the parts' outputs, so |out| <= max|v| throughout): each state is (o, m', l) with
+    # probabilities exp2(s - m') summing to l.
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    m_i = tl.where(has, m_i + bias, float("-inf"))
     row = n * GS + j
     for sp in range(0, SPLITS):
         part = (sp * GH + g * HKV + h).to(tl.int64) * M
-        lse_s = tl.load(pl_ptr + part + row, mask=jmask, other=float("-inf")) * 1.4426950408889634
+        m_s = tl.load(pm_ptr + part + row, mask=jmask, other=float("-inf"))
+        l_s = tl.load(pl_ptr + part + row, mask=jmask, other=0.0)
         o_s = tl.load(po_ptr + (part + row[:, None]) * D + d[None, :], mask=qmask, other=0.0)
-        m_new = tl.maximum(m_i, lse_s)
+        m_new = tl.maximum(m_i, m_s)
         safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # both empty: weights 0, not NaN
-        alpha = tl.exp2(m_i - safe)
-        beta = tl.exp2(lse_s - safe)
-        l_i = l_i * alpha + beta
-        acc = acc * alpha[:, None] + beta[:, None] * o_s
+        w_a = l_i * tl.exp2(m_i - safe)
+        w_b = l_s * tl.exp2(m_s - safe)
+        l_i = w_a + w_b
+        inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)
+        out = (w_a * inv)[:, None] * out + (w_b * inv)[:, None] * o_s
         m_i = m_new
     has = l_i > 0
-    safe_l = tl.where(has, l_i, 1.0)
-    out = acc / safe_l[:, None]
     tl.store(o_ptr + g64 * so0 + n64 * so1 + head[:, None] * so2 + d[None, :] * so3,
              out.to(o_ptr.dtype.element_ty), mask=qmask)
-    lse = tl.where(has, (m_i + tl.log2(safe_l)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(has, (m_i + tl.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
     tl.store(lse_ptr + pid_gn.to(tl.int64) * HKV * GS + head, lse, mask=jmask)
 
 
@@ -233,22 +248,27 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix
     split_len = triton.cdiv(triton.cdiv(max(P, 1), splits), block_n) * block_n
     splits = triton.cdiv(max(P, 1), split_len)
     part_o = torch.empty((splits, G * Hkv, M, D), device=q.device, dtype=torch.float32)
+    part_m = torch.empty((splits, G * Hkv, M), device=q.device, dtype=torch.float32)
     part_l = torch.empty((splits, G * Hkv, M), device=q.device, dtype=torch.float32)
+    # log2 of the key counts (see _attend_block); fp16 probabilities keep bias 0 (subnormals)
+    wide = q.dtype != torch.float16
+    bias_p = float((split_len - 1).bit_length()) if wide else 0.0
+    bias_s = float((max(S, 1) - 1).bit_length()) if wide else 0.0
     warps = 4 if block_m * block_d <= 64 * 128 else 8
     _prefix_kernel[(m_tiles, G * Hkv, splits)](
-        q, k_prefix, v_prefix, prefix_lens, part_o, part_l,
+        q, k_prefix, v_prefix, prefix_lens, part_o, part_m, part_l,
         M, gs, Hkv, P, D, split_len,
         *q.stride(), *k_prefix.stride(), *v_prefix.stride(),
-        qk_scale,
+        qk_scale, bias_p,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
         num_warps=warps, num_stages=3,
     )
     _suffix_merge_kernel[(G * N, Hkv)](
-        q, k_suffix, v_suffix, suffix_lens, part_o, part_l, o, lse,
+        q, k_suffix, v_suffix, suffix_lens, part_o, part_m, part_l, o, lse,
         N, gs, Hkv, S, D, splits, M, G * Hkv,
         *q.stride(), *k_suffix.stride(), *v_suffix.stride(), *suffix_lens.stride(),
         *o.stride(),
-        qk_scale,
+        qk_scale, bias_s,
         BLOCK_H=_pow2(gs), BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
         num_warps=4, num_stages=3,
     )

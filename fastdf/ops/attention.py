@@ -115,30 +115,60 @@ def _chunk_mask(s, e, Tq, Tk, key_start, device, **mask):
     return vis
 
 
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scores(qc: Tensor, k: Tensor, scale: float, dtype) -> Tensor:
+    """Scaled scores ``(qc * scale) @ k^T`` in ``dtype``. Scaling before the product keeps
+    the raw ``q . k`` (which may exceed fp16's 65504) out of low precision; the forward
+    and the backward share this so their scores are bitwise equal."""
+    return (qc.to(dtype) * scale) @ k.to(dtype).transpose(-1, -2)
+
+
+def _finite_or_zero(t: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _bad_rows(t: Tensor) -> Tensor:
+    """Rows (last dim reduced) holding a NaN or an infinity."""
+    return ~torch.isfinite(t).all(-1)
+
+
 def df_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal: bool = True,
                            window_frames: int | None = None, sink_frames: int = 0, scale: float | None = None,
-                           key_start: Tensor | None = None, chunk: int = REFERENCE_CHUNK) -> tuple[Tensor, Tensor]:
+                           key_start: Tensor | None = None, chunk: int = REFERENCE_CHUNK,
+                           upcast: bool = False) -> tuple[Tensor, Tensor]:
     """Readable torch reference: ``(out, lse)`` as :func:`df_attention` with ``return_lse``
     (``key_start`` as :func:`df_attention_padded`).
 
-    Scores, softmax and the product with v run in q's dtype (as a model in that dtype
-    would); lse is float32 (float64 for float64 inputs). Queries are processed in chunks so
-    no more than ``chunk`` scores exist at once. A row that sees no key (only possible with
-    ``key_start``) gives zeros and lse = -inf. Differentiable by autograd.
+    ``upcast=False`` is plain PyTorch in q's dtype (the baseline of the 2x-error rule, as
+    flash-attention's ``attention_ref``): ``(q * scale) @ k^T``, softmax and the product
+    with v in q's dtype. ``upcast=True`` (the torch backend) computes scores, softmax and
+    the product with v in float32 (float64 for float64 inputs) and rounds once at the end.
+    lse is float32 (float64 for float64 inputs) either way, from the same scores. Queries
+    are processed in chunks so no more than ``chunk`` scores exist at once. A row that
+    sees no key (only possible with ``key_start``) gives zeros and lse = -inf.
+
+    Causality holds for non-finite data: masked scores are -inf (whatever q . k was), and a
+    NaN/inf value behind a key a row cannot see is zeroed for the product; rows that do
+    see a non-finite value get NaN. Differentiable by autograd.
     """
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse_dtype = _acc_dtype(q.dtype)
+    dtype = lse_dtype if upcast else q.dtype
     if Tq == 0:
         return q.new_empty(q.shape), q.new_empty((B, Hq, 0), dtype=lse_dtype)
     qg = q.reshape(B, Hkv, G, Tq, D)
+    bad_v = _bad_rows(v)[:, :, None, None, :]  # [B, Hkv, 1, 1, Tk]
+    v_clean = _finite_or_zero(v).to(dtype)
     outs, lses = [], []
     for s, e in _chunks(Tq, B * Hq * Tk, chunk):
         c = e - s
-        scores = (qg[:, :, :, s:e].reshape(B, Hkv, G * c, D) @ k.transpose(-1, -2)) * scale
-        scores = scores.view(B, Hkv, G, c, Tk)
+        scores = _scores(qg[:, :, :, s:e].reshape(B, Hkv, G * c, D), k, scale, dtype).view(B, Hkv, G, c, Tk)
         mask = _chunk_mask(s, e, Tq, Tk, key_start, q.device, frame_size=frame_size, causal=causal,
                            window_frames=window_frames, sink_frames=sink_frames)
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -150,7 +180,9 @@ def df_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int =
         else:
             lses.append(torch.logsumexp(scores.to(lse_dtype), -1))
             p = torch.softmax(scores, -1)
-        outs.append((p.reshape(B, Hkv, G * c, Tk) @ v).view(B, Hkv, G, c, D))
+        o = (p.reshape(B, Hkv, G * c, Tk) @ v_clean).view(B, Hkv, G, c, D)
+        sees_bad = (mask & bad_v).any(-1, keepdim=True)
+        outs.append(o.masked_fill(sees_bad, float("nan")).to(q.dtype))
     out = torch.cat(outs, 3).reshape(B, Hq, Tq, D)
     lse = torch.cat(lses, 3).reshape(B, Hq, Tq)
     return out, lse
@@ -163,37 +195,52 @@ def df_attention_backward_reference(grad_out: Tensor, grad_lse: Tensor | None, q
                                     chunk: int = REFERENCE_CHUNK):
     """Chunked backward in fp32 (fp64 for fp64 inputs): returns ``(dq, dk, dv)``.
 
-    With P the attention probabilities, dS = P * (dO V^T - rowsum(dO * O) + dlse),
-    dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO (GQA: summed over the query heads of
-    each K/V head)."""
+    With P the attention probabilities (recomputed from the scores of
+    ``df_attention_reference(upcast=True)`` and ``lse``) and dP = dO V^T,
+    dS = P * (dP - rowsum(P * dP) + dlse), dQ = scale dS K, dK = scale dS^T Q,
+    dV = P^T dO (GQA: summed over the query heads of each K/V head).
+
+    ``rowsum(P * dP)`` equals ``rowsum(dO * O)`` but comes from the same float32
+    quantities as dP, so no low-precision ``out`` enters (``out`` is accepted and unused)
+    and a row with one visible key (P = 1) gets exactly zero dS. Non-finite data of an
+    invisible (query, key) pair reaches neither side's gradient.
+    """
+    del out
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     scale = D ** -0.5 if scale is None else scale
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    kf, vf = k.to(acc), v.to(acc)
-    delta = (grad_out.to(acc) * out.to(acc)).sum(-1)
-    if grad_lse is not None:
-        delta = delta - grad_lse.to(acc)
+    acc = _acc_dtype(q.dtype)
+    k_clean, vf = _finite_or_zero(k).to(acc), v.to(acc)
     dq = torch.empty(B, Hq, Tq, D, dtype=acc, device=q.device)
     dk = torch.zeros(B, Hkv, Tk, D, dtype=acc, device=q.device)
     dv = torch.zeros_like(dk)
+    dv_bad = torch.zeros(B, Hkv, Tk, dtype=torch.bool, device=q.device)
     qg = q.reshape(B, Hkv, G, Tq, D)
     gg = grad_out.reshape(B, Hkv, G, Tq, D)
+    lg = lse.reshape(B, Hkv, G, Tq)
+    dlg = grad_lse.reshape(B, Hkv, G, Tq) if grad_lse is not None else None
     for s, e in _chunks(Tq, B * Hq * Tk, chunk):
         c = e - s
-        qc = qg[:, :, :, s:e].reshape(B, Hkv, G * c, D).to(acc)
+        qc = qg[:, :, :, s:e].reshape(B, Hkv, G * c, D)
         gc = gg[:, :, :, s:e].reshape(B, Hkv, G * c, D).to(acc)
         mask = _chunk_mask(s, e, Tq, Tk, key_start, q.device, frame_size=frame_size, causal=causal,
                            window_frames=window_frames, sink_frames=sink_frames)
-        scores = (qc @ kf.transpose(-1, -2) * scale).view(B, Hkv, G, c, Tk)
-        lc = lse.reshape(B, Hkv, G, Tq)[..., s:e, None].to(acc)
-        p = torch.exp(scores - lc).masked_fill(~mask, 0.0).view(B, Hkv, G * c, Tk)
-        dv += p.transpose(-1, -2) @ gc
-        dc = delta.reshape(B, Hkv, G, Tq)[..., s:e].reshape(B, Hkv, G * c, 1)
-        ds = p * (gc @ vf.transpose(-1, -2) - dc)
-        dq.view(B, Hkv, G, Tq, D)[:, :, :, s:e] = (ds @ kf * scale).view(B, Hkv, G, c, D)
-        dk += ds.transpose(-1, -2) @ qc * scale
+        mask = mask.expand(B, Hkv, G, c, Tk).reshape(B, Hkv, G * c, Tk)
+        scores = _scores(qc, k, scale, acc)
+        lc = lg[..., s:e].reshape(B, Hkv, G * c, 1).to(acc)
+        p = torch.exp(scores - lc).masked_fill(~mask, 0.0)
+        dp = (gc @ vf.transpose(-1, -2)).masked_fill(~mask, 0.0)
+        delta = (p * dp).sum(-1, keepdim=True)
+        if dlg is not None:
+            delta = delta - dlg[..., s:e].reshape(B, Hkv, G * c, 1).to(acc)
+        ds = (p * (dp - delta)).masked_fill(~mask, 0.0)
+        # a non-finite dO of a query reaches only the keys that query sees
+        dv_bad |= (mask & _bad_rows(gc)[..., None]).any(-2)
+        dv += p.transpose(-1, -2) @ _finite_or_zero(gc)
+        dq.view(B, Hkv, G, Tq, D)[:, :, :, s:e] = (ds @ k_clean * scale).view(B, Hkv, G, c, D)
+        dk += ds.transpose(-1, -2) @ _finite_or_zero(qc).to(acc) * scale
+    dv = dv.masked_fill(dv_bad[..., None], float("nan"))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -213,7 +260,7 @@ def _lse_dtype(dtype):
 @ATTENTION.register("torch")
 def _attention_torch(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale):
     out, lse = df_attention_reference(q, k, v, frame_size=frame_size, causal=causal, window_frames=window_frames,
-                                      sink_frames=sink_frames, scale=scale, key_start=key_start)
+                                      sink_frames=sink_frames, scale=scale, key_start=key_start, upcast=True)
     result = _empty_bthd(*q.shape, dtype=q.dtype, device=q.device)
     result.copy_(out)
     return result, lse.contiguous()
@@ -340,17 +387,57 @@ _attention_op.register_autograd(_backward, setup_context=_setup)
 # ---------------------------------------------------------------------------- public
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+FLOAT32_TINY = float(torch.finfo(torch.float32).smallest_normal)
+
+
+def check_scale(name: str, scale, head_dim: int) -> float:
+    """The softmax scale as a float: ``head_dim ** -0.5`` for None, else a finite number
+    > 0 that float32 represents as a normal number with ``scale * log2(e)`` finite (the
+    kernels fold log2(e) into it)."""
+    if scale is None:
+        return float(head_dim ** -0.5)
+    _checks.number(name, scale)
+    if not math.isfinite(scale) or not FLOAT32_TINY <= scale <= FLOAT32_MAX / 1.4426950408889634 + 0.0:
+        raise ValueError(f"{name} must be finite, > 0 and representable in float32 (between {FLOAT32_TINY:.3g} "
+                         f"and {FLOAT32_MAX / 1.4426950408889634:.3g}), got {scale}")
+    return float(scale)
+
+
+def _normalise_mask(tk, frame_size, causal, window_frames, sink_frames):
+    """The same rule with every knob within the sequence: a frame longer than the keys is
+    one frame of Tk; a window (or sinks) covering every frame is no window. So any Python
+    int is legal (10**30 included), and the op schema's int64 always holds the result."""
+    if not causal:
+        return min(frame_size, max(tk, 1)), None, 0
+    frame_size = min(frame_size, max(tk, 1))
+    frames = -(-tk // frame_size)
+    if window_frames is not None and (window_frames >= frames or sink_frames >= frames):
+        window_frames = None
+    if window_frames is None:
+        sink_frames = 0
+    return frame_size, window_frames, sink_frames
+
+
 def _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse):
+    """Validate the arguments of df_attention; returns ``(frame_size, window_frames,
+    sink_frames, scale)`` normalised (see _normalise_mask, check_scale)."""
     dtypes = _checks.FLOAT_DTYPES + (torch.float64,)
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.tensor(name, t, ndim=4, dtypes=dtypes)
     _checks.same_dtype(q=q, k=k, v=v)
     _checks.same_device(q=q, k=k, v=v)
     B, Hq, Tq, D = q.shape
+    if D == 0:
+        raise ValueError(f"q must have a head dim (last dim) >= 1, got shape {tuple(q.shape)}")
+    if Hq == 0:
+        raise ValueError(f"q must have at least one head (dim 1), got shape {tuple(q.shape)}")
     _checks.shape("k", k, (B, None, None, D), what="([B, Hkv, Tk, D] with q's B and D)")
     _checks.shape("v", v, tuple(k.shape), what="(the shape of k)")
     Hkv, Tk = k.shape[1], k.shape[2]
-    if Hkv == 0 or Hq % Hkv:
+    if Hkv == 0:
+        raise ValueError(f"k must have at least one head (dim 1), got shape {tuple(k.shape)}")
+    if Hq % Hkv:
         raise ValueError(f"q's heads ({Hq}) must be a multiple of k's heads ({Hkv}) (GQA/MQA: Hq % Hkv == 0)")
     if Tq > Tk:
         raise ValueError(f"q has more tokens ({Tq}) than k ({Tk}): Tq must be <= Tk (queries are the newest tokens)")
@@ -364,12 +451,10 @@ def _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, retur
     _checks.number("sink_frames", sink_frames, low=0, integer=True)
     if sink_frames and not causal:
         raise ValueError("sink_frames needs causal=True (without causality every key is visible)")
-    if scale is not None:
-        _checks.number("scale", scale)
-        if not math.isfinite(scale):
-            raise ValueError(f"scale must be finite, got {scale}")
+    scale = check_scale("scale", scale, D)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    return (*_normalise_mask(Tk, frame_size, causal, window_frames, sink_frames), scale)
 
 
 def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal: bool = True,
@@ -385,12 +470,14 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
             storage viewed as ``[B, H, T, D]``.
         frame_size: tokens per frame; query i sits at absolute position
             ``p = Tk - Tq + i`` and ``frame(x) = x // frame_size``. 1 = token-causal.
+            Any positive int; one longer than the sequence makes it one frame.
         causal: key j is visible to p iff ``frame(j) <= frame(p)`` and the window rule
             holds. False: every key is visible (window and sinks are then an error).
         window_frames: keep only keys with ``frame(p) - frame(j) < window_frames``
-            (None: unlimited)...
+            (None: unlimited; a window covering every frame, e.g. 10**30, is no window)...
         sink_frames: ...except keys with ``frame(j) < sink_frames``, always visible.
-        scale: score scale, default ``D ** -0.5``.
+        scale: score scale, default ``D ** -0.5``; a finite number > 0 representable in
+            float32 (ValueError otherwise).
         return_lse: also return the log-sum-exp of the visible scaled scores.
 
     Returns:
@@ -398,9 +485,24 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
         ``out.transpose(1, 2).reshape(B, Tq, Hq * D)`` is free), and with ``return_lse``
         also ``lse`` ``[B, Hq, Tq]`` float32, natural log. Differentiable in q, k, v (and
         through lse).
+
+    Range: scores are computed in float32 (fp64 on the torch backend for fp64 inputs) and
+    masked with -inf, so the forward meets the 2x-torch-error rule for any inputs whose
+    scaled scores ``scale * q . k`` (and, on the triton backend, the raw ``q . k``) are
+    finite in float32, however negative (-3e38 works), and any finite v up to the dtype's
+    maximum. The backward recomputes probabilities from lse, so its relative error grows
+    with ``|lse| * 2**-24``: accurate while the scaled scores stay below about 1e4 in
+    magnitude.
+
+    Causality under non-finite data (both backends, forward and backward): a NaN or inf in
+    a key or value that a query cannot see never reaches that query's output, lse or dq,
+    and a non-finite q or upstream gradient of a query never reaches the dk/dv of keys it
+    cannot see. A query that sees a non-finite key or value gets NaN (or inf). Note that
+    a query whose output is not used (zero upstream gradient) still passes its NaN
+    probabilities to the dk/dv of the keys it does see (0 * NaN), as in PyTorch.
     """
-    _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    frame_size, window_frames, sink_frames, scale = _check(q, k, v, frame_size, causal, window_frames, sink_frames,
+                                                           scale, return_lse)
     out, lse = _attention_op(q, k, v, None, frame_size, causal, window_frames, sink_frames, scale)
     return (out, lse) if return_lse else out
 
@@ -413,11 +515,12 @@ def df_attention_padded(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, *, f
     in df_attention (positions still count from key 0). Query rows that see no key at all
     (padding queries) give zeros and lse = -inf. Used by the HF transformers integration;
     values outside ``[0, Tk]`` are clamped."""
-    _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse)
+    frame_size, window_frames, sink_frames, scale = _check(q, k, v, frame_size, causal, window_frames, sink_frames,
+                                                           scale, return_lse)
     _checks.tensor("key_start", key_start, ndim=1, dtypes=(torch.int32, torch.int64))
     _checks.shape("key_start", key_start, (q.shape[0],), what="([B] with q's B)")
     _checks.same_device(q=q, key_start=key_start)
-    key_start = key_start.clamp(0, k.shape[2]).to(torch.int32)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    # clamped in its own dtype before the int32 cast, so 2**32 + 1 cannot wrap to 1
+    key_start = key_start.clamp(0, k.shape[2]).to(torch.int32).contiguous()
     out, lse = _attention_op(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale)
     return (out, lse) if return_lse else out

@@ -7,8 +7,10 @@ attention over the union of both key sets is
 
     lse = log(e^lse_a + e^lse_b),   o = e^(lse_a - lse) o_a + e^(lse_b - lse) o_b.
 
-A state with no visible keys has lse = -inf and contributes nothing; two such states merge
-to o = 0, lse = -inf.
+A state with no visible keys has lse = -inf and contributes nothing, whatever its o holds
+(SDPA returns NaN for an empty row); two such states merge to o = 0, lse = -inf. A state
+with lse = +inf takes all the weight (shared equally if both are +inf) and the merged lse
+is +inf. A NaN lse, or a NaN o of a non-empty state, gives NaN.
 """
 
 from __future__ import annotations
@@ -20,19 +22,37 @@ from .. import _native
 from . import _alloc, _checks
 from ._backend import Op
 from ._layout import row_layout
+from .attention import check_scale
 from ._library import custom_op
 
 MERGE = Op("merge_attention_states", prefer=("cuda", "triton", "torch"))
+
+
+def _merge_weights(lse_a: Tensor, lse_b: Tensor, lse: Tensor):
+    """``(w_a, w_b)``, the share of each state in the merge: ``e^(lse_x - lse)``, except
+    0 for both when both are empty and, when lse is +inf, 1 for the +inf states (halved
+    if both are)."""
+    pos_a, pos_b = torch.isposinf(lse_a), torch.isposinf(lse_b)
+    inf = torch.isposinf(lse)
+    shift = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)  # -inf: both empty, weights e^-inf = 0
+    count = (pos_a.to(lse.dtype) + pos_b.to(lse.dtype)).clamp(min=1)
+    w_a = torch.where(inf, pos_a.to(lse.dtype) / count, torch.exp(lse_a - shift))
+    w_b = torch.where(inf, pos_b.to(lse.dtype) / count, torch.exp(lse_b - shift))
+    return w_a, w_b
+
+
+def _drop_empty(o: Tensor, lse: Tensor, dtype) -> Tensor:
+    """o in ``dtype`` with the rows of empty states (lse = -inf) zeroed: their weight is
+    exactly 0, and 0 * NaN must not poison the merge."""
+    return o.to(dtype).masked_fill(torch.isneginf(lse).unsqueeze(-1), 0.0)
 
 
 def merge_attention_states_reference(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor):
     """Readable torch reference (computes in fp32, or fp64 for fp64 inputs)."""
     acc = torch.float64 if o_a.dtype == torch.float64 else torch.float32
     lse = torch.logaddexp(lse_a, lse_b)
-    finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    w_a = torch.exp(lse_a - finite).unsqueeze(-1).to(acc)
-    w_b = torch.exp(lse_b - finite).unsqueeze(-1).to(acc)
-    out = w_a * o_a.to(acc) + w_b * o_b.to(acc)
+    w_a, w_b = _merge_weights(lse_a, lse_b, lse)
+    out = w_a.unsqueeze(-1).to(acc) * _drop_empty(o_a, lse_a, acc) + w_b.unsqueeze(-1).to(acc) * _drop_empty(o_b, lse_b, acc)
     return out.to(o_a.dtype), lse
 
 
@@ -99,15 +119,14 @@ def _merge_backward(ctx, grad_o, grad_lse):
     #   d/d o_x = p_x g_o,   d/d lse_x = p_x (<g_o, o_x - o> + g_lse).
     o_a, lse_a, o_b, lse_b, o, lse = ctx.saved_tensors
     acc = torch.float64 if o.dtype == torch.float64 else torch.float32
-    finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    p_a = torch.exp(lse_a - finite)
-    p_b = torch.exp(lse_b - finite)
+    p_a, p_b = _merge_weights(lse_a, lse_b, lse)
+    o_a_acc, o_b_acc = _drop_empty(o_a, lse_a, acc), _drop_empty(o_b, lse_b, acc)
     g = grad_o.to(acc)
-    g_dot_o = (g * o.to(acc)).sum(-1)
+    g_dot_o = (g * _drop_empty(o, lse, acc)).sum(-1)
     if grad_lse is None:
         grad_lse = torch.zeros_like(lse)
-    grad_lse_a = p_a * ((g * o_a.to(acc)).sum(-1) - g_dot_o + grad_lse).to(lse_a.dtype)
-    grad_lse_b = p_b * ((g * o_b.to(acc)).sum(-1) - g_dot_o + grad_lse).to(lse_b.dtype)
+    grad_lse_a = p_a * ((g * o_a_acc).sum(-1) - g_dot_o + grad_lse).to(lse_a.dtype)
+    grad_lse_b = p_b * ((g * o_b_acc).sum(-1) - g_dot_o + grad_lse).to(lse_b.dtype)
     grad_o_a = (p_a.unsqueeze(-1).to(acc) * g).to(o_a.dtype)
     grad_o_b = (p_b.unsqueeze(-1).to(acc) * g).to(o_b.dtype)
     return grad_o_a, grad_lse_a, grad_o_b, grad_lse_b
@@ -176,8 +195,12 @@ def shared_prefix_attention_reference(q: Tensor, k_prefix: Tensor, v_prefix: Ten
     s_s = s_s.masked_fill(~visible_s[:, :, None, None, :], float("-inf"))
     scores = torch.cat([s_p, s_s], -1)
     lse = torch.logsumexp(scores, -1)
-    finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
-    p = torch.exp(scores - finite[..., None])
+    # Normalise by the max and the sum, not by exp(-lse): at |scores| ~ 1e30 lse has lost
+    # log(sum) to rounding. Rows without a visible key: max -inf -> 0, so p = 0, not NaN.
+    m = scores.amax(-1, keepdim=True)
+    e = torch.exp(scores - torch.where(torch.isneginf(m), torch.zeros_like(m), m))
+    total = e.sum(-1, keepdim=True)
+    p = e / torch.where(total > 0, total, torch.ones_like(total))
     # Values behind invisible keys may be anything (an uninitialised cache): 0 * NaN is NaN.
     v_p, v_s = v_prefix.to(acc), v_suffix.to(acc)
     if not bool(visible_p.all()):
@@ -218,8 +241,11 @@ def _shared_prefix_triton(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens
     o = _alloc.empty((G, N, Hq, D), dtype=q.dtype, device=q.device)
     lse = _alloc.empty((G, N, Hq), dtype=torch.float32, device=q.device)
     if o.numel():
-        shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens.to(torch.int32).contiguous(),
-                      suffix_lens.to(torch.int32).contiguous(), scale, o, lse, splits=TRITON_PREFIX_SPLITS[0])
+        # the kernels read int32 lengths with unit strides; clamp before narrowing (no wrap)
+        shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix,
+                      prefix_lens.clamp(0, k_prefix.shape[2]).to(torch.int32).contiguous(),
+                      suffix_lens.clamp(0, k_suffix.shape[3]).to(torch.int32).contiguous(), scale, o, lse,
+                      splits=TRITON_PREFIX_SPLITS[0])
     return o, lse
 
 
@@ -237,13 +263,15 @@ def _(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix_lens, scale
 
 
 def _lengths(name, lens, shape, limit, device):
+    """Lengths as a contiguous int32 tensor, clamped to ``[0, limit]`` in their own dtype
+    first (an int64 2**32 + 1 must mean "all keys", not wrap to 1)."""
     if lens is None:
         return torch.full(shape, limit, dtype=torch.int32, device=device)
     _checks.tensor(name, lens, dtypes=(torch.int32, torch.int64))
     _checks.shape(name, lens, shape)
     if lens.device != device:
         raise ValueError(f"{name} is on {lens.device} but q is on {device}; put them on one device")
-    return lens
+    return lens.clamp(0, limit).to(torch.int32).contiguous()
 
 
 def shared_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, k_suffix: Tensor, v_suffix: Tensor, *,
@@ -258,8 +286,10 @@ def shared_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, k_suf
         k_suffix, v_suffix: ``[G, N, Hkv, S, D]``, each sample's generated tokens' K/V.
         prefix_lens: int ``[G]`` visible prefix keys per prompt (default P).
         suffix_lens: int ``[G, N]`` visible suffix keys per sample (default S).
-            Lengths outside ``[0, P]`` / ``[0, S]`` are clamped (never read out of bounds).
-        scale: softmax scale, default ``D ** -0.5``.
+            Lengths outside ``[0, P]`` / ``[0, S]`` (any int32/int64 value, e.g. 2**40 or
+            -1) are clamped, never wrapped or read out of bounds; views of any stride work.
+        scale: softmax scale, default ``D ** -0.5``; finite, > 0 and representable in
+            float32 (ValueError otherwise).
         return_lse: also return the natural-log log-sum-exp ``[G, N, Hq]`` (float32).
 
     Returns ``[G, N, Hq, D]`` in q's dtype: each sample attends to its prompt's prefix and
@@ -267,6 +297,12 @@ def shared_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, k_suf
     key gets zeros (lse ``-inf``). Any strides. The Triton kernel reads each prompt's
     prefix K/V once per query tile of up to 128 (N x Hq/Hkv) rows (once per group when
     N x Hq/Hkv <= 128) and runs the prefix part as a matrix product.
+
+    Range: exact (to the 2x-torch-error rule) for any finite scaled scores, however
+    large in magnitude (the prefix partials carry their running max and sum, not an
+    lse), and any finite v up to the dtype's maximum (probabilities are scaled so no
+    partial sum exceeds max|v|). Keys past a length are never read, so whatever an unused
+    cache slot holds (NaN included) cannot reach a query.
 
     Decode-only: there is no backward. Inputs that require grad raise unless grad mode is
     off (use ``torch.no_grad()`` / ``torch.inference_mode()``).
@@ -286,12 +322,16 @@ def shared_prefix_attention(q: Tensor, k_prefix: Tensor, v_prefix: Tensor, k_suf
     _checks.shape("k_suffix", k_suffix, (G, N, Hkv, None, D), what="([G, N, Hkv, S, D] with q's G, N, D)")
     _checks.shape("v_suffix", v_suffix, (G, N, Hkv, S, D), what="(the shape of k_suffix)")
     if Hkv == 0 or Hq % Hkv:
-        raise ValueError(f"q's heads ({Hq}) must be a multiple of k_prefix's KV heads ({Hkv})")
+        raise ValueError(f"q's heads ({Hq}) must be a multiple of k_prefix's KV heads ({Hkv}, dim 1), and both >= 1")
+    if D == 0:
+        raise ValueError(f"q must have a head dim (last dim) >= 1, got shape {tuple(q.shape)}")
+    if Hq == 0:
+        raise ValueError(f"q must have at least one head (dim 2), got shape {tuple(q.shape)}")
+    scale = check_scale("scale", scale, D)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     prefix_lens = _lengths("prefix_lens", prefix_lens, (G,), P, device)
     suffix_lens = _lengths("suffix_lens", suffix_lens, (G, N), S, device)
-    if scale is None:
-        scale = D ** -0.5
-    _checks.number("scale", scale, low=0, low_open=True)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_prefix, v_prefix, k_suffix, v_suffix)):
         raise NotImplementedError(
             "fastdf.shared_prefix_attention is decode-only and has no backward; call it under torch.no_grad() "
