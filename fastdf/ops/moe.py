@@ -318,9 +318,9 @@ def _combine_backward(ctx, grad):
         rows = grad.unsqueeze(1).expand(T, K, grad.shape[1])
         if weights is not None:
             rows = rows * weights.unsqueeze(-1).to(grad.dtype)
-        dy = grad.new_zeros(y.shape).index_copy(0, flat, rows.reshape(T * K, -1).to(y.dtype))
+        dy = grad.new_zeros(y.shape).index_copy(0, flat, rows.reshape(T * K, y.shape[1]).to(y.dtype))
     if weights is not None and ctx.needs_input_grad[2]:
-        picked = y[flat].view(T, K, -1).float()
+        picked = y[flat].view(T, K, y.shape[1]).float()
         dweights = (picked * grad.float().unsqueeze(1)).sum(-1).to(weights.dtype)
     return dy, None, dweights
 

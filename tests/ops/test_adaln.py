@@ -222,3 +222,45 @@ def test_gated_residual_mixed_dtypes(backend, device):
         grads = torch.autograd.grad(out.square().sum(), (x, y, gate))
     assert out.dtype == torch.float32 and [t.dtype for t in grads] == [torch.float32, F16, F16]
     assert_matches_reference(out, gated_residual_reference, x, y, gate)
+
+
+# ---------------------------------------------------------------------------- hardening (issue 9)
+
+@pytest.mark.op("adaln_modulate")
+@pytest.mark.parametrize("eps,error,match", [
+    (float("nan"), ValueError, "eps must be finite"), (float("inf"), ValueError, "eps must be finite"),
+    (1e300, ValueError, "eps = 1e\\+300 is not representable in float32"), (10**400, ValueError, "eps must be finite"),
+    (-1e-6, ValueError, "eps must be >= 0"), (True, TypeError, "eps must be a number"),
+    ("1e-6", TypeError, "eps must be a number"), (torch.tensor(1e-6), TypeError, "eps must be a number"),
+])
+def test_bad_eps(backend, device, eps, error, match):
+    """Float knobs are finite, in range and representable in float32 (the kernels' dtype)."""
+    x, shift, scale, _, _ = _make((1, 4, 2, 8), F32, device, affine=False)
+    with pytest.raises(error, match=match):
+        fastdf.adaln_modulate(x, shift, scale, eps=eps)
+
+
+@pytest.mark.op("adaln_modulate", "gated_residual")
+@pytest.mark.parametrize("shape", [(0, 4, 2, 8), (2, 0, 2, 8), (2, 4, 2, 0)], ids=["B0", "T0", "C0"])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_zero_sized_dims(backend, device, shape, norm):
+    """B, T or C of 0: the reference's empty output and zero table/affine gradients on every
+    backend (no ZeroDivisionError/IndexError)."""
+    x, shift, scale, weight, bias = _make(shape, F32, device, affine=True)
+    gate = shift * 0.5
+    y_in = torch.randn_like(x)
+
+    def run(mod, gated):
+        leaves = [t.detach().requires_grad_() for t in (x, shift, scale, weight, bias, gate, y_in)]
+        h = mod(*leaves[:3], norm=norm, weight=leaves[3], bias=leaves[4])
+        out = gated(leaves[0], h + leaves[6], leaves[5])
+        grads = torch.autograd.grad(out.sum(), leaves, allow_unused=True)
+        return [h, out] + [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+
+    with poisoned():
+        got = run(fastdf.adaln_modulate, fastdf.gated_residual)
+    want = run(adaln_modulate_reference, gated_residual_reference)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b)
+    assert not got[3].any() and not got[4].any(), "no tokens or channels: the table gradients are zero"

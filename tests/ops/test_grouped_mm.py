@@ -261,3 +261,88 @@ def test_kernels_compile_for_hopper_and_ampere():
             assert info["async_copies"] > 0, f"{name}: K loop not pipelined"
             assert info["mma_versions"] == [3 if arch == 90 else 2], f"{name}: {info}"
             assert (info["wgmma"] > 0) == (arch == 90), f"{name}: {info}"
+
+
+# ---------------------------------------------------------------------------- hardening (issue 9)
+
+def _spread(t, fill):
+    """``t`` as a non-contiguous [::2] view of a bigger tensor whose other entries are junk."""
+    big = torch.full((2 * t.numel(),), fill, dtype=t.dtype, device=t.device)
+    big[::2] = t
+    view = big[::2]
+    assert not view.is_contiguous() and torch.equal(view, t)
+    return view
+
+
+@pytest.mark.op("grouped_mm")
+@pytest.mark.parametrize("trainable", [False, True])
+def test_index_tensors_as_views(backend, device, trainable):
+    """offs and trainable_ids given as strided views (kernels index them as flat arrays):
+    same rows, dX and dW as with contiguous copies."""
+    x, w, offs = _inputs(30, 16, 12, [4, 4, 17, 25], torch.float32, device, hf_layout=False)
+    tids = torch.tensor([3, 0], device=device)
+    tw = torch.randn(2, 16, 12, generator=torch.Generator().manual_seed(5)).to(device)
+    grad = torch.randn(30, 12, generator=torch.Generator().manual_seed(6)).to(device)
+    kw_view = dict(trainable_w=tw, trainable_ids=_spread(tids, 1)) if trainable else {}
+    kw_ref = dict(trainable_w=tw, trainable_ids=tids) if trainable else {}
+
+    def run(offs_, kw, fn):
+        xs = x.detach().requires_grad_()
+        ws = (kw["trainable_w"] if trainable else w).detach().requires_grad_()
+        kw = dict(kw, trainable_w=ws) if trainable else kw
+        out = fn(xs, ws if not trainable else w, offs_, **kw)
+        return (out, *torch.autograd.grad((out * grad).sum(), (xs, ws)))
+
+    got = run(_spread(offs, 9), kw_view, fastdf.grouped_mm)
+    want = run(offs, kw_ref, grouped_mm_reference)
+    for a, b, name in zip(got, want, ("out", "dx", "dw")):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.op("grouped_mm")
+@pytest.mark.parametrize("S,K,N,offs,trainable", [
+    (0, 4, 5, [0, 0], False), (6, 0, 5, [2, 6], False), (6, 4, 0, [2, 6], False), (6, 4, 5, [2, 6], True),
+], ids=["S0", "K0", "N0", "no-trainable-experts"])
+def test_zero_sized_dims(backend, device, S, K, N, offs, trainable):
+    """S, K, N or E_t of 0: the reference's empty/zero result and gradients on every backend."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(S, K, generator=g).to(device).requires_grad_()
+    w = torch.randn(len(offs), K, N, generator=g).to(device).requires_grad_()
+    offs = torch.tensor(offs, dtype=torch.int32, device=device)
+    kw = {}
+    if trainable:  # an empty trainable set: every expert uses w, no weight gradient at all
+        kw = dict(trainable_w=torch.zeros(0, K, N, device=device, requires_grad=True),
+                  trainable_ids=torch.zeros(0, dtype=torch.long, device=device))
+    leaves = (x, kw["trainable_w"] if trainable else w)
+    grad = torch.randn(S, N, generator=g).to(device)
+
+    def grads(fn):
+        out = fn(x, w, offs, **kw)
+        got = torch.autograd.grad((out * grad).sum(), leaves, allow_unused=True)
+        return [out] + [torch.zeros_like(t) if d is None else d for d, t in zip(got, leaves)]
+
+    with poisoned():
+        got = grads(fastdf.grouped_mm)
+    want = grads(grouped_mm_reference)
+    assert got[0].shape == (S, N) and got[1].shape == x.shape and got[2].shape == leaves[1].shape
+    for a, b, name in zip(got, want, ("out", "dx", "dw")):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    (dict(offs=torch.tensor([2.0, 2.0, 9.0])), ValueError, "offs must be one of int32"),
+    (dict(offs=torch.tensor([True, True, True])), ValueError, "offs must be one of int32"),
+    (dict(trainable_ids=torch.tensor([0.0, 1.0])), ValueError, "trainable_ids must be one of int64"),
+    (dict(trainable_ids=torch.tensor([True, False])), ValueError, "trainable_ids must be one of int64"),
+    (dict(trainable_ids=[0, 1]), TypeError, "trainable_ids must be a torch.Tensor"),
+])
+@pytest.mark.op("grouped_mm")
+def test_bad_index_dtypes(backend, device, kw, error, match):
+    """Float/bool/list ids are refused before any kernel, on every backend."""
+    x, w, offs = _inputs(12, 6, 5, [2, 2, 9], torch.float32, device)
+    args = dict(offs=offs)
+    if "trainable_ids" in kw:
+        args["trainable_w"] = torch.randn(2, 6, 5, device=device)
+    args.update({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    with pytest.raises(error, match=match):
+        fastdf.grouped_mm(x, w, args.pop("offs"), **args)

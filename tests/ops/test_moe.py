@@ -301,3 +301,116 @@ def test_cuda_extension_exports_routing():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no usable CUDA device"):
             ext.moe_route(0, False, 4, 2, 0, 0, 0, 0, 0, 0)
+
+
+# ---------------------------------------------------------------------------- hardening (issue 9)
+
+def _spread_cols(t, fill):
+    """``t`` [T, K] as a non-contiguous view (every other column of a wider tensor of junk)."""
+    big = torch.full((t.shape[0], 2 * t.shape[1]), fill, dtype=t.dtype, device=t.device)
+    big[:, ::2] = t
+    view = big[:, ::2]
+    assert not view.is_contiguous() and torch.equal(view, t)
+    return view
+
+
+def _out_and_grads(fn, hidden, ids, weights, gate_up, down, grad, **kw):
+    """Output and gradients wrt hidden, weights, gate_up, down (zeros where unused)."""
+    leaves = [t.detach().requires_grad_() for t in (hidden, weights, gate_up, down)]
+    out = fn(leaves[0], ids, leaves[1], leaves[2], leaves[3], **kw)
+    if out.requires_grad:
+        got = torch.autograd.grad((out * grad).sum(), leaves, allow_unused=True)
+    else:  # the reference's output with no (token, slot) pair is a constant
+        got = [None] * 4
+    return [out] + [torch.zeros_like(t) if g is None else g for g, t in zip(got, leaves)]
+
+
+@pytest.mark.op("moe_experts")
+@pytest.mark.parametrize("act", ["silu", torch.nn.functional.softplus], ids=["fused", "composite"])
+def test_moe_index_tensors_as_views(backend, device, act):
+    """topk_ids and trainable_ids given as strided views (the kernels read them as flat
+    arrays): the same output and gradients as contiguous copies."""
+    hidden, ids, weights, gate_up, down = _layer(9, 16, 8, 5, 2, torch.float32, device, seed=4)
+    grad = torch.randn(9, 16, generator=torch.Generator().manual_seed(8)).to(device)
+    tids = torch.tensor([4, 0], device=device)
+    tids_view = torch.tensor([4, 7, 0, 7], device=device)[::2]
+    got = _run(fastdf.moe_experts, hidden, _spread_cols(ids, 3), weights, gate_up, down, grad, tids_view, act=act)
+    want = _run(moe_experts_reference, hidden, ids, weights, gate_up, down, grad, tids, act=act)
+    for a, b, name in zip(got, want, ("out", "d_hidden", "d_weights", "d_gate_up", "d_down")):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.op("moe_experts")
+@pytest.mark.parametrize("T,H,I,K,act", [
+    (5, 8, 4, 0, "silu"), (5, 8, 4, 0, torch.nn.functional.softplus), (0, 8, 4, 2, "silu"), (5, 0, 4, 2, "silu"),
+    (5, 8, 0, 2, "silu"),
+], ids=["K0", "K0-composite", "T0", "H0", "I0"])
+def test_moe_zero_sized_dims(backend, device, T, H, I, K, act):
+    """No slots, tokens, hidden or intermediate width: the reference's result (zeros of the
+    right shape) and gradients on every backend, never an IndexError."""
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(T, H, generator=g).to(device)
+    gate_up = (torch.randn(4, 2 * I, H, generator=g) * 0.3).to(device)
+    down = (torch.randn(4, H, I, generator=g) * 0.3).to(device)
+    ids, weights = _routing(max(T, 1), max(K, 1), 4, device)
+    ids, weights = ids[:T, :K], weights[:T, :K]
+    grad = torch.randn(T, H, generator=g).to(device)
+    with poisoned():
+        got = _out_and_grads(fastdf.moe_experts, hidden, ids, weights, gate_up, down, grad, act=act)
+    want = _out_and_grads(moe_experts_reference, hidden, ids, weights, gate_up, down, grad, act=act)
+    assert got[0].shape == (T, H)
+    for a, b, name in zip(got, want, ("out", "d_hidden", "d_weights", "d_gate_up", "d_down")):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.op("moe_experts")
+@pytest.mark.parametrize("act", ["silu", torch.nn.functional.softplus], ids=["fused", "composite"])
+@pytest.mark.parametrize("bad,error,match", [
+    (lambda ids: ids.masked_fill(ids == 1, -1), ValueError, r"topk_ids must lie in \[0, 4\)"),
+    (lambda ids: ids.masked_fill(ids == 1, 4), ValueError, r"topk_ids must lie in \[0, 4\)"),
+    (lambda ids: ids.masked_fill(ids == 1, 2**40), ValueError, r"topk_ids must lie in \[0, 4\)"),
+    (lambda ids: ids.float(), ValueError, "topk_ids must be one of int64, int32"),
+    (lambda ids: ids.bool(), ValueError, "topk_ids must be one of int64, int32"),
+    (lambda ids: ids.tolist(), TypeError, "topk_ids must be a torch.Tensor"),
+])
+def test_moe_bad_ids_same_on_every_backend(backend, device, act, bad, error, match):
+    hidden, ids, weights, gate_up, down = _layer(6, 8, 4, 4, 2, torch.float32, device)
+    with pytest.raises(error, match=match):
+        fastdf.moe_experts(hidden, bad(ids), weights, gate_up, down, act=act)
+    tids = torch.tensor([0, 1], device=device)
+    with pytest.raises(ValueError, match="trainable_ids must be one of int64"):
+        fastdf.moe_experts(hidden, ids, weights, gate_up, down, act=act, trainable_ids=tids.float(),
+                           trainable_gate_up=gate_up[:2], trainable_down=down[:2])
+
+
+@pytest.mark.op("moe_combine")
+def test_combine_edge_cases(backend, device):
+    """K = 0 gives zeros; a strided inverse reads the right rows; an inverse past y or
+    integer weights are refused (the kernels would read out of bounds)."""
+    y = torch.randn(8, 5, device=device)
+    out = moe_combine(y, torch.zeros(3, 0, dtype=torch.int32, device=device))
+    assert out.shape == (3, 5) and not out.any()
+    inverse = torch.tensor([[0, 7], [3, 1], [5, 5]], dtype=torch.int32, device=device)
+    weights = torch.rand(3, 2, device=device)
+    with poisoned():
+        got = moe_combine(y, _spread_cols(inverse, 2), _spread_cols(weights, float("nan")))
+    torch.testing.assert_close(got, moe_combine_reference(y, inverse, weights))
+    for bad in (8, -1):
+        with pytest.raises(ValueError, match=r"inverse must lie in \[0, 8\)"):
+            moe_combine(y, inverse.masked_fill(inverse == 3, bad), weights)
+    with pytest.raises(ValueError, match="weights must be one of"):
+        moe_combine(y, inverse, weights.long())
+    with pytest.raises(ValueError, match="inverse must be one of int32"):
+        moe_combine(y, inverse.float())
+
+
+def test_route_bounds_and_views():
+    ids, _ = _routing(7, 3, 5, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(moe_route(_spread_cols(ids, 9), 5), moe_route_reference(ids, 5)))
+    with pytest.raises(ValueError, match="num_experts must be <= 2147483647"):
+        moe_route(ids, 2**31)
+    with pytest.raises(TypeError, match="num_experts must be an int"):
+        moe_route(ids, True)
+    with pytest.raises(ValueError, match="topk_ids must be one of int64, int32"):
+        moe_route(ids.bool(), 5)

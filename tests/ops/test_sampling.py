@@ -315,3 +315,94 @@ def test_chi_square_helper_is_calibrated():
     draws = torch.multinomial(probs, 20000, replacement=True, generator=torch.Generator().manual_seed(1))
     assert chi_square_pvalue(torch.bincount(draws, minlength=50), probs) > 1e-3
     assert math.isclose(chi_square_pvalue(torch.tensor([50, 50]), torch.tensor([0.5, 0.5], dtype=torch.float64)), 1.0)
+
+
+# ---------------------------------------------------------------------------- hardening (issue 9)
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.op("sample")
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(temperature=1e300), ValueError, "temperature = 1e\\+300 is not representable in float32"),
+    (dict(temperature=NAN), ValueError, "temperature must be finite"),
+    (dict(temperature=10**400), ValueError, "temperature must be finite"),
+    (dict(temperature=True), TypeError, "temperature must be a number"),
+    (dict(temperature="1"), TypeError, "temperature must be a number"),
+    (dict(top_p=NAN), ValueError, "top_p must be finite"),
+    (dict(min_p=NAN), ValueError, "min_p must be finite"),
+    (dict(min_p=-INF), ValueError, "min_p must be finite"),
+    (dict(top_k=True), TypeError, "top_k must be an int"),
+    (dict(top_k=3.0), TypeError, "top_k must be an int"),
+    (dict(temperature=torch.tensor([1.0, NAN, 1.0])), ValueError, r"temperature\[1\] = nan is not finite"),
+    (dict(temperature=torch.tensor([1.0, 1.0, INF])), ValueError, r"temperature\[2\] = inf is not finite"),
+    (dict(temperature=torch.tensor([-1.0, 1.0, 1.0])), ValueError, r"temperature\[0\] = -1.0 is outside"),
+    (dict(temperature=torch.tensor([1.0, 1e300, 1.0], dtype=torch.float64)), ValueError,
+     r"temperature\[1\] = 1e\+300 is not representable in float32"),
+    (dict(top_p=torch.tensor([NAN, 1.0, 1.0])), ValueError, r"top_p\[0\] = nan is not finite"),
+    (dict(min_p=torch.tensor([0.0, INF, 0.0])), ValueError, r"min_p\[1\] = inf is not finite"),
+    (dict(top_k=torch.tensor([1, -2, 0])), ValueError, r"top_k must lie in \[0, inf\)"),
+    (dict(top_k=torch.tensor([True, False, True])), ValueError, "top_k must be an integer tensor"),
+    (dict(indices=torch.tensor([0.0, 1.0])), ValueError, "indices must be one of int64"),
+    (dict(indices=torch.tensor([True, False])), ValueError, "indices must be one of int64"),
+    (dict(indices=torch.tensor([0, -1])), ValueError, r"indices must lie in \[0, 3\)"),
+])
+def test_bad_knobs_on_every_backend(backend, device, kwargs, error, match):
+    """Scalars and per-row tensors: NaN, inf, overflow in float32, out of range, wrong type."""
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    with pytest.raises(error, match=match):
+        fastdf.sample(_logits(3, 10, seed=12).to(device), **kwargs)
+
+
+@pytest.mark.op("sample")
+def test_knob_and_index_views(backend, device):
+    """Per-row knobs and indices as strided views draw exactly what contiguous copies draw."""
+    logits = _logits(4, 50, seed=14).to(device)
+
+    def spread(t, fill):
+        big = torch.full((2 * t.numel(),), fill, dtype=t.dtype, device=device)
+        big[::2] = t
+        assert not big[::2].is_contiguous()
+        return big[::2]
+
+    knobs = dict(temperature=torch.tensor([0.7, 1.0, 1.3, 0.0], device=device),
+                 top_k=torch.tensor([5, 0, 20, 3], device=device), top_p=torch.tensor([0.9, 1.0, 0.5, 1.0], device=device),
+                 min_p=torch.tensor([0.0, 0.1, 0.0, 0.0], device=device))
+    indices = torch.tensor([3, 0, 0, 2, 1, 1, 1], device=device)
+    views = {k: spread(v, -7 if k == "top_k" else NAN) for k, v in knobs.items()}
+    for kw_view, kw in ((views, knobs), (dict(views, indices=spread(indices, 99)), dict(knobs, indices=indices))):
+        a = fastdf.sample(logits, generator=torch.Generator(device).manual_seed(3), **kw_view)
+        b = fastdf.sample(logits, generator=torch.Generator(device).manual_seed(3), **kw)
+        assert torch.equal(a, b)
+
+
+@pytest.mark.op("sample")
+def test_empty_indices_and_rows(backend, device):
+    """No samples asked for: an empty int64 result on every backend (not an error)."""
+    logits = _logits(3, 10, seed=15).to(device)
+    for got in (fastdf.sample(logits, indices=torch.zeros(0, dtype=torch.int64, device=device)),
+                fastdf.sample(logits[:0]), fastdf.sample(logits[:0], temperature=torch.zeros(0, device=device))):
+        assert got.shape == (0,) and got.dtype == torch.int64
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 0\)"):
+        fastdf.sample(logits[:0], indices=torch.zeros(1, dtype=torch.int64, device=device))
+
+
+def test_generator_on_another_device():
+    """A generator on neither the CPU nor logits' device is refused, naming it."""
+
+    class OtherDevice(torch.Generator):
+        @property
+        def device(self):
+            return torch.device("cuda", 7)
+
+    with pytest.raises(ValueError, match="generator is on cuda:7 but logits is on cpu"):
+        fastdf.sample(_logits(2, 10, seed=16), generator=OtherDevice())
+
+
+@pytest.mark.gpu
+def test_cuda_generator_with_cpu_logits_is_refused():
+    with pytest.raises(ValueError, match="generator is on cuda"):
+        fastdf.sample(_logits(2, 10, seed=16), generator=torch.Generator("cuda").manual_seed(0))
+    # A CPU generator with CUDA logits is fine (the draws are moved to the logits' device).
+    ids = fastdf.sample(_logits(2, 10, seed=16).cuda(), generator=torch.Generator().manual_seed(0))
+    assert ids.device.type == "cuda"
