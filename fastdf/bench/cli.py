@@ -4,7 +4,10 @@ fastdf against every baseline measured in the same run."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -36,7 +39,71 @@ def parse_args(argv=None):
     parser.add_argument("--no-ceilings", action="store_true", help="skip measuring the GPU's copy/GEMM ceilings")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--list", action="store_true", help="list the suites and exit")
-    return parser.parse_args(argv), suites
+    args = parser.parse_args(argv)
+    if not args.list:
+        check_args(parser, args)
+    return args, suites
+
+
+def _check_output(parser, option: str, path: str):
+    """Refuse an output path that cannot be written, before any benchmark runs: the path is
+    not a directory (nor another non-file), and its folder, or the nearest existing ancestor
+    when folders are missing (they are created when the results are written), accepts new
+    files."""
+    if not path:
+        parser.error(f"{option}: the path is empty")
+    target = Path(path)
+    if target.is_dir():
+        parser.error(f"{option} {path}: is a directory; give a file path")
+    if target.exists() and not target.is_file():
+        parser.error(f"{option} {path}: exists and is not a regular file")
+    # Results are written to a temporary file in the folder and renamed over the path, so
+    # the folder must accept new files. Probe by creating one: permission bits do not tell
+    # (root, read-only mounts, /proc).
+    parent = target.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        parser.error(f"{option} {path}: {parent} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=parent, prefix=".fastdf-bench-probe-"):
+            pass
+    except OSError as err:
+        parser.error(f"{option} {path}: cannot create files in {parent} ({err.strerror})")
+
+
+def check_args(parser, args):
+    """Everything that would otherwise fail after the run (and lose its results): output
+    paths, matplotlib for --plot, and --device."""
+    for option in ("json", "markdown", "plot"):
+        if getattr(args, option) is not None:
+            _check_output(parser, f"--{option}", getattr(args, option))
+    outputs = [os.path.abspath(p) for p in (args.json, args.markdown, args.plot) if p is not None]
+    if len(set(outputs)) != len(outputs):
+        parser.error("--json, --markdown and --plot must name different files")
+    if args.plot is not None:
+        try:
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError as err:
+            parser.error(f"--plot needs matplotlib ({err}); install it (pip install matplotlib) or drop --plot")
+        suffix = Path(args.plot).suffix.lower().lstrip(".")
+        formats = FigureCanvasAgg(Figure()).get_supported_filetypes()
+        if suffix and suffix not in formats:
+            parser.error(f"--plot {args.plot}: matplotlib cannot write .{suffix} files (use one of "
+                         f"{', '.join(sorted(formats))})")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError, TypeError):
+            parser.error(f"--device {args.device!r}: not a device (use cuda, cuda:N or cpu)")
+        if device.type not in ("cuda", "cpu"):
+            parser.error(f"--device {args.device!r}: the benchmarks run on cuda or cpu")
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                parser.error(f"--device {args.device}: torch sees no CUDA device")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                parser.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) visible")
 
 
 def main(argv=None):
@@ -46,8 +113,6 @@ def main(argv=None):
             print(f"{name:<12} {s.help}")
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: torch sees no CUDA device")
     env = core.environment(device)
     if device.type == "cuda" and not args.no_ceilings:
         env["ceilings"] = core.measure_ceilings(device)
@@ -68,8 +133,7 @@ def main(argv=None):
     if args.json:
         core.write_json(args.json, rows, env)
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(core.markdown(rows, env) + "\n")
+        core.write_text(args.markdown, core.markdown(rows, env) + "\n")
     if args.plot:
         core.plot(args.plot, rows, env)
     return 130 if interrupted else 0

@@ -292,9 +292,23 @@ def markdown(rows: list[dict], env: dict) -> str:
     return "\n".join(out)
 
 
+def write_text(path, text: str):
+    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then a
+    rename), creating missing folders: an interrupted write never leaves a truncated file
+    in place of the previous results."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path, rows, env):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps({"environment": env, "results": rows}, indent=1, default=str) + "\n")
+    """Environment and results as JSON (atomic; rewritten after every case by the CLI)."""
+    write_text(path, json.dumps({"environment": env, "results": rows}, indent=1, default=str) + "\n")
 
 
 def plot(path, rows, env):
