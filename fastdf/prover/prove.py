@@ -52,18 +52,41 @@ def prove(sampler, verifier: Verifier, theorems: Sequence[str], k: int, *,
 
     Identical proofs of one theorem are checked once.
     """
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if ks is not None:
+        if isinstance(ks, (str, bytes)) or not isinstance(ks, Sequence):
+            raise TypeError(f"ks must be a list of ints, got {type(ks).__name__}")
+        if any(isinstance(j, bool) or not isinstance(j, int) for j in ks):
+            raise TypeError(f"ks must be a list of ints, got {list(ks)!r}")
     ks = sorted(set(ks or (1, k)))
     if any(not 1 <= j <= k for j in ks):
         raise ValueError(f"every j in ks must be in [1, k={k}], got {ks}")
+    if isinstance(theorems, (str, bytes)):
+        raise TypeError("theorems must be a list of strings, got a single string (wrap it in a list)")
+    theorems = list(theorems)
+    bad = next((i for i, t in enumerate(theorems) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise TypeError(f"theorems must be strings; theorems[{bad}] is a {type(theorems[bad]).__name__}")
+    for name, fn in (("prompt", prompt), ("proof", proof)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
     prompt = prompt or (lambda theorem: theorem)
     proof = proof or (lambda theorem, text: theorem + text)
-    theorems = list(theorems)
     completions = sampler.sample([prompt(t) for t in theorems], num_samples=k, **sample_kwargs)
+    if len(completions) != len(theorems):
+        raise RuntimeError(f"the sampler returned completions for {len(completions)} prompts, not {len(theorems)}")
     sources = [[proof(t, c.text) for c in per] for t, per in zip(theorems, completions)]
+    bad = [s for per in sources for s in per if not isinstance(s, str)]
+    if bad:
+        raise TypeError(f"proof must return a string (the Lean source to check), got {type(bad[0]).__name__}")
     unique = list(dict.fromkeys(s for per in sources for s in per))
-    verdicts = dict(zip(unique, verifier.verify(unique)))
+    checked = verifier.verify(unique)
+    if len(checked) != len(unique):  # zip would silently pair proofs with other proofs' verdicts
+        raise RuntimeError(f"the verifier returned {len(checked)} results for {len(unique)} proofs")
+    verdicts = dict(zip(unique, checked))
     out = []
     for t, per, srcs in zip(theorems, completions, sources):
         results = [verdicts[s] for s in srcs]

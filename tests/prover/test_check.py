@@ -197,3 +197,30 @@ def test_prove_reports_pass_at_k(repl):
     assert "pass@4 = 0.500" in str(report)
     with pytest.raises(ValueError, match="every j in ks"):
         prove(sampler, verifier, theorems, 4, ks=[5])
+
+
+def test_prove_bad_arguments(repl):
+    sampler = ScriptedSampler({"t": [" trivial", " trivial"]})
+    with repl(workers=1) as verifier:
+        for kwargs, error, match in [
+            (dict(k=True), TypeError, "k must be an int, got bool"),
+            (dict(k=2.0), TypeError, "k must be an int, got float"),
+            (dict(k=0), ValueError, "k must be >= 1, got 0"),
+            (dict(k=2, ks=[1.5]), TypeError, "ks must be a list of ints"),
+            (dict(k=2, ks="12"), TypeError, "ks must be a list of ints, got str"),
+            (dict(k=2, theorems="t"), TypeError, "theorems must be a list of strings, got a single string"),
+            (dict(k=2, theorems=["t", 3]), TypeError, r"theorems\[1\] is a int"),
+            (dict(k=2, prompt="FEWSHOT"), TypeError, "prompt must be callable or None, got str"),
+            (dict(k=2, proof=lambda t, c: None), TypeError, "proof must return a string"),
+        ]:
+            args = {"theorems": ["t"], **kwargs}
+            with pytest.raises(error, match=match):
+                prove(sampler, verifier, args.pop("theorems"), args.pop("k"), **args)
+
+        class Short:  # a verifier that loses a result must not shift the others
+            def verify(self, proofs):
+                return verifier.verify(proofs)[:-1]
+
+        two = ScriptedSampler({"t": [" trivial", " bad_tactic"]})
+        with pytest.raises(RuntimeError, match="returned 1 results for 2 proofs"):
+            prove(two, Short(), ["t"], 2)
