@@ -38,7 +38,9 @@ __global__ void merge_states_kernel(RowView o_a, RowView lse_a, RowView o_b, Row
   }
   const float la = reinterpret_cast<const float*>(lse_a.ptr)[offset(lse_a, idx)];
   const float lb = reinterpret_cast<const float*>(lse_b.ptr)[offset(lse_b, idx)];
-  const float m = fmaxf(la, lb);
+  // fmaxf drops a NaN (fmaxf(NaN, -inf) is -inf, which would pass a NaN state off as an
+  // empty one): a NaN lse makes the merge NaN, as in the reference.
+  const float m = (isnan(la) || isnan(lb)) ? la + lb : fmaxf(la, lb);
   float wa = 0.f, wb = 0.f, out_lse = -INFINITY;
   if (m != -INFINITY) {  // both empty: zeros and -inf, as the contract says
     wa = expf(la - m);
