@@ -204,7 +204,7 @@ class _Repl:
         self.pid = self.proc.pid
         for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             os.set_blocking(stream.fileno(), False)
-        self._partial = b""  # stdout after the last newline
+        self._partial = bytearray()  # stdout after the last newline
         self._block: list[bytes] = []  # lines of the answer being read
         self._block_bytes = 0
         self._blocks: collections.deque = collections.deque()  # complete blocks, not yet consumed
@@ -214,14 +214,23 @@ class _Repl:
         self.next_env = 0  # the env id the next successful command must get
         self.env = None  # the header's environment
         self.ready = False  # the header has been checked
+        self.killed = False
         self.checked = 0
 
     # ---------------------------------------------------------------- pipes
 
     def _on_stdout(self, chunk: bytes):
-        lines = (self._partial + chunk).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
+        # Only the new chunk is scanned, so a long line arriving in many chunks costs
+        # linear time.
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end < 0:
+                self._partial += chunk[start:]
+                break
+            line = bytes(self._partial) + chunk[start:end]
+            self._partial = bytearray()
+            start = end + 1
             if line.strip():
                 self._block.append(line)
                 self._block_bytes += len(line)
@@ -229,7 +238,7 @@ class _Repl:
                 self._blocks.append(b"\n".join(self._block))
                 self._block, self._block_bytes = [], 0
         if self._block_bytes + len(self._partial) > _MAX_ANSWER_BYTES:
-            raise _Fault("protocol", f"the REPL wrote more than {_MAX_ANSWER_BYTES >> 20} MiB without a blank line")
+            raise _Fault("protocol", f"the REPL wrote more than {_MAX_ANSWER_BYTES:,} bytes without a blank line")
 
     def _read(self, stream) -> int:
         """Read what is waiting on ``stream``: the number of bytes, 0 if none, -1 at its end."""
@@ -279,7 +288,7 @@ class _Repl:
         """Output the process wrote beyond the answers consumed so far."""
         parts = [b.decode("utf-8", errors="replace") for b in self._blocks]
         parts += [b"\n".join(self._block).decode("utf-8", errors="replace"),
-                  self._partial.decode("utf-8", errors="replace")]
+                  bytes(self._partial).decode("utf-8", errors="replace")]
         return "\n".join(p for p in parts if p.strip())
 
     def ask(self, command: dict, timeout: float) -> dict:
@@ -341,7 +350,7 @@ class _Repl:
             except (ValueError, RecursionError):
                 self._noise.append(text)  # a log line, not an answer
                 if sum(map(len, self._noise)) > _MAX_ANSWER_BYTES:
-                    raise _Fault("protocol", f"the REPL wrote more than {_MAX_ANSWER_BYTES >> 20} MiB of non-JSON "
+                    raise _Fault("protocol", f"the REPL wrote more than {_MAX_ANSWER_BYTES:,} bytes of non-JSON "
                                              f"text: {_excerpt(text)}") from None
                 continue
             fault = _shape_fault(response)
@@ -362,7 +371,11 @@ class _Repl:
         return None
 
     def kill(self):
-        """Kill the process group and reap the process (bounded waits only)."""
+        """Kill the process group and reap the process (bounded waits only). Once only:
+        after the reap, the pid may belong to someone else."""
+        if self.killed:
+            return
+        self.killed = True
         try:
             os.killpg(self.pid, signal.SIGKILL)  # lake runs the repl as a child: kill both
         except (ProcessLookupError, PermissionError):

@@ -79,6 +79,9 @@ FAULTY = textwrap.dedent('''
         if "SKIP" in src:  # answers with an env id from the future
             envs += 5
             return write(answer(echo))
+        if "BIGLINE" in src:  # an endless answer
+            while True:
+                write("x" * 4096)
         if "CLOSEOUT" in src:
             os.close(1)
             time.sleep(3600)
@@ -335,3 +338,15 @@ def test_bad_verify_arguments_start_nothing(faulty, tmp_path):
         assert verifier.verify([]) == []
         assert verifier.verify(p for p in ["ok"])[0].ok  # any iterable of strings
     assert len(faulty.started()) == 1
+
+
+def test_an_endless_answer_is_cut_off(faulty, monkeypatch):
+    import fastdf.prover.check as check
+
+    monkeypatch.setattr(check, "_MAX_ANSWER_BYTES", 100_000)
+    with faulty(workers=1, timeout=5.0) as verifier:
+        t0 = time.monotonic()
+        results = verifier.verify(["BIGLINE", "ok"])
+    assert time.monotonic() - t0 < 4  # stopped by the size limit, not the deadline
+    assert results[0].status == "protocol" and "more than 100,000 bytes without a blank line" in results[0].reason
+    assert results[1].status == "pass" and echoes(results[1]) == ["echo:ok"]
