@@ -277,7 +277,10 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
         raise ValueError("model carries ESFT state but no experts module has ESFT weights (were they deleted?)")
     rank = _rank()
     sharded = any(_is_dtensor(getattr(layer.experts, attr)) for layer in trained.values() for attr in _ESFT_ATTRS)
-    if rank == 0 and not sharded:  # refuse before any copy; with shards only after the collectives
+    path = directory / WEIGHTS_FILE
+    if not sharded:  # refuse before any copy; with shards only after the collectives every rank joins
+        if rank != 0:
+            return path
         _check_target(directory, overwrite)
     tensors, selection = {}, {}
     for index in sorted(trained):
@@ -287,7 +290,6 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
         tensors[f"layers.{index}.expert_ids"] = ids
         tensors[f"layers.{index}.gate_up"] = _host(getattr(experts, hf_experts.ESFT_GATE_UP))
         tensors[f"layers.{index}.down"] = _host(getattr(experts, hf_experts.ESFT_DOWN))
-    path = directory / WEIGHTS_FILE
     if rank != 0:
         return path
     if sharded:
@@ -316,7 +318,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
     return path
 
 
-def _read_checkpoint(path: Path, layers: dict[int, MoELayer]):
+def _read_checkpoint(path: Path, model: nn.Module, layers: dict[int, MoELayer]):
     """Everything in ``path`` checked against the model: (selection, {layer: (gate_up, down)}).
     Raises ValueError naming the file and the tensor at fault; changes nothing."""
     from safetensors import safe_open
@@ -337,6 +339,10 @@ def _read_checkpoint(path: Path, layers: dict[int, MoELayer]):
         raise ValueError(f"{path}: cannot read it as safetensors (truncated or corrupted file?): {err}") from err
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a fastdf.esft checkpoint (metadata format={meta.get('format')!r})")
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
+    if meta.get("model_type") and model_type and meta["model_type"] != model_type:
+        raise ValueError(f"{path} was saved from a {meta['model_type']!r} model; this model is {model_type!r} "
+                         "(load onto the base model the experts were trained on)")
     if "selection" not in meta:
         raise ValueError(f"{path}: the metadata has no 'selection' (not written by fastdf.esft.save?)")
     try:
@@ -406,7 +412,7 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     path = directory / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {WEIGHTS_FILE} in {str(directory)!r} (write it with fastdf.esft.save)")
-    selection, weights = _read_checkpoint(path, layers)
+    selection, weights = _read_checkpoint(path, model, layers)
     _install(model, layers, selection, weights)
     return model
 

@@ -59,6 +59,8 @@ def _batch_tensors(i: int, batch, device, vocab: int | None):
     ids = _checks.tensor(f"{name}['input_ids']", batch["input_ids"], ndim=(1, 2))
     if ids.dtype == torch.bool or ids.dtype.is_floating_point or ids.dtype.is_complex:
         raise ValueError(f"{name}['input_ids'] must hold integer token ids, got {str(ids.dtype).removeprefix('torch.')}")
+    if ids.device.type == "meta":
+        raise ValueError(f"{name}['input_ids'] is on the meta device (it holds no token ids)")
     ids = ids if ids.dim() == 2 else ids[None]
     if ids.numel() == 0:
         raise ValueError(f"{name}['input_ids'] is empty (shape {tuple(ids.shape)})")

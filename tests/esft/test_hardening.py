@@ -156,6 +156,7 @@ def test_collect_routing_stats_refuses_bad_batches():
         ({"input_ids": ids - 5}, ValueError, r"batches\[1\]\['input_ids'\] .*outside"),
         ({"input_ids": ids[None]}, ValueError, r"batches\[1\]\['input_ids'\] must have 1 or 2 dims"),
         ({"input_ids": ids[:, :0]}, ValueError, r"batches\[1\]\['input_ids'\] is empty"),
+        ({"input_ids": ids.to("meta")}, ValueError, r"batches\[1\]\['input_ids'\] is on the meta device"),
         ({"input_ids": ids.tolist()}, TypeError, r"batches\[1\]\['input_ids'\] must be a torch.Tensor"),
         ({"attention_mask": mask}, ValueError, r"batches\[1\] needs input_ids"),
         ({"input_ids": ids, "attention_mask": mask[:, :-1]}, ValueError, shape_msg),
@@ -235,6 +236,14 @@ def test_save_refuses_existing_checkpoint_unless_overwrite(tmp_path):
         esft.save(second, tmp_path / WEIGHTS, overwrite=True)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         esft.save(None, tmp_path)
+
+
+def test_save_writes_on_rank0_only(tmp_path, monkeypatch):
+    """DDP-style (plain tensors): a rank other than 0 returns the path and writes nothing,
+    without any collective, so `if rank == 0: save(...)` code does not hang either."""
+    monkeypatch.setattr(esft_state, "_rank", lambda: 1)
+    assert esft.save(_trained_model(0), tmp_path / "out") == tmp_path / "out" / WEIGHTS
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("crash_at", ["weights", "selection", "first_replace", "second_replace"])
@@ -342,6 +351,8 @@ BAD_CHECKPOINTS = {
     "selection not a dict": (dict(edit_meta=lambda m: _sel(m, "[3]")), "'selection' does not fit.*must be a dict"),
     "string ids": (dict(edit_meta=lambda m: _sel(m, '{"1": "3", "2": [1, 5]}')), r"does not fit.*selection\[1\]"),
     "unknown layer": (dict(edit_meta=lambda m: _sel(m, '{"0": [3], "2": [1, 5]}')), "does not fit.*decoder layer 0"),
+    "other model type": (dict(edit_meta=lambda m: m.update({"model_type": "olmoe"})),
+                         "saved from a 'olmoe' model; this model is 'deepseek_v2'"),
     "wrong format": (dict(edit_meta=lambda m: m.update({"format": "other"})), "is not a fastdf.esft checkpoint"),
     "bad checksum json": (dict(edit_meta=lambda m: m.update({"sha256": "{"})), "'sha256' is not valid JSON"),
     "checksum list short": (dict(edit_meta=lambda m: m.update({"sha256": json.dumps({"layers.1.down": "0"})})),
@@ -401,3 +412,35 @@ def test_load_rollback_and_old_checkpoints(tmp_path, good_checkpoint, monkeypatc
         esft.load(tiny_model("deepseek_v2"), None)
     with pytest.raises(FileNotFoundError, match=WEIGHTS):
         esft.load(tiny_model("deepseek_v2"), tmp_path / "nowhere")
+
+
+def test_save_gathers_fsdp2_shards_and_only_rank0_writes(tmp_path, monkeypatch):
+    """FSDP2 turns the trainable experts into DTensors: save gathers them (one-rank gloo
+    group here; the collective path is the same) and the checkpoint loads bit-exact.
+    Ranks other than 0 write nothing."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group already running")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = _trained_model(0)
+    want = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert isinstance(model.model.layers[1].mlp.experts.esft_gate_up, DTensor)
+        esft.save(model, tmp_path / "ckpt")
+        monkeypatch.setattr(esft_state, "_rank", lambda: 1)
+        assert esft.save(model, tmp_path / "rank1") == tmp_path / "rank1" / WEIGHTS
+        assert not (tmp_path / "rank1").exists()
+    finally:
+        dist.destroy_process_group()
+    loaded = esft.load(tiny_model("deepseek_v2"), tmp_path / "ckpt")
+    got = {n: p for n, p in loaded.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
