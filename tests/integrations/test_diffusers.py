@@ -424,3 +424,15 @@ def test_pipeline_end_to_end(case):
     if case == "sync":
         video = run("np")
         assert video.shape == (1, options["num_frames"], 16, 16, 3) and video.min() >= 0 and video.max() <= 1
+
+
+def test_bench_suite_registers_and_agrees():
+    from fastdf.bench import core
+
+    suites = core.load_suites()
+    assert "skyreels" in suites
+    (case,) = suites["skyreels"].cases(torch.device("cpu"), True)
+    providers = case.setup(torch.device("cpu"))
+    assert list(providers) == ["fastdf", "stock"]
+    fast, stock = providers["fastdf"](), providers["stock"]()
+    torch.testing.assert_close(fast, stock, rtol=1e-4, atol=1e-4)
