@@ -38,11 +38,18 @@ __global__ void merge_states_kernel(RowView o_a, RowView lse_a, RowView o_b, Row
   }
   const float la = reinterpret_cast<const float*>(lse_a.ptr)[offset(lse_a, idx)];
   const float lb = reinterpret_cast<const float*>(lse_b.ptr)[offset(lse_b, idx)];
-  // fmaxf drops a NaN (fmaxf(NaN, -inf) is -inf, which would pass a NaN state off as an
-  // empty one): a NaN lse makes the merge NaN, as in the reference.
-  const float m = (isnan(la) || isnan(lb)) ? la + lb : fmaxf(la, lb);
-  float wa = 0.f, wb = 0.f, out_lse = -INFINITY;
-  if (m != -INFINITY) {  // both empty: zeros and -inf, as the contract says
+  float wa = 0.f, wb = 0.f, out_lse = -INFINITY;  // both empty: zeros and -inf, as the contract says
+  if (isnan(la) || isnan(lb)) {
+    // Checked first: fmaxf drops a NaN (fmaxf(NaN, -inf) is -inf, which would pass a NaN
+    // state off as an empty one). A NaN lse makes the merge NaN, as in the reference.
+    wa = wb = out_lse = la + lb;
+  } else if (la == INFINITY || lb == INFINITY) {
+    // e^(lse - lse) is NaN here; the reference gives the +inf states the whole weight.
+    const float share = (la == INFINITY && lb == INFINITY) ? 0.5f : 1.f;
+    wa = la == INFINITY ? share : 0.f;
+    wb = lb == INFINITY ? share : 0.f;
+    out_lse = INFINITY;
+  } else if (const float m = fmaxf(la, lb); m != -INFINITY) {
     wa = expf(la - m);
     wb = expf(lb - m);
     const float total = wa + wb;
@@ -50,12 +57,14 @@ __global__ void merge_states_kernel(RowView o_a, RowView lse_a, RowView o_b, Row
     wa /= total;
     wb /= total;
   }
+  // An empty state (lse -inf) contributes exactly 0, whatever its o holds (0 * NaN is NaN).
+  const bool use_a = la != -INFINITY, use_b = lb != -INFINITY;
   const T* pa = reinterpret_cast<const T*>(o_a.ptr) + offset(o_a, idx);
   const T* pb = reinterpret_cast<const T*>(o_b.ptr) + offset(o_b, idx);
   T* po = reinterpret_cast<T*>(o.ptr) + offset(o, idx);
   for (int64_t j = lane; j < size.v[4]; j += 32) {
-    const float va = to_float(pa[j * o_a.stride[4]]);
-    const float vb = to_float(pb[j * o_b.stride[4]]);
+    const float va = use_a ? to_float(pa[j * o_a.stride[4]]) : 0.f;
+    const float vb = use_b ? to_float(pb[j * o_b.stride[4]]) : 0.f;
     po[j * o.stride[4]] = from_float<T>(wa * va + wb * vb);
   }
   if (lane == 0) reinterpret_cast<float*>(lse.ptr)[offset(lse, idx)] = out_lse;

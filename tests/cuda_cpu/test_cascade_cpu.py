@@ -53,7 +53,7 @@ def test_non_finite_lse(emu):
     # x + log 2 rounded to ulp(x), so they are off by ~ulp(x) (at |x| >~ 1e7 they sum to 2),
     # while the kernel normalises by the sum of its weights (reported).
     pairs = [(-inf, -inf), (-inf, 0.5), (0.5, -inf), (nan, -inf), (-inf, nan), (nan, 1.0), (nan, nan), (80.0, -80.0),
-             (1e30, -1e30), (-30.0, -30.0)]
+             (1e30, -1e30), (-30.0, -30.0), (inf, 0.5), (0.5, inf), (inf, inf), (inf, -inf), (inf, nan)]
     lse_a = torch.tensor([a for a, _ in pairs])
     lse_b = torch.tensor([b for _, b in pairs])
     gen = torch.Generator().manual_seed(0)
@@ -62,6 +62,17 @@ def test_non_finite_lse(emu):
     o, lse = check(emu, o_a, lse_a, o_b, lse_b)
     assert lse[0] == -inf and torch.equal(o[0], torch.zeros(9))  # both empty: zeros and -inf
     assert torch.equal(o[1], o_b[1]) and torch.equal(o[2], o_a[2])
+    assert torch.isnan(lse[3:7]).all() and torch.isnan(o[3:7]).all()
+    assert lse[10:14].tolist() == [inf] * 4
+
+
+def test_empty_state_contributes_exactly_zero(emu):
+    """An empty state's o is not read into the sum: NaN there must not poison the merge."""
+    inf = float("inf")
+    o_a = torch.full((3, 5), float("nan"))
+    o_b = torch.randn(3, 5)
+    o, lse = check(emu, o_a, torch.tensor([-inf, -inf, -inf]), o_b, torch.tensor([0.3, -inf, inf]))
+    assert torch.equal(o[0], o_b[0]) and torch.equal(o[1], torch.zeros(5))
 
 
 def test_regression_nan_lse_next_to_empty_state(emu):
