@@ -264,7 +264,8 @@ class KVCache:
             fs = self.frame_size
             want = self.capacity_frames or 0
             if self.window_frames is not None:
-                want = max(want, self.sink_frames + 2 * min(self.window_frames, PREALLOC_WINDOW_FRAMES))
+                want = max(want, min(self.sink_frames, PREALLOC_WINDOW_FRAMES)
+                           + 2 * min(self.window_frames, PREALLOC_WINDOW_FRAMES))
             cap = max(want * fs, 2 * need)
             self._k = like.new_empty((B, cap, H, D))
             self._v = like.new_empty((B, cap, H, D))
