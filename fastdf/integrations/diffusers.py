@@ -160,7 +160,8 @@ def apply(transformer, *, cache: bool = False):
             unchanged).
     """
     if not isinstance(transformer, SkyReelsV2Transformer3DModel):
-        raise TypeError(f"transformer must be a diffusers SkyReelsV2Transformer3DModel, got {type(transformer).__name__}")
+        raise TypeError("transformer must be a diffusers SkyReelsV2Transformer3DModel, got "
+                        f"{type(transformer).__name__}")
     if not isinstance(cache, bool):
         raise TypeError(f"cache must be a bool, got {type(cache).__name__}")
     if cache:
@@ -193,7 +194,8 @@ def remove(transformer) -> None:
         ValueError: fastdf is not applied to it.
     """
     if not isinstance(transformer, SkyReelsV2Transformer3DModel):
-        raise TypeError(f"transformer must be a diffusers SkyReelsV2Transformer3DModel, got {type(transformer).__name__}")
+        raise TypeError("transformer must be a diffusers SkyReelsV2Transformer3DModel, got "
+                        f"{type(transformer).__name__}")
     state = getattr(transformer, _STATE, None)
     if state is None:
         raise ValueError("transformer: fastdf is not applied to it")
