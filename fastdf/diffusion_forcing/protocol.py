@@ -14,6 +14,10 @@ import torch
 
 from ..ops import _checks
 
+# The longest sequence check_model builds (it needs sink_frames + window_frames + 3 frames
+# to see eviction).
+MAX_CHECK_FRAMES = 4096
+
 
 @runtime_checkable
 class DFCache(Protocol):
@@ -114,14 +118,23 @@ def check_model(model, frame_shape: Sequence[int], *, steps: int, batch: int = 2
     With ``window_frames`` it also checks the rolling extension with that window and
     ``sink_frames``: a cache made with the window, committed one frame at a time over
     ``max(frames, sink_frames + window_frames + 3)`` frames (so frames get evicted), gives the
-    cache-free windowed call's outputs, and ``cache.frames`` counts every committed frame."""
-    if frames < 4:
-        raise ValueError(f"frames must be >= 4 to split the sequence three ways, got {frames}")
+    cache-free windowed call's outputs, and ``cache.frames`` counts every committed frame.
+    That sequence is built in memory, so ``sink_frames + window_frames`` is at most
+    ``MAX_CHECK_FRAMES`` (4096)."""
     if not isinstance(model, DFModel):
         raise TypeError(f"model must be callable and have new_cache(batch, max_frames), got {type(model).__name__}")
+    _checks.number("frames", frames, low=4, high=MAX_CHECK_FRAMES, integer=True)
+    _checks.number("batch", batch, low=1, integer=True)
+    _checks.number("steps", steps, low=1, integer=True)
+    _checks.number("seed", seed, low=0, high=2**63 - 1, integer=True)
+    _checks.finite_float("atol", atol, low=0, dtype=torch.float64)
+    _checks.finite_float("rtol", rtol, low=0, dtype=torch.float64)
     if window_frames is not None:
         _checks.number("window_frames", window_frames, low=1, integer=True)
     _checks.number("sink_frames", sink_frames, low=0, integer=True)
+    if window_frames is not None and sink_frames + window_frames > MAX_CHECK_FRAMES:
+        raise ValueError(f"window_frames + sink_frames must be <= {MAX_CHECK_FRAMES}: the eviction check runs a "
+                         f"sequence longer than both, got {window_frames} + {sink_frames}")
     g = torch.Generator(device=device or "cpu").manual_seed(seed)
     x = torch.randn((batch, frames, *frame_shape), generator=g, device=device, dtype=dtype)
     levels = torch.randint(0, steps + 1, (batch, frames), generator=g, device=device)
