@@ -84,7 +84,12 @@ def _batch_tensors(i: int, batch, device, vocab: int | None):
 def collect_routing_stats(model: nn.Module, batches: Iterable[dict], progress: bool = True) -> RoutingStats:
     """Run ``model`` over ``batches`` (dicts with ``input_ids`` [B, T] and optionally
     ``attention_mask``; padding is excluded) without gradients and return the paper's
-    average gate score and token selection ratio of every expert in every MoE layer."""
+    average gate score and token selection ratio of every expert in every MoE layer.
+
+    Each batch is checked as it comes: input_ids must be integer token ids inside the
+    model's vocabulary, attention_mask (bool/int/float) must hold only 0 and 1 and have
+    input_ids' shape; errors name the batch (``batches[i]``). The model's train/eval mode
+    is restored and the hooks are removed even when a batch is refused."""
     from tqdm.auto import tqdm
 
     layers = moe_layers(model)
@@ -170,7 +175,8 @@ def select_experts(stats: RoutingStats, method: str = "gate", p: float = 0.1) ->
     """Per MoE layer, the experts to train: sorted by score (``method`` "gate": average gate
     score, "token": token selection ratio), taken until their running sum reaches ``p``
     (the paper: p = 0.1 for gate scores, 0.2 for token ratios). Returns
-    ``{decoder-layer index: sorted expert ids}``."""
+    ``{decoder-layer index: sorted expert ids}``. ``p`` must be finite, in (0, 1]; the
+    chosen scores must be a finite, non-negative ``[len(stats.layers), E]`` tensor."""
     if not isinstance(stats, RoutingStats):
         raise TypeError(f"stats must be the RoutingStats from collect_routing_stats, got {type(stats).__name__}")
     if not isinstance(method, str):
