@@ -197,7 +197,7 @@ def shared_prefix_attention_reference(q: Tensor, k_prefix: Tensor, v_prefix: Ten
     lse = torch.logsumexp(scores, -1)
     # Normalise by the max and the sum, not by exp(-lse): at |scores| ~ 1e30 lse has lost
     # log(sum) to rounding. Rows without a visible key: max -inf -> 0, so p = 0, not NaN.
-    m = scores.amax(-1, keepdim=True)
+    m = scores.amax(-1, keepdim=True) if scores.shape[-1] else scores.new_full((*scores.shape[:-1], 1), float("-inf"))
     e = torch.exp(scores - torch.where(torch.isneginf(m), torch.zeros_like(m), m))
     total = e.sum(-1, keepdim=True)
     p = e / torch.where(total > 0, total, torch.ones_like(total))
