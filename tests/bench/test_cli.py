@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fastdf.bench import core
@@ -46,3 +47,61 @@ def test_broken_baseline_is_reported_not_fatal():
 def test_unknown_suite_is_refused():
     out = subprocess.run([sys.executable, "-m", "fastdf.bench", "--suite", "nope"], capture_output=True, text=True)
     assert out.returncode != 0 and "nope" in out.stderr
+
+
+# ---------------------------------------------------------------------------- issue 9: check before running
+
+def _refused(monkeypatch, capsys, argv):
+    """main(argv) must exit with an argparse error (status 2) without running a single case."""
+    from fastdf.bench import cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("a benchmark ran before the arguments were checked")
+
+    monkeypatch.setattr(core, "run", never)
+    monkeypatch.setattr(core, "environment", never)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_output_paths_are_refused_before_running(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for option, path, message in [
+        ("--json", tmp_path, "is a directory"),
+        ("--markdown", blocker / "sub" / "b.md", "is not a directory"),
+        ("--json", "", "empty"),
+        ("--plot", tmp_path / "b.xyz", "cannot write .xyz"),
+        ("--json", "/proc/fastdf-bench.json", "cannot create files"),
+    ]:
+        err = _refused(monkeypatch, capsys, ["--quick", "--suite", "cascade", option, str(path)])
+        assert option in err and message in err, err
+    err = _refused(monkeypatch, capsys, ["--json", str(tmp_path / "a"), "--markdown", str(tmp_path / "a")])
+    assert "different files" in err
+
+
+def test_missing_matplotlib_is_refused_before_running(tmp_path, monkeypatch, capsys):
+    for name in ("matplotlib", "matplotlib.backends", "matplotlib.backends.backend_agg", "matplotlib.figure"):
+        monkeypatch.setitem(sys.modules, name, None)  # import -> ImportError
+    err = _refused(monkeypatch, capsys, ["--plot", str(tmp_path / "b.png")])
+    assert "--plot needs matplotlib" in err
+
+
+def test_bad_device_is_refused_before_running(monkeypatch, capsys):
+    cases = [("nope", "not a device"), ("meta", "cuda or cpu")]
+    if not torch.cuda.is_available():
+        cases.append(("cuda", "no CUDA device"))
+    else:
+        cases.append((f"cuda:{torch.cuda.device_count()}", "CUDA device(s) visible"))
+    for device, message in cases:
+        err = _refused(monkeypatch, capsys, ["--device", device])
+        assert "--device" in err and message in err, err
+
+
+def test_missing_folders_are_created_and_writes_are_atomic(tmp_path):
+    path = tmp_path / "new" / "dir" / "b.json"
+    core.write_json(path, [{"suite": "s"}], {"device": "cpu"})
+    assert json.loads(path.read_text())["results"] == [{"suite": "s"}]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["b.json"]  # no temporary left behind
