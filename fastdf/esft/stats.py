@@ -15,7 +15,6 @@ of the logits, kept at the chosen experts.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Iterable
 
 import torch
@@ -183,9 +182,7 @@ def select_experts(stats: RoutingStats, method: str = "gate", p: float = 0.1) ->
         raise TypeError(f"method must be a str ('gate' or 'token'), got {type(method).__name__}")
     if method not in ("gate", "token"):
         raise ValueError(f"method must be 'gate' or 'token', got {method!r}")
-    _checks.number("p", p, low=0, high=1, low_open=True)
-    if not math.isfinite(p):  # NaN passes every comparison above and would select every expert
-        raise ValueError(f"p must be a finite number in (0, 1], got {p}")
+    _checks.finite_float("p", p, low=0, high=1, low_open=True)
     scores = _check_stats(stats, "gate_scores" if method == "gate" else "token_ratios")
     selection = {}
     for layer, row in zip(stats.layers, scores):

@@ -11,7 +11,6 @@ they stop costing compute.
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 import warnings
 from typing import Sequence
@@ -58,14 +57,6 @@ def apply_repetition_penalty(logits, seen, penalty):
     big = torch.finfo(logits.dtype).max
     penalised = penalised.clamp(-big, big)
     return torch.where(seen, penalised, logits)
-
-
-def _finite(name, value, *, low, high=None, low_open=False):
-    """A float knob: a real number, finite, within [low, high]."""
-    _checks.number(name, value, low=low, high=high, low_open=low_open)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
 
 
 class ProofSampler:
@@ -158,13 +149,13 @@ class ProofSampler:
         _checks.number("max_new_tokens", max_new_tokens, low=1, high=_MAX_POSITIONS, integer=True)
         knobs = dict(
             # Beyond float32's range the scaled logits overflow (inf / inf = NaN).
-            temperature=_finite("temperature", temperature, low=0, high=_F32.max),
-            top_p=_finite("top_p", top_p, low=0, high=1, low_open=True),
+            temperature=_checks.finite_float("temperature", temperature, low=0),
+            top_p=_checks.finite_float("top_p", top_p, low=0, high=1, low_open=True),
             top_k=int(_checks.number("top_k", top_k, low=0, integer=True)),
-            min_p=_finite("min_p", min_p, low=0, high=1),
+            min_p=_checks.finite_float("min_p", min_p, low=0, high=1),
         )
         # Logits are multiplied and divided by it: it must be a normal float32 number.
-        penalty = _finite("repetition_penalty", repetition_penalty, low=_F32.tiny, high=_F32.max)
+        penalty = _checks.finite_float("repetition_penalty", repetition_penalty, low=_F32.tiny)
         if batch_size is not None:
             _checks.number("batch_size", batch_size, low=1, integer=True)
         if seed is not None:
