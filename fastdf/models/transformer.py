@@ -202,6 +202,8 @@ class DFTransformer(nn.Module):
 
     def patchify(self, x: Tensor) -> Tensor:
         """``[B, F, *frame_shape]`` -> tokens ``[B, F * tokens_per_frame, patch_dim]``."""
+        _checks.tensor("x", x, ndim=2 + len(self.frame_shape))
+        _checks.shape("x", x, (None, None, *self.frame_shape), what="([B, F, *frame_shape])")
         B, F = x.shape[:2]
         if len(self.frame_shape) == 3:
             C, H, W = self.frame_shape
@@ -211,6 +213,11 @@ class DFTransformer(nn.Module):
 
     def unpatchify(self, tokens: Tensor, B: int, F: int) -> Tensor:
         """Inverse of :meth:`patchify`."""
+        _checks.tensor("tokens", tokens, ndim=3)
+        _checks.number("B", B, low=0, integer=True)
+        _checks.number("F", F, low=0, integer=True)
+        _checks.shape("tokens", tokens, (B, F * self.tokens_per_frame, self.head.out_features),
+                      what="([B, F * tokens_per_frame, patch_dim])")
         if len(self.frame_shape) == 3:
             C, H, W = self.frame_shape
             p = self.patch_size
