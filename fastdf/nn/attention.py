@@ -428,7 +428,8 @@ class DFAttention(nn.Module):
             _checks.tensor("positions", positions, ndim=1)
             _checks.shape("positions", positions, (x.shape[1],), what="(one position per token of x)")
             if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
-                raise TypeError(f"positions must be an integer tensor, got {str(positions.dtype).removeprefix('torch.')}")
+                got = str(positions.dtype).removeprefix("torch.")
+                raise TypeError(f"positions must be an integer tensor, got {got}")
             if positions.device != x.device:
                 raise ValueError(f"positions is on {positions.device} but x is on {x.device}")
         _int("commit_frames", commit_frames, 0)
