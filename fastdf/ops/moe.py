@@ -192,13 +192,19 @@ def moe_route(topk_ids: Tensor, num_experts: int):
     Returns int32 ``order`` [T*K] (sorted position -> pair ``t*K + k``), ``inverse`` [T, K]
     (pair -> sorted position) and ``offs`` [E] (cumulative row ends per expert, as
     ``grouped_mm`` takes them). Ids outside ``[0, num_experts)`` sort to the tail."""
+    _check_pairs(topk_ids)
     topk_ids = _checks.index_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int64, torch.int32), low=None,
                                     high=None)
     # offs and the sorted positions are int32.
     _checks.number("num_experts", num_experts, low=1, high=_checks.INT32_MAX, integer=True)
-    if topk_ids.numel() > _checks.INT32_MAX:
-        raise ValueError(f"topk_ids has {topk_ids.numel()} pairs; at most {_checks.INT32_MAX} fit the int32 routing")
     return _route_op(topk_ids, num_experts)
+
+
+def _check_pairs(topk_ids):
+    """The routing numbers the (token, slot) pairs in int32: refuse more before copying."""
+    if isinstance(topk_ids, torch.Tensor) and topk_ids.numel() > _checks.INT32_MAX:
+        raise ValueError(f"topk_ids has {topk_ids.numel()} (token, slot) pairs; the routing indexes them in int32, "
+                         f"so at most {_checks.INT32_MAX}")
 
 
 def _gather_rows_cuda(x, rows):
@@ -644,6 +650,7 @@ def moe_experts(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up:
         (deterministic). Differentiable in ``hidden``, ``topk_weights`` and the weights.
     """
     _checks.tensor("hidden", hidden, ndim=2, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
+    _check_pairs(topk_ids)
     # Values (in [0, E)) are checked inside the op, together with trainable_ids (one sync).
     topk_ids = _checks.index_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int64, torch.int32), low=None,
                                     high=None)

@@ -414,3 +414,15 @@ def test_route_bounds_and_views():
         moe_route(ids, True)
     with pytest.raises(ValueError, match="topk_ids must be one of int64, int32"):
         moe_route(ids.bool(), 5)
+
+
+def test_more_pairs_than_int32_are_refused_without_a_copy():
+    """2**31 (token, slot) pairs as expanded views (no memory): refused before anything
+    materialises them (the routing numbers pairs in int32)."""
+    T = 2**31
+    ids = torch.zeros(1, 1, dtype=torch.long).expand(T, 1)
+    with pytest.raises(ValueError, match="topk_ids has 2147483648 .token, slot. pairs"):
+        moe_route(ids, 4)
+    hidden, _, _, gate_up, down = _layer(1, 8, 4, 4, 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="topk_ids has 2147483648"):
+        fastdf.moe_experts(hidden.expand(T, 8), ids, torch.ones(1, 1).expand(T, 1), gate_up, down)

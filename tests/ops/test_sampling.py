@@ -365,9 +365,9 @@ def test_knob_and_index_views(backend, device):
         assert not big[::2].is_contiguous()
         return big[::2]
 
-    knobs = dict(temperature=torch.tensor([0.7, 1.0, 1.3, 0.0], device=device),
-                 top_k=torch.tensor([5, 0, 20, 3], device=device), top_p=torch.tensor([0.9, 1.0, 0.5, 1.0], device=device),
-                 min_p=torch.tensor([0.0, 0.1, 0.0, 0.0], device=device))
+    knobs = dict(temperature=[0.7, 1.0, 1.3, 0.0], top_k=[5, 0, 20, 3], top_p=[0.9, 1.0, 0.5, 1.0],
+                 min_p=[0.0, 0.1, 0.0, 0.0])
+    knobs = {k: torch.tensor(v, device=device) for k, v in knobs.items()}
     indices = torch.tensor([3, 0, 0, 2, 1, 1, 1], device=device)
     views = {k: spread(v, -7 if k == "top_k" else NAN) for k, v in knobs.items()}
     for kw_view, kw in ((views, knobs), (dict(views, indices=spread(indices, 99)), dict(knobs, indices=indices))):
