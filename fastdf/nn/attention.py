@@ -208,7 +208,7 @@ class KVCache:
         k, v, written = self._pending
         tokens = num_frames * self.frame_size
         if not 0 < tokens <= k.shape[2]:
-            raise ValueError(f"commit_frames must be between 0 and the {k.shape[2] // self.frame_size} frames passed, "
+            raise ValueError(f"num_frames must be between 0 and the {k.shape[2] // self.frame_size} frames passed, "
                              f"got {num_frames}")
         if not written:
             with torch.no_grad():
