@@ -257,6 +257,7 @@ def grouped_mm(x: Tensor, w: Tensor, offs: Tensor, *, trainable_w: Tensor | None
         offs: int32 ``[E]`` cumulative row ends (as ``torch._grouped_mm``): rows
             ``offs[e-1] .. offs[e]-1`` use expert ``e``; rows from ``offs[-1]`` on are zero in
             the output. Must be non-decreasing and at most ``S`` (checked; ValueError).
+            Any strides (a view is copied before a kernel reads it).
         trainable_w: ``[E_t, K, N]``, with ``trainable_ids`` int64 ``[E_t]`` (unique expert
             ids): expert ``trainable_ids[i]`` uses ``trainable_w[i]`` instead of its ``w``.
 

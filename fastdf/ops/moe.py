@@ -635,7 +635,9 @@ def moe_experts(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up:
 
     Args:
         hidden: ``[T, H]`` tokens (fp32, fp16 or bf16; fp64 on the torch backend).
-        topk_ids: int64/int32 ``[T, K]`` expert of each (token, slot), in ``[0, E)``.
+        topk_ids: int64/int32 ``[T, K]`` expert of each (token, slot), in ``[0, E)``
+            (checked: ValueError; float/bool ids are refused). ``K = 0`` (no slots) gives
+            zeros, ``T = 0`` an empty result, on every backend.
         topk_weights: ``[T, K]`` routing weights (any float dtype; differentiable).
         gate_up: ``[E, 2I, H]`` (gate rows first, then up, as HF stores them); down: ``[E, H, I]``.
         act: "silu" (default), "gelu", "gelu_tanh" or "relu" (fused into the GEMM), or any

@@ -97,3 +97,17 @@ def test_available_backends_on_cpu():
 def test_every_registered_op_has_a_torch_reference():
     for name, op in REGISTRY.items():
         assert "torch" in op.backends, f"fastdf.{name} has no torch reference"
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: fastdf.grouped_mm(torch.randn(4, 3), torch.randn(2, 3, 5), torch.tensor([1.0, 4.0])), "offs"),
+    (lambda: fastdf.moe_experts(torch.randn(2, 4), torch.tensor([[0.0], [1.0]]), torch.ones(2, 1),
+                                torch.randn(2, 6, 4), torch.randn(2, 4, 3)), "topk_ids"),
+    (lambda: fastdf.sample(torch.randn(2, 5), temperature=float("nan")), "temperature"),
+    (lambda: fastdf.adaln_modulate(torch.randn(1, 2, 4), torch.randn(1, 1, 4), torch.randn(1, 1, 4), eps=1e300), "eps"),
+])
+def test_bad_input_is_refused_before_a_backend_is_chosen(call, match):
+    """Argument checks run before dispatch: a bad call names its argument even when the
+    requested backend could not run here (no BackendUnavailableError hides it)."""
+    with fastdf.backend("cuda"), pytest.raises(ValueError, match=match):
+        call()
