@@ -195,8 +195,8 @@ def df_attention_backward_reference(grad_out: Tensor, grad_lse: Tensor | None, q
                                     chunk: int = REFERENCE_CHUNK):
     """Chunked backward in fp32 (fp64 for fp64 inputs): returns ``(dq, dk, dv)``.
 
-    With P the attention probabilities (recomputed from the scores of
-    ``df_attention_reference(upcast=True)`` and ``lse``) and dP = dO V^T,
+    With P the attention probabilities (recomputed, as a softmax, from the scores of
+    ``df_attention_reference(upcast=True)``; ``lse`` is accepted and unused) and dP = dO V^T,
     dS = P * (dP - rowsum(P * dP) + dlse), dQ = scale dS K, dK = scale dS^T Q,
     dV = P^T dO (GQA: summed over the query heads of each K/V head).
 
@@ -205,7 +205,7 @@ def df_attention_backward_reference(grad_out: Tensor, grad_lse: Tensor | None, q
     and a row with one visible key (P = 1) gets exactly zero dS. Non-finite data of an
     invisible (query, key) pair reaches neither side's gradient.
     """
-    del out
+    del out, lse
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -218,7 +218,6 @@ def df_attention_backward_reference(grad_out: Tensor, grad_lse: Tensor | None, q
     dv_bad = torch.zeros(B, Hkv, Tk, dtype=torch.bool, device=q.device)
     qg = q.reshape(B, Hkv, G, Tq, D)
     gg = grad_out.reshape(B, Hkv, G, Tq, D)
-    lg = lse.reshape(B, Hkv, G, Tq)
     dlg = grad_lse.reshape(B, Hkv, G, Tq) if grad_lse is not None else None
     for s, e in _chunks(Tq, B * Hq * Tk, chunk):
         c = e - s
@@ -227,9 +226,14 @@ def df_attention_backward_reference(grad_out: Tensor, grad_lse: Tensor | None, q
         mask = _chunk_mask(s, e, Tq, Tk, key_start, q.device, frame_size=frame_size, causal=causal,
                            window_frames=window_frames, sink_frames=sink_frames)
         mask = mask.expand(B, Hkv, G, c, Tk).reshape(B, Hkv, G * c, Tk)
-        scores = _scores(qc, k, scale, acc)
-        lc = lg[..., s:e].reshape(B, Hkv, G * c, 1).to(acc)
-        p = torch.exp(scores - lc).masked_fill(~mask, 0.0)
+        # P from the recomputed scores' own max and sum (a stable softmax), not exp(s - lse):
+        # an fp32 lse carries an error of ulp(|lse|), which P would inherit (measured 2.6x
+        # plain fp32's dk error on a 1000-key decode step). Rows without keys: P = 0.
+        scores = _scores(qc, k, scale, acc).masked_fill(~mask, float("-inf"))
+        m = scores.amax(-1, keepdim=True)
+        p = torch.exp(scores - torch.where(torch.isneginf(m), torch.zeros_like(m), m))
+        total = p.sum(-1, keepdim=True)
+        p = p / torch.where(total > 0, total, torch.ones_like(total))
         dp = (gc @ vf.transpose(-1, -2)).masked_fill(~mask, 0.0)
         delta = (p * dp).sum(-1, keepdim=True)
         if dlg is not None:
@@ -490,9 +494,11 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
     masked with -inf, so the forward meets the 2x-torch-error rule for any inputs whose
     scaled scores ``scale * q . k`` (and, on the triton backend, the raw ``q . k``) are
     finite in float32, however negative (-3e38 works), and any finite v up to the dtype's
-    maximum. The backward recomputes probabilities from lse, so its relative error grows
-    with ``|lse| * 2**-24``: accurate while the scaled scores stay below about 1e4 in
-    magnitude.
+    maximum. Backward: the torch backend recomputes a stable float32 softmax, so its
+    gradients are as exact as plain PyTorch's over the same range; the triton backend
+    recomputes probabilities as ``exp(s - lse)`` (as FlashAttention does), whose relative
+    error grows with ``|lse| * 2**-24``: it meets the rule while the scaled scores stay
+    below about 1e4 in magnitude, and far beyond (|scores| ~ 1e30) its dk/dv are wrong.
 
     Causality under non-finite data (both backends, forward and backward): a NaN or inf in
     a key or value that a query cannot see never reaches that query's output, lse or dq,
