@@ -8,6 +8,7 @@ the ops that need them.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
@@ -68,10 +69,14 @@ def shape(name: str, t: torch.Tensor, expected, *, what: str = ""):
 
 
 def number(name: str, value, *, low=None, high=None, low_open=False, high_open=False, integer=False):
-    """A Python number within [low, high] (open ends as flagged)."""
+    """A Python number within [low, high] (open ends as flagged). NaN and +-inf are refused
+    (NaN would pass every bound); float knobs that feed a kernel want :func:`finite_float`,
+    which also checks the compute dtype's range."""
     kinds = (int,) if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kinds):
         raise TypeError(f"{name} must be {'an int' if integer else 'a number'}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
     if high is not None and (value >= high if high_open else value > high):
