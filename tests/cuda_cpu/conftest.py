@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # --import-mode=import
 import cuda_cpu_harness as harness  # noqa: E402
 
 SWEEP = os.environ.get("FASTDF_CUDA_CPU_SWEEP") == "1"
+# test_sanitizers.py reruns part of this suite in a subprocess with the ASan+UBSan build.
+VARIANT = os.environ.get("FASTDF_CUDA_CPU_VARIANT", "default")
 
 
 def pytest_configure(config):
@@ -31,7 +33,7 @@ def pytest_collection_modifyitems(config, items):
 def emu_lib():
     if harness.compiler() is None:
         pytest.skip("g++ not found: the CPU harness compiles csrc/*.cu with the host C++ compiler")
-    return harness.build("default")
+    return harness.build(VARIANT)
 
 
 @pytest.fixture

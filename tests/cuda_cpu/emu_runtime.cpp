@@ -15,6 +15,8 @@
 
 #if defined(__SANITIZE_ADDRESS__)
 #define EMU_ASAN 1
+#include <dlfcn.h>
+#include <sanitizer/asan_interface.h>
 extern "C" {
 void __sanitizer_start_switch_fiber(void** fake_stack_save, const void* bottom, size_t size);
 void __sanitizer_finish_switch_fiber(void* fake_stack_save, const void** bottom_old, size_t* size_old);
@@ -48,7 +50,24 @@ struct Fiber {
 
 namespace {
 
-size_t stack_size() { return EMU_ASAN ? (512u << 10) : (128u << 10); }
+size_t stack_size() { return EMU_ASAN ? (256u << 10) : (128u << 10); }
+
+#if EMU_ASAN
+// ASan's swapcontext interceptor clears the shadow of the whole target stack on every
+// switch (10x slower here). The fiber annotations below tell ASan about each switch, and a
+// fiber's stack is unpoisoned once when a block starts, so libc's own swapcontext is used.
+int swap(ucontext_t* from, const ucontext_t* to) {
+  using Fn = int (*)(ucontext_t*, const ucontext_t*);
+  static const Fn real = [] {
+    void* libc = dlopen("libc.so.6", RTLD_NOW | RTLD_NOLOAD);
+    void* sym = libc ? dlsym(libc, "swapcontext") : nullptr;
+    return sym ? reinterpret_cast<Fn>(sym) : &swapcontext;
+  }();
+  return real(from, to);
+}
+#else
+int swap(ucontext_t* from, const ucontext_t* to) { return swapcontext(from, to); }
+#endif
 constexpr size_t kSharedLimit = 48u << 10;  // the default per-block limit without opt-in
 
 struct Options {
@@ -142,7 +161,7 @@ void to_scheduler() {
 #if EMU_ASAN
   __sanitizer_start_switch_fiber(self->state == kDone ? nullptr : &self->fake_stack, nullptr, 0);
 #endif
-  swapcontext(&self->ctx, &blk.sched);
+  swap(&self->ctx, &blk.sched);
 #if EMU_ASAN
   __sanitizer_finish_switch_fiber(self->fake_stack, nullptr, nullptr);
 #endif
@@ -275,6 +294,9 @@ void run_block() {
     f.state = kReady;
     f.shared_calls = 0;
     f.stack = get_stack(static_cast<size_t>(i));
+#if EMU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(f.stack, stack_size());  // frames of a fiber abandoned by a failed launch
+#endif
     getcontext(&f.ctx);
     f.ctx.uc_stack.ss_sp = f.stack;
     f.ctx.uc_stack.ss_size = stack_size();
@@ -294,7 +316,7 @@ void run_block() {
       void* save = nullptr;
       __sanitizer_start_switch_fiber(&save, f.stack, stack_size());
 #endif
-      swapcontext(&blk.sched, &f.ctx);
+      swap(&blk.sched, &f.ctx);
 #if EMU_ASAN
       __sanitizer_finish_switch_fiber(save, nullptr, nullptr);
 #endif
@@ -392,6 +414,9 @@ void* static_shared(size_t size, size_t align) {
            " dynamic exceed the 48 KiB per-block limit");
     blk.static_offsets.push_back(off);
     blk.static_used = off + size;
+#if EMU_ASAN
+    ASAN_UNPOISON_MEMORY_REGION(blk.arena + off, size);  // the rest of the arena stays off limits
+#endif
   }
   return blk.arena + blk.static_offsets[i];
 }
@@ -447,7 +472,13 @@ void Launch::run(void (*fn)(void*), void* ctx) const {
         blk.block = uint3{x, y, z};
         blk.static_used = 0;
         blk.static_offsets.clear();
+#if EMU_ASAN
+        ASAN_UNPOISON_MEMORY_REGION(blk.arena, kSharedLimit);
+#endif
         std::memset(blk.arena, opts.poison, kSharedLimit);  // shared memory starts as garbage
+#if EMU_ASAN
+        ASAN_POISON_MEMORY_REGION(blk.arena, kSharedLimit - blk.dyn_size);  // unpoisoned as __shared__ variables appear
+#endif
         ++blocks_run;
         blk.in_kernel = true;
         if (sigsetjmp(blk.fault_jmp, 1) == 0) run_block();

@@ -73,6 +73,18 @@ __global__ void well_behaved(const int* in, int* out, int n) {
   if (threadIdx.x == 0) out[gridDim.x + blockIdx.x] = static_cast<int>(b);
 }
 
+__global__ void shared_overrun(int* out) {
+  __shared__ int s[32];
+  s[threadIdx.x] = 1;
+  __syncthreads();
+  const int* p = s;  // through a pointer: UBSan's bounds check does not see it, ASan must
+  out[threadIdx.x] = p[threadIdx.x + 1];  // thread 31 reads past s: poison here, an ASan report there
+}
+
+__global__ void undefined_shift(const int* in, int* out, int n) {
+  out[threadIdx.x] = in[0] << n;  // n = 40: undefined, UBSan reports it
+}
+
 }  // namespace
 
 extern "C" int emu_selftest(int which, const int* in, int* out, int n) {
@@ -86,6 +98,8 @@ extern "C" int emu_selftest(int which, const int* in, int* out, int n) {
     case 6: reads_shared_uninitialised<<<1, 64>>>(out); break;
     case 7: racy_count<<<1, 256>>>(out); break;
     case 8: well_behaved<<<1, 64, 1 << 20>>>(in, out, n); break;  // too much shared memory
+    case 9: shared_overrun<<<1, 32>>>(out); break;
+    case 10: undefined_shift<<<1, 32>>>(in, out, n); break;
     default: return -1;
   }
   return static_cast<int>(cudaGetLastError());
