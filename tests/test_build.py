@@ -2,6 +2,8 @@
 when it cannot run; the build refuses FASTDF_FORCE_CUDA=1 without nvcc."""
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +65,63 @@ def test_bad_arch_list_is_refused():
     if "nvcc not found" in out.stderr:
         pytest.skip("no nvcc here: the arch list is only read when building")
     assert out.returncode != 0 and "FASTDF_CUDA_ARCHS: cannot read 'sm_90'" in out.stderr + out.stdout
+
+
+# sample_kernel runs 512 threads per block: at <= 64 registers a thread, two blocks fit an
+# SM's 64K registers (benches/notes/cuda_cpu.md: the intended occupancy); one more register
+# halves it.
+REGISTER_LIMITS = {"sample_kernel": 64}
+PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)' for '(\w+)'")
+PTXAS_FRAME = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PTXAS_REGS = re.compile(r"Used (\d+) registers")
+
+
+def _find_nvcc():
+    """setup.py's search order: $CUDA_HOME/bin, PATH, /usr/local/cuda/bin."""
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").is_file():
+        return str(Path(home) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.is_file() else None
+
+
+def _ptxas_report(nvcc, src, tmp):
+    cmd = [nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a",
+           "-Xptxas", "-v", f"-I{ROOT / 'csrc'}", "-c", str(src), "-o", str(tmp / (src.name + ".o"))]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-4000:]
+    kernels, name = {}, None
+    for line in (out.stdout + out.stderr).splitlines():
+        if m := PTXAS_ENTRY.search(line):
+            name = m.group(1)
+            kernels[name] = {}
+        elif name and (m := PTXAS_FRAME.search(line)):
+            kernels[name].update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        elif name and (m := PTXAS_REGS.search(line)):
+            kernels[name]["registers"] = int(m.group(1))
+    return kernels
+
+
+def test_csrc_kernels_do_not_spill_on_sm90a(tmp_path):
+    """Every csrc/ kernel compiled for sm_90a: no stack frame, no spills (ptxas -v), and
+    the sampler within the register budget of its intended occupancy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found")
+    sources = sorted((ROOT / "csrc").glob("*.cu"))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        reports = list(pool.map(lambda s: _ptxas_report(nvcc, s, tmp_path), sources))
+    kernels = {k: v for r in reports for k, v in r.items()}
+    assert len(kernels) >= 13, sorted(kernels)  # 6 sampler instantiations, 8 moe, 3 cascade
+    for name, info in sorted(kernels.items()):
+        print(f"{info.get('registers', '?'):>4} regs  stack {info['stack']}  spills {info['spill_stores']}/"
+              f"{info['spill_loads']}  {name}")
+        assert info["stack"] == 0 and info["spill_stores"] == 0 and info["spill_loads"] == 0, (name, info)
+        for kernel, limit in REGISTER_LIMITS.items():
+            if kernel in name:
+                assert info["registers"] <= limit, (name, info)
