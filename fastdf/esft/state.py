@@ -107,12 +107,24 @@ def is_applied(model: nn.Module) -> bool:
     return hasattr(model, STATE_ATTR)
 
 
-def _check_model(model) -> dict[int, MoELayer]:
+def _check_unsharded(model: nn.Module, what: str) -> None:
+    # FSDP2 manages only the parameters it found at fully_shard time: new trainable experts
+    # added later would never have their gradients reduced, and writing into a shard
+    # through global expert ids would hit the wrong rows.
+    sharded = next((name for name, p in model.named_parameters() if _is_dtensor(p)), None)
+    if sharded is not None:
+        raise ValueError(f"model is sharded (parameter {sharded!r} is a DTensor, e.g. after FSDP2 fully_shard): "
+                         f"{what} before fully_shard" + (", or on a gathered copy (full state dict)"
+                                                         if what == "merge" else ""))
+
+
+def _check_model(model, what) -> dict[int, MoELayer]:
     layers = {layer.index: layer for layer in moe_layers(model)}
     if not hasattr(model, "set_experts_implementation"):
         raise TypeError(f"model must be an HF PreTrainedModel (set_experts_implementation), got {type(model).__name__}")
     if is_applied(model):
         raise ValueError("model already carries ESFT state: merge(model) first, or load onto a fresh base model")
+    _check_unsharded(model, what)
     return layers
 
 
@@ -168,8 +180,11 @@ def apply(model: nn.Module, selection: dict[int, list[int]]) -> nn.Module:
     [expert ids]}, e.g. from :func:`select_experts`; ids are ints, each at most once, in
     range; at least one expert overall). Every other parameter is frozen; the selected
     experts become compact ``[E_t, ...]`` parameters that the "fastdf" experts backend
-    (switched on here) reads. Returns ``model``; on error the model is left unchanged."""
-    layers = _check_model(model)
+    (switched on here) reads. Returns ``model``; on error the model is left unchanged.
+
+    With FSDP2, apply before ``fully_shard`` (a sharded model is refused: FSDP manages only
+    the parameters it found when sharding)."""
+    layers = _check_model(model, "apply")
     _install(model, layers, _selection(selection, layers))
     return model
 
@@ -406,8 +421,9 @@ def load(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     The whole checkpoint is checked first (format, selection, checksums when present,
     every tensor's presence, dtype, shape and finiteness); a damaged or mismatched one
     raises ValueError naming the file and the tensor, and a failed load leaves the model
-    exactly as it was. A missing weights file raises FileNotFoundError."""
-    layers = _check_model(model)
+    exactly as it was. A missing weights file raises FileNotFoundError. With FSDP2, load
+    before ``fully_shard`` (a sharded model is refused, as in :func:`apply`)."""
+    layers = _check_model(model, "load")
     directory = _directory(directory)
     path = directory / WEIGHTS_FILE
     if not path.is_file():
@@ -421,8 +437,10 @@ def merge(model: nn.Module) -> nn.Module:
     """Write the trained experts back into the model's fused 3-D weights and remove the
     ESFT state: afterwards ``model`` is a plain HF model again (requires_grad flags and
     experts implementation as before :func:`apply`). Save first if you want the experts
-    on their own. Returns ``model``."""
+    on their own. Returns ``model``. A sharded (FSDP2) model is refused: merge a gathered
+    copy (e.g. the full state dict loaded into an unsharded model with the same selection)."""
     _require_state(model, "merge")
+    _check_unsharded(model, "merge")
     trained = _trained(model)
     for index, layer in trained.items():  # all checked before the first write
         experts = layer.experts
