@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -31,15 +32,28 @@ def parse_args(argv=None):
     )
     parser.add_argument("--suite", action="append", choices=sorted(suites), metavar="NAME",
                         help="suite to run (repeatable; default: all)")
-    parser.add_argument("--quick", action="store_true", help="fewer, smaller cases and repetitions")
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller cases and repetitions (the default "
+                                                             "on a machine without a GPU)")
+    parser.add_argument("--full", action="store_true", help="on the CPU: every CPU case with full repetitions "
+                                                            "(tens of minutes on 2 cores); GPUs run the full set "
+                                                            "unless --quick")
+    parser.add_argument("--compile", action="store_true", help="instead of timing: compile every GPU kernel for "
+                                                               "sm_90a without a GPU and report registers, spills, "
+                                                               "shared memory, wgmma, load kind, occupancy "
+                                                               "(python -m fastdf.bench.compile; --json applies)")
     parser.add_argument("--json", metavar="PATH", help="write environment and results as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the results as a Markdown table")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG of fastdf's speedups (matplotlib)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--no-ceilings", action="store_true", help="skip measuring the GPU's copy/GEMM ceilings")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (each case's line is "
+                                                                   "still printed as it finishes)")
     parser.add_argument("--list", action="store_true", help="list the suites and exit")
     args = parser.parse_args(argv)
+    if args.quick and args.full:
+        parser.error("--quick and --full contradict each other")
+    if args.compile and (args.suite or args.markdown or args.plot or args.quick or args.full):
+        parser.error("--compile takes only --json (see python -m fastdf.bench.compile --help for its options)")
     if not args.list:
         check_args(parser, args)
     return args, suites
@@ -112,7 +126,18 @@ def main(argv=None):
         for name, s in sorted(suites.items()):
             print(f"{name:<12} {s.help}")
         return 0
+    if args.compile:
+        # A child process: the compile report needs the kernels imported without
+        # TRITON_INTERPRET, which this process may have set before importing fastdf.
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        cmd = [sys.executable, "-m", "fastdf.bench.compile"] + (["--json", args.json] if args.json else [])
+        return subprocess.run(cmd, env=env).returncode
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Without a GPU the full CPU set takes tens of minutes on a small machine: the quick set
+    # (minutes) unless asked for.
+    quick = args.quick or (device.type == "cpu" and not args.full)
     env = core.environment(device)
     if device.type == "cuda" and not args.no_ceilings:
         env["ceilings"] = core.measure_ceilings(device)
@@ -121,21 +146,30 @@ def main(argv=None):
         print(f"ceilings: {env['ceilings']}")
     if device.type == "cpu":
         print(CPU_BANNER)
-    rows, interrupted = [], False
+        if quick and not args.quick:
+            print("CPU default: the quick case set (--full for every CPU case with full repetitions).")
+    rows, interrupted, start = [], False, time.perf_counter()
     save = (lambda done: core.write_json(args.json, done, env)) if args.json else None
     try:
-        core.run(args.suite or sorted(suites), device, args.quick, progress=not args.no_progress, rows=rows,
-                 on_case=save)
+        core.run(args.suite or sorted(suites), device, quick, progress=not args.no_progress, rows=rows,
+                 on_case=save, echo=lambda line: print(line, flush=True))
     except KeyboardInterrupt:  # e.g. a time limit in gpu_check.sh: keep what was measured
         interrupted = True
         print(f"interrupted: reporting the {len({(r['suite'], r['case']) for r in rows})} finished case(s)")
+    print()
     print(core.table(rows))
+    wrote = []
     if args.json:
         core.write_json(args.json, rows, env)
+        wrote.append(f"JSON: {args.json}")
     if args.markdown:
         core.write_text(args.markdown, core.markdown(rows, env) + "\n")
+        wrote.append(f"Markdown: {args.markdown}")
     if args.plot:
         core.plot(args.plot, rows, env)
+        wrote.append(f"plot: {args.plot}")
+    print(f"{len({(r['suite'], r['case']) for r in rows})} case(s) in {time.perf_counter() - start:.0f} s; "
+          + ("wrote " + ", ".join(wrote) if wrote else "no files written (--json/--markdown/--plot PATH to keep them)"))
     return 130 if interrupted else 0
 
 

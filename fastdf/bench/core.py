@@ -222,9 +222,12 @@ def run_case(suite_name: str, case: Case, device, quick: bool, memory: bool = Tr
     return rows
 
 
-def run(names, device, quick: bool, progress: bool = True, rows: list | None = None, on_case=None) -> list[dict]:
+def run(names, device, quick: bool, progress: bool = True, rows: list | None = None, on_case=None,
+        echo: Callable[[str], None] | None = None) -> list[dict]:
     """Run the named suites case by case, appending result rows to ``rows`` (returned);
-    ``on_case(rows)`` after each case lets a caller save partial results as it goes."""
+    ``on_case(rows)`` after each case lets a caller save partial results as it goes, and
+    ``echo(line)`` receives each case's one-line summary as soon as it is measured (through
+    the progress bar's writer when the bar is shown, so the two do not garble each other)."""
     from tqdm.auto import tqdm
 
     suites = load_suites()
@@ -233,11 +236,32 @@ def run(names, device, quick: bool, progress: bool = True, rows: list | None = N
         raise SystemExit(f"unknown suite(s) {', '.join(unknown)}; available: {', '.join(sorted(suites))}")
     work = [(name, case) for name in names for case in suites[name].cases(device, quick)]
     rows = [] if rows is None else rows
-    for name, case in tqdm(work, desc="fastdf.bench", unit="case", disable=not progress):
-        rows.extend(run_case(name, case, device, quick))
+    bar = tqdm(work, desc="fastdf.bench", unit="case", disable=not progress)
+    for i, (name, case) in enumerate(bar, 1):
+        t0 = time.perf_counter()
+        done = run_case(name, case, device, quick)
+        rows.extend(done)
+        if echo is not None:
+            line = f"[{i}/{len(work)}] {case_line(done)}  ({time.perf_counter() - t0:.1f} s)"
+            (tqdm.write if progress else echo)(line)
         if on_case is not None:
             on_case(rows)
     return rows
+
+
+def case_line(rows: list[dict]) -> str:
+    """One case's result on one line: the first provider's time, then each baseline's time
+    and its ratio to the first ('x' above 1: fastdf faster)."""
+    if not rows:
+        return "(no providers)"
+    parts = []
+    for r in rows:
+        if "error" in r:
+            parts.append(f"{r['provider']} {r['error'][:80]}")
+        else:
+            ratio = r.get("fastdf_speedup")
+            parts.append(f"{r['provider']} {r['ms']:.4g} ms" + (f" ({ratio:.2f}x)" if ratio else ""))
+    return f"{rows[0]['suite']} | {rows[0]['case']}: " + " | ".join(parts)
 
 
 # ---------------------------------------------------------------------------- reporting
