@@ -137,7 +137,7 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end,
                MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     """Online softmax over keys [start, end). m_i is the running max of the log2-domain
     scores (-inf before the first visible key); probabilities are exp2(s - m - bias), so
-    l_i <= 1 and acc stays within max|v| (bias = log2 of the key count, 0 for fp16)."""
+    l_i <= 1 and acc stays within max|v| (bias, an int: ceil(log2(key count)), 0 for fp16)."""
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         j = n0 + offs_n
         jin = j < end
@@ -170,7 +170,7 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end,
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END", "tune_rows", "tune_fs"])
+@triton.jit(do_not_specialize=["Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END", "bias", "tune_rows", "tune_fs"])
 def _fwd_kernel(Q, K, V, O, LSE, KS,
                 sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
                 Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, bias, tune_rows, tune_fs,
@@ -251,7 +251,7 @@ def _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW: 
     return vis
 
 
-@triton.jit(do_not_specialize=["BHkv", "Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END"])
+@triton.jit(do_not_specialize=["BHkv", "Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END", "bias"])
 def _fwd_short_kernel(Q, K, V, O, LSE, KS,
                       sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
                       BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, bias,
@@ -621,7 +621,7 @@ def _prob_bias(dtype, tk):
     values (<= 65504) cannot overflow an fp32 sum of 2**100 keys anyway."""
     import torch
 
-    return 0.0 if dtype == torch.float16 else float((max(tk, 1) - 1).bit_length())
+    return 0 if dtype == torch.float16 else (max(tk, 1) - 1).bit_length()
 
 
 def _use_short(G, Tq, Tk, block_d):

@@ -252,8 +252,8 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix
     part_l = torch.empty((splits, G * Hkv, M), device=q.device, dtype=torch.float32)
     # log2 of the key counts (see _attend_block); fp16 probabilities keep bias 0 (subnormals)
     wide = q.dtype != torch.float16
-    bias_p = float((split_len - 1).bit_length()) if wide else 0.0
-    bias_s = float((max(S, 1) - 1).bit_length()) if wide else 0.0
+    bias_p = (split_len - 1).bit_length() if wide else 0
+    bias_s = (max(S, 1) - 1).bit_length() if wide else 0
     warps = 4 if block_m * block_d <= 64 * 128 else 8
     _prefix_kernel[(m_tiles, G * Hkv, splits)](
         q, k_prefix, v_prefix, prefix_lens, part_o, part_m, part_l,

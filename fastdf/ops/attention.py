@@ -19,8 +19,6 @@ and an autograd formula whose backward is the custom op ``fastdf::df_attention_b
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -401,11 +399,11 @@ def check_scale(name: str, scale, head_dim: int) -> float:
     kernels fold log2(e) into it)."""
     if scale is None:
         return float(head_dim ** -0.5)
-    _checks.number(name, scale)
-    if not math.isfinite(scale) or not FLOAT32_TINY <= scale <= FLOAT32_MAX / 1.4426950408889634 + 0.0:
-        raise ValueError(f"{name} must be finite, > 0 and representable in float32 (between {FLOAT32_TINY:.3g} "
-                         f"and {FLOAT32_MAX / 1.4426950408889634:.3g}), got {scale}")
-    return float(scale)
+    scale = _checks.finite_float(name, scale, low=0, low_open=True, dtype=torch.float32)
+    if not FLOAT32_TINY <= scale <= FLOAT32_MAX / 1.4426950408889634:
+        raise ValueError(f"{name} must be representable in float32 after folding in log2(e) (between "
+                         f"{FLOAT32_TINY:.3g} and {FLOAT32_MAX / 1.4426950408889634:.3g}), got {scale}")
+    return scale
 
 
 def _normalise_mask(tk, frame_size, causal, window_frames, sink_frames):

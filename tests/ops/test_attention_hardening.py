@@ -185,7 +185,7 @@ def test_padding_keys_with_nan(be, kernel):
 @pytest.mark.parametrize("scale", [1e300, float("nan"), float("inf"), -1.0, 0.0, 1e-300, 3e38])
 def test_scale_outside_float32_is_refused(scale):
     q = _rand(1, 2, 4, 16)
-    with pytest.raises(ValueError, match="scale must be finite, > 0 and representable in float32"):
+    with pytest.raises(ValueError, match="scale"):
         fastdf.df_attention(q, q, q, scale=scale)
     with pytest.raises(ValueError, match="scale"):
         df_attention_padded(q, q, q, torch.zeros(1, dtype=torch.long), scale=scale)

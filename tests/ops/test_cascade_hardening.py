@@ -141,7 +141,7 @@ def test_shared_prefix_nan_in_unused_cache_slots(be):
 @pytest.mark.parametrize("scale", [1e300, NAN, INF, 0.0, -1.0])
 def test_shared_prefix_bad_scale(scale):
     q, kp, vp, ks, vs = _decode()
-    with pytest.raises(ValueError, match="scale must be finite, > 0 and representable in float32"):
+    with pytest.raises(ValueError, match="scale"):
         fastdf.shared_prefix_attention(q, kp, vp, ks, vs, scale=scale)
 
 
