@@ -1,0 +1,118 @@
+"""Rank bodies for test_expert_parallel.py: expert-parallel moe_experts_ep against one
+process running fastdf.moe_experts on every rank's tokens with all the experts."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+E, H, I, K = 8, 16, 12, 2
+
+
+def _weights(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(E, 2 * I, H, generator=g) * 0.2, torch.randn(E, H, I, generator=g) * 0.2
+
+
+def _tokens(world, case, seed):
+    """Per-rank (hidden, topk_ids, topk_weights, probe) for every rank (all ranks build all)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for r in range(world):
+        T = {"uniform": 7, "skewed": 9, "empty_rank": 0 if r == world - 1 else 6}[case] + r
+        hidden = torch.randn(T, H, generator=g)
+        if case == "skewed":  # everything to the first rank's experts: the others receive nothing
+            ids = torch.stack([torch.randperm(E // world, generator=g)[:K] for _ in range(T)]) if T else \
+                torch.empty(0, K, dtype=torch.int64)
+        else:
+            ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)]) if T else \
+                torch.empty(0, K, dtype=torch.int64)
+        w = torch.rand(T, K, generator=g) + 0.1
+        out.append((hidden, ids, w, torch.randn(T, H, generator=g)))
+    return out
+
+
+def _close(got, want, name):
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def check(rank, world, cases=("uniform", "skewed", "empty_rank")):
+    import fastdf
+    from fastdf.integrations.expert_parallel import expert_range, local_trainable, moe_experts_ep
+
+    mine = expert_range(E)
+    for case in cases:
+        for esft, frozen_in in ((False, False), (True, False), (True, True)):
+            # frozen_in: ESFT above frozen layers, nothing but the trainable experts needs a
+            # gradient; ranks holding none of them must still join the backward exchange.
+            tag = f"{case} world={world} esft={esft} frozen_inputs={frozen_in} rank={rank}"
+            gate_up, down = _weights(1)
+            tokens = _tokens(world, case, seed=2)
+            tids = torch.tensor([1, 2, 3]) if esft else None  # held by the first ranks only
+
+            # One process, every rank's tokens, all experts.
+            hidden = torch.cat([t[0] for t in tokens]).requires_grad_()
+            w = torch.cat([t[2] for t in tokens]).requires_grad_()
+            ids = torch.cat([t[1] for t in tokens])
+            probe = torch.cat([t[3] for t in tokens])
+            if esft:
+                tgu, tdn = gate_up[tids].clone().requires_grad_(), down[tids].clone().requires_grad_()
+                ref = fastdf.moe_experts(hidden, ids, w, gate_up, down, trainable_ids=tids, trainable_gate_up=tgu,
+                                         trainable_down=tdn)
+                want_w = (tgu, tdn)
+            else:
+                gu, dn = gate_up.clone().requires_grad_(), down.clone().requires_grad_()
+                ref = fastdf.moe_experts(hidden, ids, w, gu, dn)
+                want_w = (gu, dn)
+            (ref * probe).sum().backward()
+
+            # This rank: its own tokens, its slice of the experts.
+            start = sum(t[0].shape[0] for t in tokens[:rank])
+            h, i, wt, p = tokens[rank]
+            h, wt = h.clone().requires_grad_(not frozen_in), wt.clone().requires_grad_(not frozen_in)
+            lgu, ldn = gate_up[mine.start:mine.stop].clone(), down[mine.start:mine.stop].clone()
+            if esft:
+                pos, lids = local_trainable(tids, E)
+                ltgu, ltdn = tgu.detach()[pos].clone().requires_grad_(), tdn.detach()[pos].clone().requires_grad_()
+                if pos.numel() == 0 and frozen_in:
+                    # This rank trains nothing and its output needs no gradient here: only
+                    # the backward exchange anchor makes it serve the other ranks' backward.
+                    out = moe_experts_ep(h, i, wt, lgu, ldn, num_experts=E)
+                    got_w = want_slices = ()
+                else:
+                    out = moe_experts_ep(h, i, wt, lgu, ldn, num_experts=E, trainable_ids=lids,
+                                         trainable_gate_up=ltgu, trainable_down=ltdn)
+                    got_w, want_slices = (ltgu, ltdn), (want_w[0].grad[pos], want_w[1].grad[pos])
+            else:
+                lgu.requires_grad_(), ldn.requires_grad_()
+                out = moe_experts_ep(h, i, wt, lgu, ldn, num_experts=E)
+                got_w = (lgu, ldn)
+                want_slices = tuple(x.grad[mine.start:mine.stop] for x in want_w)
+            rows = slice(start, start + h.shape[0])
+            _close(out, ref.detach()[rows], f"{tag} out")
+            loss = (out * p).sum()
+            assert loss.requires_grad, f"{tag}: the output must stay in the graph (backward exchange)"
+            loss.backward()
+            if frozen_in:
+                assert h.grad is None and wt.grad is None
+            else:
+                _close(h.grad, hidden.grad[rows], f"{tag} d hidden")
+                _close(wt.grad, w.grad[rows], f"{tag} d topk_weights")
+            for name, got, want in zip(("gate_up", "down"), got_w, want_slices):
+                _close(got.grad, want, f"{tag} d {name}")
+            if esft:
+                assert lgu.grad is None and ldn.grad is None, f"{tag}: frozen experts got gradients"
+            if case == "skewed" and rank > 0 and got_w:
+                assert all(x.grad.abs().sum() == 0 for x in got_w), f"{tag}: no token came, yet nonzero gradients"
+
+    # No gradient anywhere (inference under no_grad): forward only, still equal.
+    gate_up, down = _weights(1)
+    tokens = _tokens(world, "uniform", seed=5)
+    with torch.no_grad():
+        ref = fastdf.moe_experts(torch.cat([t[0] for t in tokens]), torch.cat([t[1] for t in tokens]),
+                                 torch.cat([t[2] for t in tokens]), gate_up, down)
+        h, i, wt, _ = tokens[rank]
+        out = moe_experts_ep(h, i, wt, gate_up[mine.start:mine.stop], down[mine.start:mine.stop], num_experts=E)
+    start = sum(t[0].shape[0] for t in tokens[:rank])
+    _close(out, ref[start:start + h.shape[0]], f"no_grad world={world} rank={rank}")
+    dist.barrier()

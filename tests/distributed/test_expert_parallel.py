@@ -1,0 +1,19 @@
+"""Expert parallelism (fastdf.integrations.expert_parallel) on gloo CPU ranks against one
+process holding every expert."""
+
+import pytest
+import torch.distributed as dist
+
+from tests.distributed import _ep_worker
+from tests.distributed._spawn import run_ranks
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.distributed")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_equals_one_process(world):
+    """Output, token/routing-weight gradients and expert weight gradients (all experts, or an
+    ESFT subset some ranks hold none of) equal one process, for uniform routing, routing that
+    sends every token to the first rank's experts (the other ranks receive none) and a rank
+    with no tokens at all; forward under no_grad too."""
+    run_ranks(_ep_worker.check, world)
