@@ -148,3 +148,56 @@ def moe_experts_ep(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_
                     trainable_gate_up=trainable_gate_up, trainable_down=trainable_down)
     back = _exchange(y, send, recv, group, anchored=True)
     return moe_combine(back, inverse, topk_weights)
+
+
+# ---------------------------------------------------------------------------- HF models
+
+def _experts_modules(model):
+    for name, module in model.named_modules():
+        gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+        if isinstance(gate_up, torch.nn.Parameter) and isinstance(down, torch.nn.Parameter) and gate_up.dim() == 3 \
+                and down.dim() == 3:
+            yield name, module
+
+
+def shard_experts(model: torch.nn.Module, group=None) -> torch.nn.Module:
+    """Expert parallelism for an HF MoE model on the "fastdf" experts backend: every experts
+    module keeps only this rank's slice of its routed experts (:func:`expert_range`) and,
+    from then on, exchanges tokens with the other ranks of ``group`` (everything else stays
+    replicated: routers, attention, shared experts). Every rank calls it on the same model
+    with the same weights, and then runs every forward/backward (a collective).
+
+    Call before wrapping the model (DDP/FSDP; the non-expert parameters then need the usual
+    data-parallel gradient averaging, the expert slices already hold their full gradient)
+    and not on a model carrying ESFT state (not supported yet). Returns ``model``."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (an HF MoE model), got {type(model).__name__}")
+    if not hasattr(model, "set_experts_implementation"):
+        raise TypeError(f"model must be an HF PreTrainedModel (set_experts_implementation), got {type(model).__name__}")
+    found = list(_experts_modules(model))
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no routed experts stored as fused 3-D tensors")
+    from . import hf_experts
+
+    for name, experts in found:
+        if getattr(experts, hf_experts.EXPERT_PARALLEL, None) is not None:
+            raise ValueError(f"{name} is already sharded over the ranks (shard_experts ran twice?)")
+        if hasattr(experts, hf_experts.ESFT_IDS):
+            raise ValueError(f"{name} carries ESFT state: expert parallelism with ESFT's compact weights is not "
+                             "supported by shard_experts yet (use moe_experts_ep with local_trainable directly)")
+        hf_experts._check_layout(experts)
+        expert_range(experts.gate_up_proj.shape[0], group)  # divisibility, before anything changes
+    previous = getattr(model.config, "_experts_implementation", None)
+    model.set_experts_implementation(hf_experts.NAME)
+    if getattr(model.config, "_experts_implementation", None) != hf_experts.NAME:
+        model.set_experts_implementation(previous)
+        raise ValueError(f"{type(model).__name__} did not switch to the 'fastdf' experts implementation")
+    for _, experts in found:
+        E = experts.gate_up_proj.shape[0]
+        mine = expert_range(E, group)
+        for attr in ("gate_up_proj", "down_proj"):
+            full = getattr(experts, attr)
+            setattr(experts, attr, torch.nn.Parameter(full.detach()[mine.start:mine.stop].clone(),
+                                                      requires_grad=full.requires_grad))
+        setattr(experts, hf_experts.EXPERT_PARALLEL, (group, E))
+    return model

@@ -11,7 +11,9 @@ Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3, ...) can run its routed experts thro
 
 An experts module that carries ESFT state (set by :func:`fastdf.esft.apply`: attributes
 ``esft_ids``, ``esft_gate_up``, ``esft_down``) runs its selected experts from those compact
-trainable weights; the fused 3-D weights stay frozen.
+trainable weights; the fused 3-D weights stay frozen. An experts module sharded by
+:func:`fastdf.integrations.expert_parallel.shard_experts` holds only its rank's experts and
+exchanges tokens with the other ranks.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ NAME = "fastdf"
 ESFT_IDS = "esft_ids"  # int64 [E_t] buffer: the experts that train
 ESFT_GATE_UP = "esft_gate_up"  # Parameter [E_t, 2I, H]
 ESFT_DOWN = "esft_down"  # Parameter [E_t, H, I]
+# Expert parallelism (written by expert_parallel.shard_experts): (group, num_experts).
+EXPERT_PARALLEL = "_fastdf_expert_parallel"
 
 # HF activation classes whose math a fused kernel implements (by class name, so no
 # import of transformers.activations is needed and renamed classes simply go unfused).
@@ -66,6 +70,13 @@ def fastdf_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_we
     """``ExpertsInterface`` entry: HF's experts forward signature, computed by fastdf.moe_experts."""
     _check_layout(self)
     ids = getattr(self, ESFT_IDS, None)
+    ep = getattr(self, EXPERT_PARALLEL, None)
+    if ep is not None:
+        from .expert_parallel import moe_experts_ep
+
+        group, num_experts = ep
+        return moe_experts_ep(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
+                              num_experts=num_experts, group=group, act=experts_act(self))
     return moe_experts(
         hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, act=experts_act(self),
         trainable_ids=ids,

@@ -116,3 +116,53 @@ def check(rank, world, cases=("uniform", "skewed", "empty_rank")):
     start = sum(t[0].shape[0] for t in tokens[:rank])
     _close(out, ref[start:start + h.shape[0]], f"no_grad world={world} rank={rank}")
     dist.barrier()
+    if world == 2:  # the HF model check shares this group (start-up is the slow part)
+        check_hf(rank, world)
+
+
+def check_hf(rank, world, family="qwen2_moe"):
+    """shard_experts on a tiny HF model: logits equal the unsharded model's, the expert
+    slices' gradients equal the full model's slices (every rank's tokens reach them), the
+    replicated weights' gradients summed over ranks equal the full model's."""
+    import pytest
+
+    import fastdf.integrations.hf_experts  # noqa: F401  (registers "fastdf")
+    from fastdf.integrations.expert_parallel import expert_range, shard_experts
+    from tests.hf_tiny import batch, tiny_model
+
+    glob = batch(lengths=(9, 6, 8, 7), seed=4)
+    labels = glob["input_ids"].masked_fill(glob["attention_mask"] == 0, -100)
+    ref = tiny_model(family)
+    ref.set_experts_implementation("fastdf")
+    per = glob["input_ids"].shape[0] // world
+    # Sum of the per-rank mean losses: what the ranks' gradients add up to.
+    ref_logits, ref_loss = [], 0
+    for r in range(world):
+        rows = slice(r * per, (r + 1) * per)
+        out = ref(input_ids=glob["input_ids"][rows], attention_mask=glob["attention_mask"][rows],
+                  labels=labels[rows])
+        ref_logits.append(out.logits.detach())
+        ref_loss = ref_loss + out.loss
+    ref_loss.backward()
+
+    model = shard_experts(tiny_model(family))
+    rows = slice(rank * per, (rank + 1) * per)
+    out = model(input_ids=glob["input_ids"][rows], attention_mask=glob["attention_mask"][rows], labels=labels[rows])
+    _close(out.logits, ref_logits[rank], f"hf logits rank={rank}")
+    out.loss.backward()
+    want = dict(ref.named_parameters())
+    n_experts = 0
+    for name, p in model.named_parameters():
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            mine = expert_range(want[name].shape[0])
+            assert p.shape[0] == len(mine), (name, p.shape)
+            _close(p.detach(), want[name].detach()[mine.start:mine.stop], f"hf slice {name}")
+            _close(p.grad, want[name].grad[mine.start:mine.stop], f"hf grad {name} rank={rank}")
+            n_experts += 1
+        elif want[name].grad is not None:
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            _close(g, want[name].grad, f"hf grad {name} rank={rank}")
+    assert n_experts == 2 * ref.config.num_hidden_layers
+    with pytest.raises(ValueError, match="already sharded"):
+        shard_experts(model)

@@ -15,5 +15,6 @@ def test_expert_parallel_equals_one_process(world):
     """Output, token/routing-weight gradients and expert weight gradients (all experts, or an
     ESFT subset some ranks hold none of) equal one process, for uniform routing, routing that
     sends every token to the first rank's experts (the other ranks receive none) and a rank
-    with no tokens at all; forward under no_grad too."""
+    with no tokens at all; forward under no_grad too. On 2 ranks also an HF Qwen2-MoE
+    sharded by shard_experts: logits and all gradients equal the unsharded model's."""
     run_ranks(_ep_worker.check, world)
