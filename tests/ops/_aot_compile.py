@@ -1,7 +1,10 @@
 """Compile the grouped-GEMM / MoE Triton kernels ahead of time for sm_90 and sm_80 without a
 GPU (Triton ships ptxas) and report what the compiler made of them.
 
-Run by test_grouped_mm.py::test_kernels_compile_for_hopper_and_ampere in a subprocess,
+Explicit specialisations (layouts and configs the launchers may not pick at the benchmark
+shapes) through fastdf.bench.compile.compile_signature; the launcher-driven report is
+``python -m fastdf.bench.compile``. Run by
+test_grouped_mm.py::test_kernels_compile_for_hopper_and_ampere in a subprocess,
 because the test process imports the kernels under TRITON_INTERPRET=1. Argument
 specialisations mimic what the runtime sees for contiguous HF-layout tensors (unit
 strides as constants, 16-divisible pointers and leading strides), which is what lets the
@@ -17,18 +20,12 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 
 def _build(fn, types, consts, div16, warps, stages, arch):
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from fastdf.bench.compile import compile_signature, ptx_summary
 
-    names = fn.arg_names
-    sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in names}
-    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
-    kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                            target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
-    ir = kernel.asm["ttgir"]
+    kernel = compile_signature(fn, types, consts, div16, warps, stages, arch)
+    ir, ptx = kernel.asm["ttgir"], ptx_summary(kernel.asm["ptx"])
     return {"smem": kernel.metadata.shared, "async_copies": len(re.findall("async_copy_global_to_local", ir)),
-            "wgmma": len(re.findall(r"warp_group_dot ", ir)),
+            "wgmma": ptx["wgmma"], "load_kind": ptx["load_kind"],
             "mma_versions": sorted(set(int(v) for v in re.findall(r"nvidia_mma<\{versionMajor = (\d)", ir)))}
 
 
