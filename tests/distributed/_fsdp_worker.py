@@ -208,6 +208,61 @@ def esft_fsdp_bf16(rank, world, family):
         assert err < 5e-2, f"{family} bf16 grad {n}: relative error {err:.3g}"
 
 
-def esft_all(rank, world, tmp):
+
+
+def df_fsdp(rank, world, compile_backend="aot_eager"):
+    """DFTransformer + training_step (independent per-frame levels) under fully_shard per
+    block + root: loss and gradients equal one process on the global batch; then the sharded
+    model under torch.compile gives the same loss (fastdf's custom ops see local tensors)."""
+    from fastdf.diffusion_forcing import NoiseSchedule, sample_training_levels, training_step
+    from fastdf.models import DFTransformer
+
+    def build():
+        torch.manual_seed(0)
+        model = DFTransformer((2, 4, 4), dim=32, depth=2, num_heads=2, patch_size=2, level_dim=16)
+        with torch.no_grad():  # AdaLN-Zero starts at zero: random weights so every gradient is nonzero
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape) * 0.05)
+        return model
+
+    g = torch.Generator().manual_seed(7)
+    B, F = 2 * world, 3
+    x0 = torch.randn(B, F, 2, 4, 4, generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    sched = NoiseSchedule("cosine", steps=100)
+    levels = sample_training_levels(B, F, sched.steps, "independent", generator=g)
+    assert (levels != levels[:, :1]).any(), "independent levels should differ across frames"
+
+    ref = build()
+    ref_loss = training_step(ref, x0, sched, levels=levels, noise=noise)
+    ref_loss.backward()
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = build()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    rows = slice(rank * 2, rank * 2 + 2)
+    loss = training_step(model, x0[rows], sched, levels=levels[rows], noise=noise[rows])
+    _close(_mean_over_ranks(loss), ref_loss.detach(), "df loss")
+    loss.backward()
+    want = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        assert p.grad is not None, f"df: {n} got no gradient"
+        _close(_full(p.grad), want[n].grad, f"df grad {n}", atol=1e-5)
+        assert want[n].grad.abs().sum() > 0, n
+    if compile_backend:
+        compiled = torch.compile(model, backend=compile_backend)
+        with torch.no_grad():
+            got = training_step(compiled, x0[rows], sched, levels=levels[rows], noise=noise[rows])
+        _close(_mean_over_ranks(got), ref_loss.detach(), "df compiled loss")
+
+
+def all_checks(rank, world, tmp):
+    """Everything test_fsdp.py checks, in one spawned group (start-up dominates)."""
     esft_fsdp(rank, world, tmp, ("deepseek_v2", "qwen2_moe"))
     esft_fsdp_bf16(rank, world, "deepseek_v2")
+    df_fsdp(rank, world)
