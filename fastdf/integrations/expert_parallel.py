@@ -118,6 +118,7 @@ def moe_experts_ep(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_
     Returns ``[T, H]``: what ``moe_experts`` returns on one process holding all experts
     (each token's slots combined in fp32 in slot order). A collective: see the module notes.
     """
+    mine = expert_range(num_experts, group)  # num_experts checked first: it bounds topk_ids
     _checks.tensor("hidden", hidden, ndim=2, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
     topk_ids = _checks.index_tensor("topk_ids", topk_ids, ndim=2, dtypes=(torch.int64, torch.int32), low=0,
                                     high=num_experts)
@@ -125,7 +126,6 @@ def moe_experts_ep(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_
     _checks.shape("topk_ids", topk_ids, (hidden.shape[0], None), what="([T, K] with T = hidden.shape[0])")
     _checks.shape("topk_weights", topk_weights, tuple(topk_ids.shape), what="(the shape of topk_ids)")
     _checks.tensor("gate_up", gate_up, ndim=3)
-    mine = expert_range(num_experts, group)
     if gate_up.shape[0] != len(mine):
         raise ValueError(f"gate_up holds {gate_up.shape[0]} experts; this rank's slice of num_experts={num_experts} "
                          f"over the group is {len(mine)} (ids {mine.start}..{mine.stop - 1})")

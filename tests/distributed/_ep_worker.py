@@ -116,6 +116,7 @@ def check(rank, world, cases=("uniform", "skewed", "empty_rank")):
     start = sum(t[0].shape[0] for t in tokens[:rank])
     _close(out, ref[start:start + h.shape[0]], f"no_grad world={world} rank={rank}")
     dist.barrier()
+    _bad_input(h, i, wt, gate_up[mine.start:mine.stop], down[mine.start:mine.stop])
     if world == 2:  # the HF model check shares this group (start-up is the slow part)
         check_hf(rank, world)
 
@@ -166,3 +167,27 @@ def check_hf(rank, world, family="qwen2_moe"):
     assert n_experts == 2 * ref.config.num_hidden_layers
     with pytest.raises(ValueError, match="already sharded"):
         shard_experts(model)
+
+
+def _bad_input(h, i, wt, gu, dn):
+    """Refused before any exchange, on every rank alike (so no rank is left waiting)."""
+    import pytest
+
+    from fastdf.integrations.expert_parallel import expert_range, local_trainable, moe_experts_ep
+
+    with pytest.raises(ValueError, match="num_experts"):
+        moe_experts_ep(h, i, wt, gu, dn, num_experts=E + 1)
+    with pytest.raises(TypeError, match="num_experts"):
+        moe_experts_ep(h, i, wt, gu, dn, num_experts=float(E))
+    with pytest.raises(ValueError, match="gate_up holds"):
+        moe_experts_ep(h, i, wt, gu[:1], dn[:1], num_experts=E)
+    with pytest.raises(ValueError, match="topk_ids"):
+        moe_experts_ep(h, torch.full_like(i, E), wt, gu, dn, num_experts=E)
+    with pytest.raises(ValueError, match="topk_weights"):
+        moe_experts_ep(h, i, wt[:, :1], gu, dn, num_experts=E)
+    with pytest.raises(ValueError, match="hidden"):
+        moe_experts_ep(h.long(), i, wt, gu, dn, num_experts=E)
+    with pytest.raises(ValueError, match="trainable_ids"):
+        local_trainable(torch.tensor([E]), E)
+    with pytest.raises(ValueError, match="multiple"):
+        expert_range(E + 1)

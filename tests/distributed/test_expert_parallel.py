@@ -18,3 +18,15 @@ def test_expert_parallel_equals_one_process(world):
     with no tokens at all; forward under no_grad too. On 2 ranks also an HF Qwen2-MoE
     sharded by shard_experts: logits and all gradients equal the unsharded model's."""
     run_ranks(_ep_worker.check, world)
+
+
+def test_needs_a_process_group():
+    import torch
+
+    from fastdf.integrations.expert_parallel import moe_experts_ep
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already running in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        moe_experts_ep(torch.zeros(1, 4), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1),
+                       torch.zeros(2, 6, 4), torch.zeros(2, 4, 3), num_experts=2)
