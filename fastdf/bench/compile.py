@@ -225,6 +225,7 @@ class _Capture:
         self.target = GPUTarget("cuda", arch, 32)
         self.only_default = only_default
         self.job = None
+        self.step = None  # which launch of a job (e.g. "fwd down"), set through step()
         self.launches: list[Launch] = []
         self._config = None  # (config dict, default?) while an autotuner compiles a candidate
         self._memo = {}
@@ -246,7 +247,8 @@ class _Capture:
         meta = {k: v for k, v in bound.items() if fn.params[list(bound).index(k)].is_constexpr}
         meta.update(num_warps=options.num_warps, num_stages=options.num_stages)
         config, default = self._config if self._config is not None else (meta, True)
-        launch = Launch(self.job, fn.__name__, {**meta, **config}, default, grid)
+        job = f"{self.job}: {self.step}" if self.step else self.job
+        launch = Launch(job, fn.__name__, {**meta, **config}, default, grid)
         key = (fn, str(signature), str(sorted(constexprs.items())), str(sorted(attrs.items())), str(options))
         if key in self._memo:
             launch.compiled, launch.log, launch.error = self._memo[key]
@@ -279,8 +281,9 @@ class _Capture:
 
         from fastdf.kernels import grouped_mm
 
+        global _ACTIVE
         saved = JITFunction.run, Autotuner.run, grouped_mm.num_sms
-        capture = self
+        capture = _ACTIVE = self
         JITFunction.run = lambda fn, *args, **kwargs: capture.jit_run(fn, args, kwargs)
         Autotuner.run = lambda tuner, *args, **kwargs: capture.tune_run(tuner, args, kwargs)
         grouped_mm.num_sms = lambda device: LIMITS[capture.target.arch]["sms"]
@@ -288,6 +291,16 @@ class _Capture:
             yield
         finally:
             JITFunction.run, Autotuner.run, grouped_mm.num_sms = saved
+            _ACTIVE = None
+
+
+_ACTIVE: _Capture | None = None
+
+
+def step(name: str | None):
+    """Name the launches that follow within the current job (several launches of one kernel)."""
+    if _ACTIVE is not None:
+        _ACTIVE.step = name
 
 
 def compile_signature(jit, signature: dict, constexprs: dict, div16=(), num_warps: int = 4, num_stages: int = 3,
@@ -425,16 +438,25 @@ def _moe_jobs(ci: bool):
             w_dn = _meta(E, H, I).transpose(1, 2)
             h, a, y = _meta(S, 2 * I), _meta(S, I), _meta(S, H)
             # forward: GLU gate/up on gathered rows (storing h for backward), then down
+            step("fwd gate_up+GLU")
             G.gmm(x, w_gu, offs, a, rows=rows, glu_act=0, h=h)
+            step("fwd down")
             G.gmm(a, w_dn, offs, y)
             # backward: dA = dY @ W_down^T, GLU backward, dX = dH @ W_gate_up^T, dW of both
+            step("bwd dA")
             G.gmm(y, _meta(E, H, I), offs, a)
+            step("bwd GLU")
             M.glu_backward(h, a, _meta(S, dtype=torch.float32), 0, torch.empty_like(h), _meta(S, dtype=torch.float32))
+            step("bwd dX")
             G.gmm(h, _meta(E, 2 * I, H), offs, _meta(S, H))
             ids = _meta(E, dtype=torch.int64)
+            step("bwd dW gate_up")
             G.gmm_dw(x, h, offs, ids, _meta(E, H, 2 * I), x_rows=rows)
+            step("bwd dW down")
             G.gmm_dw(a, y, offs, ids, _meta(E, I, H))
+            step("combine")
             M.combine(y, rows, _meta(T, top, dtype=torch.float32), _meta(T, H))
+            step("gather")
             M.gather(x, rows, _meta(S, H))
         jobs.append((f"moe {name}", job))
     return jobs
@@ -527,7 +549,7 @@ def triton_report(arch: int, ci: bool = False, groups=None, sass: bool = True, e
         try:
             for group in groups or JOB_GROUPS:
                 for name, job in JOB_GROUPS[group](ci):
-                    capture.job = name
+                    capture.job, capture.step = name, None
                     start = len(capture.launches)
                     t0 = time.perf_counter()
                     try:

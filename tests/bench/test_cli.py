@@ -28,6 +28,29 @@ def test_quick_run_writes_json_plot_markdown(tmp_path):
     assert any("fastdf_speedup" in r for r in data["results"])
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert "| cascade |" in (tmp_path / "b.md").read_text()
+    # Each case's line is printed as it is measured (before the table), and the run ends by
+    # saying where its files went.
+    lines = out.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("[1/"))
+    assert "cascade | G" in lines[first] and "torch-eager" in lines[first]
+    assert first < next(i for i, line in enumerate(lines) if line.startswith("suite "))
+    assert f"JSON: {tmp_path / 'b.json'}" in lines[-1] and f"plot: {tmp_path / 'b.png'}" in lines[-1]
+
+
+def test_cpu_default_is_the_quick_set(monkeypatch, capsys):
+    """Without a GPU, a plain run takes the quick case set unless --full is given."""
+    from fastdf.bench import cli
+
+    seen = []
+    monkeypatch.setattr(core, "run", lambda names, device, quick, **kw: seen.append(quick) or [])
+    monkeypatch.setattr(core, "environment", lambda device: dict.fromkeys(
+        ("device", "torch", "triton", "cuda", "commit", "fastdf._C"), "x"))
+    for argv, quick in ([], True), (["--full"], False), (["--quick"], True):
+        assert cli.main(["--device", "cpu", "--suite", "cascade", *argv]) == 0
+        assert seen.pop() is quick
+    with pytest.raises(SystemExit):
+        cli.main(["--quick", "--full"])
+    assert "contradict" in capsys.readouterr().err
 
 
 def test_broken_baseline_is_reported_not_fatal():

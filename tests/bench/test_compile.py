@@ -160,3 +160,26 @@ def test_split_grids_fill_whole_waves(report, job, kernel):
     assert rows, f"no {kernel} launch for {job}"
     for row in rows:
         assert _wave_efficiency(row) >= 0.9, f"{_where(row)}: {row['grid_ctas']} CTAs, {row['waves']} waves"
+
+
+def test_report_shows_the_compile_report_beside_timings(tmp_path):
+    """python -m fastdf.bench.report keeps compile reports apart from timing runs and renders
+    the default configs with their spills (synthetic report: no compile needed)."""
+    import json
+
+    from fastdf.bench import report
+
+    env = dict(date="2026-01-01T00:00:00+00:00", target="sm_90a", limits=C.LIMITS[90], triton="3.6.0", nvcc="13.0",
+               commit="abc", note="computed")
+    row = dict(source="triton", job="attention x", kernel="_bwd_dkdv_kernel", default=True, regs=255, spill_stores=8,
+               spill_loads=8, stack=8, smem=1024, wgmma=2, wgmma_shapes=["m64n128k16"], wgmma_wait_depths=[0],
+               load_kind="cp.async", ctas_per_sm=1, waves=1.5, loop_instructions=99,
+               config=dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3))
+    (tmp_path / "compile-sm90a.json").write_text(json.dumps({"environment": env, "kernels": [row]}))
+    (tmp_path / "cpu.json").write_text(json.dumps({"environment": dict(device="CPU: x", date=env["date"], torch="2",
+                                                                       commit="abc"), "results": []}))
+    report.main([str(tmp_path), "-o", str(tmp_path / "B.md")])
+    text = (tmp_path / "B.md").read_text()
+    assert "## CPU: x" in text and "## Compile report: sm_90a" in text
+    assert "| attention x | `_bwd_dkdv_kernel` | BLOCK_M=32,BLOCK_N=128,w4,s3* | 255 | 8/8 | 8 |" in text
+    assert "**BLOCK_M=32,BLOCK_N=128,w4,s3**" in text  # the spilling config in bold
