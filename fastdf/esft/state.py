@@ -280,9 +280,9 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
     then replace the old ones, the weights file last, so a crash at any point leaves a
     complete loadable checkpoint (the old one until the final rename). Inside an
     initialised torch.distributed process group only rank 0 writes; with FSDP2
-    (DTensor) parameters every rank must call it, since the shards are gathered first."""
-    from safetensors.torch import save_file
-
+    (DTensor) parameters every rank must call it, since the shards are gathered first, and
+    then a refusal or a failed write on rank 0 raises on every rank (the same type and
+    message), so no rank runs on alone into its next collective."""
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {type(overwrite).__name__}")
     directory = _directory(directory)
@@ -305,10 +305,46 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
         tensors[f"layers.{index}.expert_ids"] = ids
         tensors[f"layers.{index}.gate_up"] = _host(getattr(experts, hf_experts.ESFT_GATE_UP))
         tensors[f"layers.{index}.down"] = _host(getattr(experts, hf_experts.ESFT_DOWN))
-    if rank != 0:
+    if not sharded:
+        _write(model, directory, tensors, selection)
         return path
-    if sharded:
-        _check_target(directory, overwrite)
+    # Every rank joined the gathers and returns together: rank 0 writes and tells the others
+    # how it went, so a refused target or a failed write raises on every rank (not only on
+    # rank 0 while the others run on into the next collective and wait there).
+    failure = None
+    if rank == 0:
+        try:
+            _check_target(directory, overwrite)
+            _write(model, directory, tensors, selection)
+        except Exception as err:  # re-raised below, after the others have heard of it
+            failure = err
+    failure = _share_outcome(failure, rank)
+    if failure is not None:
+        raise failure
+    return path
+
+
+def _share_outcome(failure, rank):
+    """Rank 0's exception (or None) on every rank of the default group: the same type and
+    message elsewhere, the original object on rank 0."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return failure
+    box = [None if failure is None else (type(failure).__name__, str(failure))]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is None or rank == 0:
+        return failure
+    kind, message = box[0]
+    known = {cls.__name__: cls for cls in (ValueError, TypeError, FileNotFoundError, PermissionError, OSError)}
+    return known.get(kind, RuntimeError)(f"rank 0 could not save the ESFT checkpoint: {message}")
+
+
+def _write(model, directory: Path, tensors, selection) -> None:
+    """Write the checkpoint atomically (see :func:`save`); the target was checked."""
+    from safetensors.torch import save_file
+
+    path = directory / WEIGHTS_FILE
     model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
     meta = {"format": FORMAT, "fastdf": __version__, "selection": json.dumps(selection), "model_type": model_type,
             CHECKSUMS: json.dumps({key: _sha256(t) for key, t in tensors.items()})}
@@ -330,7 +366,6 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
         for tmp in (tmp_weights, tmp_selection):
             if os.path.lexists(tmp):
                 os.unlink(tmp)
-    return path
 
 
 def _read_checkpoint(path: Path, model: nn.Module, layers: dict[int, MoELayer]):

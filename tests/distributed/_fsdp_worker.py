@@ -112,6 +112,13 @@ def esft_fsdp(rank, world, tmp, families):
         assert sorted(p.name for p in (tmp / family / "fsdp").iterdir()) == sorted(
             [esft.state.WEIGHTS_FILE, esft.state.SELECTION_FILE])
 
+        # Rank 0 refuses to overwrite; every rank hears of it and raises (none is left waiting).
+        with pytest.raises(ValueError, match="already holds an ESFT checkpoint"):
+            esft.save(model, tmp / family / "fsdp")
+        assert esft.save(model, tmp / family / "fsdp", overwrite=True) == tmp / family / "fsdp" / "esft_experts.safetensors"
+        dist.barrier()
+        _assert_same_checkpoint(tmp / family / "single", tmp / family / "fsdp")
+
         # Autograd must stop below the lowest trainable layer (1): layer 0's output and the
         # input of layer 1 carry no graph, also with the FSDP hooks in place.
         seen = []
