@@ -116,6 +116,31 @@ def _check_unsharded(model: nn.Module, what: str) -> None:
         raise ValueError(f"model is sharded (parameter {sharded!r} is a DTensor, e.g. after FSDP2 fully_shard): "
                          f"{what} before fully_shard" + (", or on a gathered copy (full state dict)"
                                                          if what == "merge" else ""))
+    if what != "merge":  # merge writes each rank's own experts into its slice
+        # Under expert parallelism the fused weights hold one rank's slice: global expert
+        # ids would pick the wrong rows.
+        ep = next((name for name, m in model.named_modules() if _expert_parallel(m) is not None), None)
+        if ep is not None:
+            raise ValueError(f"model's experts are spread over ranks ({ep!r}, by expert_parallel.shard_experts): "
+                             f"{what} before shard_experts")
+
+
+def _expert_parallel(experts: nn.Module):
+    """(group, num_experts) when shard_experts spread these experts over ranks, else None."""
+    return getattr(experts, hf_experts.EXPERT_PARALLEL, None)
+
+
+def _gather_experts(experts: nn.Module, ids, gate_up, down):
+    """Every rank's trained experts of one layer, sorted by id (a collective on the expert-
+    parallel group: every rank of it must get here, in the same order)."""
+    import torch.distributed as dist
+
+    group, _ = _expert_parallel(experts)
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, (ids, gate_up, down), group=group)
+    ids = torch.cat([p[0] for p in parts])
+    order = torch.argsort(ids)
+    return ids[order], torch.cat([p[1] for p in parts])[order], torch.cat([p[2] for p in parts])[order]
 
 
 def _check_model(model, what) -> dict[int, MoELayer]:
@@ -291,7 +316,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
     if not trained:
         raise ValueError("model carries ESFT state but no experts module has ESFT weights (were they deleted?)")
     rank = _rank()
-    sharded = any(_is_dtensor(getattr(layer.experts, attr)) for layer in trained.values() for attr in _ESFT_ATTRS)
+    sharded = any(_is_dtensor(getattr(layer.experts, attr)) for layer in trained.values() for attr in _ESFT_ATTRS) \
+        or any(_expert_parallel(layer.experts) is not None for layer in trained.values())
     path = directory / WEIGHTS_FILE
     if not sharded:  # refuse before any copy; with shards only after the collectives every rank joins
         if rank != 0:
@@ -301,10 +327,14 @@ def save(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = Fa
     for index in sorted(trained):
         experts = trained[index].experts
         ids = _host(getattr(experts, hf_experts.ESFT_IDS))
+        gate_up = _host(getattr(experts, hf_experts.ESFT_GATE_UP))
+        down = _host(getattr(experts, hf_experts.ESFT_DOWN))
+        if _expert_parallel(experts) is not None:
+            ids, gate_up, down = _gather_experts(experts, ids, gate_up, down)
         selection[str(index)] = ids.tolist()
         tensors[f"layers.{index}.expert_ids"] = ids
-        tensors[f"layers.{index}.gate_up"] = _host(getattr(experts, hf_experts.ESFT_GATE_UP))
-        tensors[f"layers.{index}.down"] = _host(getattr(experts, hf_experts.ESFT_DOWN))
+        tensors[f"layers.{index}.gate_up"] = gate_up
+        tensors[f"layers.{index}.down"] = down
     if not sharded:
         _write(model, directory, tensors, selection)
         return path
@@ -473,7 +503,9 @@ def merge(model: nn.Module) -> nn.Module:
     ESFT state: afterwards ``model`` is a plain HF model again (requires_grad flags and
     experts implementation as before :func:`apply`). Save first if you want the experts
     on their own. Returns ``model``. A sharded (FSDP2) model is refused: merge a gathered
-    copy (e.g. the full state dict loaded into an unsharded model with the same selection)."""
+    copy (e.g. the full state dict loaded into an unsharded model with the same selection).
+    Under expert parallelism (``shard_experts``) each rank writes its own experts into its
+    slice and the model stays on the "fastdf" backend."""
     _require_state(model, "merge")
     _check_unsharded(model, "merge")
     trained = _trained(model)
@@ -489,7 +521,16 @@ def merge(model: nn.Module) -> nn.Module:
         for layer in trained.values():
             experts = layer.experts
             ids = getattr(experts, hf_experts.ESFT_IDS)
+            ep = _expert_parallel(experts)
+            if ep is not None:  # global ids; this rank's fused weights start at its first expert
+                from ..integrations.expert_parallel import expert_range
+
+                ids = ids - expert_range(ep[1], ep[0]).start
             experts.gate_up_proj[ids] = getattr(experts, hf_experts.ESFT_GATE_UP).to(experts.gate_up_proj.dtype)
             experts.down_proj[ids] = getattr(experts, hf_experts.ESFT_DOWN).to(experts.down_proj.dtype)
-    _undo(model, getattr(model, STATE_ATTR), trained.values())
+    state = getattr(model, STATE_ATTR)
+    if any(_expert_parallel(layer.experts) is not None for layer in trained.values()):
+        # Spread experts run only through the fastdf backend: keep it.
+        state = {**state, "experts_implementation": None}
+    _undo(model, state, trained.values())
     return model

@@ -167,9 +167,17 @@ def shard_experts(model: torch.nn.Module, group=None) -> torch.nn.Module:
     replicated: routers, attention, shared experts). Every rank calls it on the same model
     with the same weights, and then runs every forward/backward (a collective).
 
-    Call before wrapping the model (DDP/FSDP; the non-expert parameters then need the usual
-    data-parallel gradient averaging, the expert slices already hold their full gradient)
-    and not on a model carrying ESFT state (not supported yet). Returns ``model``."""
+    Gradients: an expert slice receives every rank's tokens, so its gradient is already the
+    sum over the ranks' losses; the replicated parameters need the usual data-parallel
+    reduction (DDP, which averages: divide the expert gradients by the world size, or the
+    loss, to match). Call before wrapping the model.
+
+    ESFT (:func:`fastdf.esft.apply` or ``load`` first, then this): each rank keeps the trained
+    experts of its slice only (``esft_ids`` then lists those, in global ids). Every other
+    parameter is frozen, so no data-parallel wrapper is needed at all; ``esft.save`` gathers
+    the experts from every rank (every rank calls it) and ``esft.merge`` writes each rank's
+    own into its slice. Returns ``model``.
+    """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module (an HF MoE model), got {type(model).__name__}")
     if not hasattr(model, "set_experts_implementation"):
@@ -182,9 +190,6 @@ def shard_experts(model: torch.nn.Module, group=None) -> torch.nn.Module:
     for name, experts in found:
         if getattr(experts, hf_experts.EXPERT_PARALLEL, None) is not None:
             raise ValueError(f"{name} is already sharded over the ranks (shard_experts ran twice?)")
-        if hasattr(experts, hf_experts.ESFT_IDS):
-            raise ValueError(f"{name} carries ESFT state: expert parallelism with ESFT's compact weights is not "
-                             "supported by shard_experts yet (use moe_experts_ep with local_trainable directly)")
         hf_experts._check_layout(experts)
         expert_range(experts.gate_up_proj.shape[0], group)  # divisibility, before anything changes
     previous = getattr(model.config, "_experts_implementation", None)
@@ -199,5 +204,13 @@ def shard_experts(model: torch.nn.Module, group=None) -> torch.nn.Module:
             full = getattr(experts, attr)
             setattr(experts, attr, torch.nn.Parameter(full.detach()[mine.start:mine.stop].clone(),
                                                       requires_grad=full.requires_grad))
+        if hasattr(experts, hf_experts.ESFT_IDS):
+            ids = getattr(experts, hf_experts.ESFT_IDS)
+            keep = ((ids >= mine.start) & (ids < mine.stop)).nonzero().reshape(-1)
+            experts.register_buffer(hf_experts.ESFT_IDS, ids[keep].clone())
+            for attr in (hf_experts.ESFT_GATE_UP, hf_experts.ESFT_DOWN):
+                compact = getattr(experts, attr)
+                setattr(experts, attr, torch.nn.Parameter(compact.detach()[keep].clone(),
+                                                          requires_grad=compact.requires_grad))
         setattr(experts, hf_experts.EXPERT_PARALLEL, (group, E))
     return model

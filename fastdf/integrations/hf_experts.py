@@ -72,11 +72,15 @@ def fastdf_experts_forward(self: nn.Module, hidden_states, top_k_index, top_k_we
     ids = getattr(self, ESFT_IDS, None)
     ep = getattr(self, EXPERT_PARALLEL, None)
     if ep is not None:
-        from .expert_parallel import moe_experts_ep
+        from .expert_parallel import expert_range, moe_experts_ep
 
         group, num_experts = ep
+        # esft_ids are global ids; the compact weights hold this rank's experts only.
+        local = ids - expert_range(num_experts, group).start if ids is not None else None
         return moe_experts_ep(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj,
-                              num_experts=num_experts, group=group, act=experts_act(self))
+                              num_experts=num_experts, group=group, act=experts_act(self), trainable_ids=local,
+                              trainable_gate_up=getattr(self, ESFT_GATE_UP) if ids is not None else None,
+                              trainable_down=getattr(self, ESFT_DOWN) if ids is not None else None)
     return moe_experts(
         hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj, act=experts_act(self),
         trainable_ids=ids,

@@ -36,7 +36,7 @@ def _close(got, want, name):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def check(rank, world, cases=("uniform", "skewed", "empty_rank")):
+def check(rank, world, tmp, cases=("uniform", "skewed", "empty_rank")):
     import fastdf
     from fastdf.integrations.expert_parallel import expert_range, local_trainable, moe_experts_ep
 
@@ -119,6 +119,7 @@ def check(rank, world, cases=("uniform", "skewed", "empty_rank")):
     _bad_input(h, i, wt, gate_up[mine.start:mine.stop], down[mine.start:mine.stop])
     if world == 2:  # the HF model check shares this group (start-up is the slow part)
         check_hf(rank, world)
+        check_hf_esft(rank, world, tmp)
 
 
 def check_hf(rank, world, family="qwen2_moe"):
@@ -191,3 +192,68 @@ def _bad_input(h, i, wt, gu, dn):
         local_trainable(torch.tensor([E]), E)
     with pytest.raises(ValueError, match="multiple"):
         expert_range(E + 1)
+
+
+def check_hf_esft(rank, world, tmp, family="qwen2_moe"):
+    """ESFT with expert parallelism (apply, then shard_experts): the compact experts each
+    rank keeps get the gradients one process gives them (summed over the ranks' losses),
+    esft.save gathers every rank's experts into the checkpoint one process writes, and
+    esft.merge writes each rank's experts into its slice."""
+    from pathlib import Path
+
+    import pytest
+
+    import fastdf.integrations.hf_experts as hfe
+    from fastdf import esft
+    from fastdf.integrations.expert_parallel import expert_range, shard_experts
+    from tests.distributed._fsdp_worker import _assert_same_checkpoint
+    from tests.hf_tiny import batch, tiny_model
+
+    tmp = Path(tmp)
+    sel = {1: [2], 2: [0, 4]}  # layer 1: only rank 0 trains an expert there
+    glob = batch(lengths=(9, 6, 8, 7), seed=4)
+    labels = glob["input_ids"].masked_fill(glob["attention_mask"] == 0, -100)
+    per = glob["input_ids"].shape[0] // world
+
+    def loss_of(model, r):
+        rows = slice(r * per, (r + 1) * per)
+        return model(input_ids=glob["input_ids"][rows], attention_mask=glob["attention_mask"][rows],
+                     labels=labels[rows]).loss
+
+    ref = esft.apply(tiny_model(family), sel)
+    sum(loss_of(ref, r) for r in range(world)).backward()
+    esft.save(ref, tmp / "single")  # plain model in a group: rank 0 writes
+
+    model = shard_experts(esft.apply(tiny_model(family), sel))
+    with pytest.raises(ValueError, match="shard_experts"):
+        esft.apply(shard_experts(tiny_model(family)), sel)
+    esft.save(model, tmp / "ep")  # every rank's experts gathered
+    dist.barrier()
+    _assert_same_checkpoint(tmp / "single", tmp / "ep")
+
+    loss_of(model, rank).backward()
+    ref_layers, layers = ref.model.layers, model.model.layers
+    for i in sel:
+        ex, rex = layers[i].mlp.experts, ref_layers[i].mlp.experts
+        mine = expert_range(rex.gate_up_proj.shape[0])
+        keep = [j for j, e in enumerate(rex.esft_ids.tolist()) if e in mine]
+        assert ex.esft_ids.tolist() == [rex.esft_ids[j].item() for j in keep], (i, ex.esft_ids)
+        for attr in (hfe.ESFT_GATE_UP, hfe.ESFT_DOWN):
+            got, want = getattr(ex, attr), getattr(rex, attr)
+            _close(got.grad, want.grad[keep], f"esft ep grad layer {i} {attr} rank={rank}")
+        assert ex.gate_up_proj.grad is None and ex.down_proj.grad is None
+    assert all(p.grad is None for n, p in model.named_parameters() if ".esft_" not in n)
+
+    with torch.no_grad():  # one SGD step on both, then merge: the slices agree
+        for m in (ref, model):
+            for p in m.parameters():
+                if p.grad is not None:
+                    p -= 0.5 * p.grad
+    esft.merge(ref)
+    esft.merge(model)
+    assert model.config._experts_implementation == "fastdf"
+    want = dict(ref.named_parameters())
+    for n, p in model.named_parameters():
+        if n.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            mine = expert_range(want[n].shape[0])
+            _close(p.detach(), want[n].detach()[mine.start:mine.stop], f"esft ep merged {n} rank={rank}")

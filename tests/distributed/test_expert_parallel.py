@@ -11,13 +11,16 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="needs torch.dis
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_expert_parallel_equals_one_process(world):
+def test_expert_parallel_equals_one_process(world, tmp_path):
     """Output, token/routing-weight gradients and expert weight gradients (all experts, or an
     ESFT subset some ranks hold none of) equal one process, for uniform routing, routing that
     sends every token to the first rank's experts (the other ranks receive none) and a rank
     with no tokens at all; forward under no_grad too. On 2 ranks also an HF Qwen2-MoE
-    sharded by shard_experts: logits and all gradients equal the unsharded model's."""
-    run_ranks(_ep_worker.check, world)
+    sharded by shard_experts: logits and all gradients equal the unsharded model's; and ESFT
+    on top (apply, then shard_experts): the experts each rank keeps get one process's
+    gradients, esft.save gathers them into one process's checkpoint, esft.merge fills each
+    rank's slice."""
+    run_ranks(_ep_worker.check, world, str(tmp_path))
 
 
 def test_needs_a_process_group():
