@@ -67,11 +67,15 @@ def compile_markdown(data: dict) -> str:
     kernels = {}
     for r in data["kernels"]:
         if r["source"] == "triton" and "error" not in r:
-            kernels.setdefault(r["kernel"], set()).add((_config_text(r).rstrip("*"), bool(r["spill_stores"])))
+            seen = kernels.setdefault(r["kernel"], {}).setdefault(_config_text(r).rstrip("*"), [0, 0, 0])
+            seen[0] += 1
+            seen[1] += bool(r["spill_stores"] or r["spill_loads"])
+            seen[2] = max(seen[2], r["spill_stores"])
     out += ["", "Every compiled config per Triton kernel (autotune candidates included; * above marks the "
-                "default): spilling ones in bold.", ""]
+                "default): in bold where it spills, with the launches that spill and the largest spill.", ""]
     for name, configs in sorted(kernels.items()):
-        listed = ", ".join(f"**{c}**" if spills else c for c, spills in sorted(configs))
+        listed = ", ".join(f"**{c}** (spills in {k}/{n}, up to {worst} B)" if k else c
+                           for c, (n, k, worst) in sorted(configs.items()))
         out.append(f"- `{name}`: {listed}")
     return "\n".join(out)
 

@@ -182,4 +182,4 @@ def test_report_shows_the_compile_report_beside_timings(tmp_path):
     text = (tmp_path / "B.md").read_text()
     assert "## CPU: x" in text and "## Compile report: sm_90a" in text
     assert "| attention x | `_bwd_dkdv_kernel` | BLOCK_M=32,BLOCK_N=128,w4,s3* | 255 | 8/8 | 8 |" in text
-    assert "**BLOCK_M=32,BLOCK_N=128,w4,s3**" in text  # the spilling config in bold
+    assert "**BLOCK_M=32,BLOCK_N=128,w4,s3** (spills in 1/1, up to 8 B)" in text  # the spilling config in bold
