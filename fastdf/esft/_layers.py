@@ -7,6 +7,8 @@ import re
 
 from torch import nn
 
+from ..integrations import hf_experts
+
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -19,7 +21,10 @@ class MoELayer:
 
     @property
     def num_experts(self) -> int:
-        return self.experts.gate_up_proj.shape[0]
+        """Routed experts of the layer, over all ranks when expert-parallel (the router
+        scores all of them; this rank's fused weights hold its slice only)."""
+        ep = getattr(self.experts, hf_experts.EXPERT_PARALLEL, None)
+        return ep[1] if ep is not None else self.experts.gate_up_proj.shape[0]
 
 
 def _is_experts(module: nn.Module) -> bool:

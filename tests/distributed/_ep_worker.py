@@ -220,6 +220,15 @@ def check_hf_esft(rank, world, tmp, family="qwen2_moe"):
         return model(input_ids=glob["input_ids"][rows], attention_mask=glob["attention_mask"][rows],
                      labels=labels[rows]).loss
 
+    # Routing statistics on a spread model: the router still scores every expert.
+    rows = slice(rank * per, (rank + 1) * per)
+    mine_batch = [{"input_ids": glob["input_ids"][rows], "attention_mask": glob["attention_mask"][rows]}]
+    want_stats = esft.collect_routing_stats(tiny_model(family), mine_batch, progress=False)
+    got_stats = esft.collect_routing_stats(shard_experts(tiny_model(family)), mine_batch, progress=False)
+    assert got_stats.layers == want_stats.layers and got_stats.num_tokens == want_stats.num_tokens
+    _close(got_stats.gate_scores, want_stats.gate_scores, "routing stats gate scores")
+    _close(got_stats.token_ratios, want_stats.token_ratios, "routing stats token ratios")
+
     ref = esft.apply(tiny_model(family), sel)
     sum(loss_of(ref, r) for r in range(world)).backward()
     esft.save(ref, tmp / "single")  # plain model in a group: rank 0 writes
