@@ -84,14 +84,16 @@ def _query_bounds(p, Tk, FS, W, HAS_WINDOW: tl.constexpr):
 
 
 @triton.jit
-def _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KS, b, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                HAS_KS: tl.constexpr):
-    """Loop bounds for query positions [p_first, p_last] of batch row b (key start KS[b]):
-    (s_lo, s_full, s_hi, lo, full_lo, mid, hi). Unmasked tiles: [s_lo, s_full) and
-    [full_lo, mid); masked: [s_full, s_hi), [lo, full_lo) and [mid, hi)."""
+def _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KB, b, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                HAS_KPM: tl.constexpr):
+    """Loop bounds for query positions [p_first, p_last] of batch row b (with a key padding
+    mask, KB[b] = (first real key, last real key + 1)): (s_lo, s_full, s_hi, lo, full_lo,
+    mid, hi). "Unmasked" tiles ([s_lo, s_full) and [full_lo, mid)) need no position mask
+    (they may still hold padding keys: see _kpm_tile); masked: [s_full, s_hi),
+    [lo, full_lo) and [mid, hi)."""
     ks = 0
-    if HAS_KS:
-        ks = tl.load(KS + b)
+    if HAS_KPM:
+        ks = tl.load(KB + 2 * b)
     f_first = p_first // FS
     f_last = p_last // FS
     hi = tl.minimum((f_last + 1) * FS, Tk)
@@ -104,11 +106,17 @@ def _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KS, b, BLOCK_N: tl.constex
         lo = p_first * 0
         full_lo = lo
         s_hi = lo
-    # keys before ks (left padding) do not exist for this batch row: every range starts at ks or later
+    if HAS_KPM:
+        # Keys outside [ks, ke) are padding for this batch row: no range reaches them, so
+        # left and right padding cost nothing; holes inside are handled tile by tile.
+        ke = tl.load(KB + 2 * b + 1)
+        hi = tl.minimum(hi, ke)
+        s_hi = tl.minimum(s_hi, ke)
     s_lo = tl.minimum(ks, s_hi)
     lo = tl.maximum(lo, ks)
+    hi = tl.maximum(hi, lo)
     full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.maximum(full_hi, full_lo)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
     s_full = s_lo + (s_hi - s_lo) // BLOCK_N * BLOCK_N
     mid = full_lo + (full_hi - full_lo) // BLOCK_N * BLOCK_N
     return s_lo, s_full, s_hi, lo, full_lo, mid, hi
@@ -132,9 +140,20 @@ def _finite(x):
 
 
 @triton.jit
-def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end, ce, lo, SINK_END, qk_scale, bias,
-               offs_n, offs_d, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+def _kpm_tile(kpm_base, smt, j, jin):
+    """Key validity of one key tile, loaded once per tile: (valid [BLOCK_N], mixed), mixed a
+    scalar, True when some key of the tile is padding. Tiles of real keys only (the common
+    case) then take exactly the unmasked path; only mixed tiles pay a per-element select."""
+    kv = tl.load(kpm_base + j * smt, mask=jin, other=0) != 0
+    mixed = tl.min(kv.to(tl.int32), 0) == 0
+    return kv, mixed
+
+
+@triton.jit
+def _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, start, end, ce, lo, SINK_END,
+               qk_scale, bias, offs_n, offs_d, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+               STAGES: tl.constexpr):
     """Online softmax over keys [start, end). m_i is the running max of the log2-domain
     scores (-inf before the first visible key); probabilities are exp2(s - m - bias), so
     l_i <= 1 and acc stays within max|v| (bias, an int: ceil(log2(key count)), 0 for fp16)."""
@@ -143,11 +162,18 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end,
         jin = j < end
         k = _load_rows(k_base + j[:, None] * skt + offs_d[None, :] * skd, jin, offs_d, D, EVEN_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if HAS_KPM:
+            kv, mixed = _kpm_tile(kpm_base, smt, j, jin)
         if MASKED:
             vis = jin[None, :] & _visible(j[None, :], ce[:, None], lo[:, None], SINK_END, HAS_WINDOW)
+            if HAS_KPM:
+                vis = vis & kv[None, :]
             s = tl.where(vis, s * qk_scale, float("-inf"))
         else:
             s = s * qk_scale
+            if HAS_KPM:
+                if mixed:
+                    s = tl.where(kv[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with no visible key yet keeps m = -inf; subtracting 0 instead gives p = 0, not NaN.
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -165,17 +191,25 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, start, end,
             bad = tl.max(tl.where(fin, 0, 1), 1)
             hit = tl.max(tl.where(vis, bad[None, :], 0), 1)
             acc = tl.where((hit > 0)[:, None], float("nan"), acc)
+        elif HAS_KPM:
+            if mixed:
+                # the same for padding keys inside a position-unmasked tile (every row sees the rest)
+                fin = _finite(v)
+                v = tl.where(fin, v, 0.0)
+                bad = tl.max(tl.where(fin, 0, 1), 1)
+                hit = tl.max(tl.where(kv, bad, 0), 0)
+                acc = tl.where(hit > 0, float("nan"), acc)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit(do_not_specialize=["Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END", "bias", "tune_rows", "tune_fs"])
-def _fwd_kernel(Q, K, V, O, LSE, KS,
-                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
+def _fwd_kernel(Q, K, V, O, LSE, KPM, KB,
+                sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt, smb, smt,
                 Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, bias, tune_rows, tune_fs,
                 D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+                HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     rows = G * Tq
     pid_m, b, hk, _ = _query_block(rows, Hkv, BLOCK_M)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -188,27 +222,33 @@ def _fwd_kernel(Q, K, V, O, LSE, KS,
     q = _load_rows(Q + b * sqb + (h * sqh + i * sqt)[:, None] + offs_d[None, :] * sqd, rmask, offs_d, D, EVEN_D, True)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
+    kpm_base = KPM + b * smb
 
     p_first = Tk - Tq + tl.min(tl.where(rmask, i, Tq), 0)
     p_last = Tk - Tq + tl.max(tl.where(rmask, i, 0), 0)
     ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
-    s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KS, b, BLOCK_N,
-                                                               HAS_WINDOW, HAS_KS)
+    s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KB, b, BLOCK_N,
+                                                               HAS_WINDOW, HAS_KPM)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_WINDOW:
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, s_lo, s_full, ce, lo, SINK_END,
-                                   qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, s_full, s_hi, ce, lo, SINK_END,
-                                   qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, k_lo, full_lo, ce, lo, SINK_END,
-                                   qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, full_lo, mid, ce, lo, SINK_END,
-                               qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, skt, skd, svt, svd, mid, k_hi, ce, lo, SINK_END,
-                               qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, s_lo,
+                                   s_full, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+                                   False, HAS_WINDOW, HAS_KPM, PREC, STAGES)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, s_full,
+                                   s_hi, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+                                   True, HAS_WINDOW, HAS_KPM, PREC, STAGES)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, k_lo,
+                                   full_lo, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+                                   True, HAS_WINDOW, HAS_KPM, PREC, STAGES)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, full_lo,
+                                   mid, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+                                   False, HAS_WINDOW, HAS_KPM, PREC, STAGES)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, mid,
+                                   k_hi, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+                                   True, HAS_WINDOW, HAS_KPM, PREC, STAGES)
 
     # Rows that see no key (left padding; tile padding) give 0 and lse = -inf.
     empty = l_i == 0
@@ -240,23 +280,24 @@ def _short_offsets(R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW: tl.constexpr,
-                HAS_KS: tl.constexpr):
+def _short_mask(KPM, smb, smt, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW: tl.constexpr,
+                HAS_KPM: tl.constexpr):
     ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
     vis = _visible(j[None, :], ce[:, None], lo[:, None], SINK_END, HAS_WINDOW) & rmask[:, None]
     vis = vis[None, :, :] & smask[:, None, None]
-    if HAS_KS:
-        ks = tl.load(KS + b, mask=smask, other=0)
-        vis = vis & (j[None, None, :] >= ks[:, None, None])
+    if HAS_KPM:
+        kv = tl.load(KPM + b[:, None] * smb + j[None, :] * smt, mask=smask[:, None] & (j < Tk)[None, :], other=0)
+        vis = vis & (kv != 0)[:, None, :]
     return vis
 
 
 @triton.jit(do_not_specialize=["BHkv", "Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END", "bias"])
-def _fwd_short_kernel(Q, K, V, O, LSE, KS,
+def _fwd_short_kernel(Q, K, V, O, LSE, KPM,
                       sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt,
+                      smb, smt,
                       BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, bias,
                       D, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      R: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr):
+                      R: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr):
     smask, b, hk, rmask, i, h, j, d = _short_offsets(R, BLOCK_M, BLOCK_N, BLOCK_D, BHkv, Hkv, G, Tq, Tk)
     dmask = (d < D)[None, None, :]
     qmask = smask[:, None, None] & rmask[None, :, None] & dmask
@@ -268,7 +309,7 @@ def _fwd_short_kernel(Q, K, V, O, LSE, KS,
     v = tl.load(V + (b * svb + hk * svh)[:, None, None] + j[None, :, None] * svt + d[None, None, :] * svd,
                 mask=kmask, other=0.0)
     s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC)
-    vis = _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW, HAS_KS)
+    vis = _short_mask(KPM, smb, smt, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW, HAS_KPM)
     s = tl.where(vis, s * qk_scale, float("-inf"))
     m = tl.max(s, 2)
     m = tl.where(m == float("-inf"), 0.0, m) + bias  # rows without keys: p = exp2(-inf) = 0, not NaN
@@ -314,8 +355,8 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, sob, soh, sot, sod, sgb, sgh, sgt
 
 @triton.jit
 def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, start, end, j, Tq, Tk,
-                FS, W, SINK_END, ks, qk_scale, offs_m, offs_d, D, EVEN_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr,
+                FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D, EVEN_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
                 PREC: tl.constexpr, STAGES: tl.constexpr):
     for m0 in tl.range(start, end, BLOCK_M, num_stages=STAGES):
         i = m0 + offs_m
@@ -335,8 +376,8 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, s
         if MASKED:
             ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
             vis = iin[None, :] & _visible(j[:, None], ce[None, :], lo[None, :], SINK_END, HAS_WINDOW)
-            if HAS_KS:
-                vis = vis & (j[:, None] >= ks)
+            if HAS_KPM:
+                vis = vis & kv[:, None]
             # Edge tiles: queries that cannot see a key (and whatever non-finite q, dO,
             # lse or delta they carry) must not reach its gradient; 0 * NaN would.
             p_t = tl.where(vis, p_t, 0.0)
@@ -353,12 +394,13 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, s
 
 @triton.jit(do_not_specialize=["Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END", "SINK_FRAMES", "tune_rows",
                                "tune_fs"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KS, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
                      sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sgb, sgh, sgt, sgd, slb, slh, slt,
+                     smb, smt,
                      sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
                      Hkv, G, Tq, Tk, FS, W, SINK_END, SINK_FRAMES, qk_scale, scale, tune_rows, tune_fs,
                      D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+                     HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     n_n = tl.cdiv(Tk, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % n_n
@@ -385,13 +427,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KS, DK, DV,
     if HAS_WINDOW:
         q_hi = tl.where(j_first < SINK_END, q_hi, tl.minimum((fj_last + W) * FS - off, Tq))
         qf_hi = tl.where(j_last < SINK_END, qf_hi, tl.minimum((tl.maximum(fj_first, SINK_FRAMES) + W) * FS - off, Tq))
-    ks = 0
-    if HAS_KS:
-        ks = tl.load(KS + b)
-    if HAS_KS:
-        # Padding keys are seen by nobody; a block straddling the key start is masked throughout.
-        q_hi = tl.where(j_last < ks, q_lo, q_hi)
-        qf_hi = tl.where(j_first < ks, qf_lo * 0, qf_hi)
+    kv = jmask
+    if HAS_KPM:
+        # Padding keys are seen by nobody: validity is read once for this key block; a block
+        # of padding only is skipped, one mixing padding and real keys is masked throughout.
+        kv = tl.load(KPM + b * smb + j * smt, mask=jmask, other=0) != 0
+        n_real = tl.sum(kv.to(tl.int32), 0)
+        q_hi = tl.where(n_real == 0, q_lo, q_hi)
+        qf_hi = tl.where(n_real < tl.sum(jmask.to(tl.int32), 0), qf_lo * 0, qf_hi)
     q_hi = tl.maximum(q_hi, q_lo)
     qf_lo = tl.minimum(tl.maximum(qf_lo, q_lo), q_hi)
     qf_hi = tl.maximum(tl.minimum(qf_hi, q_hi), qf_lo)
@@ -406,13 +449,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KS, DK, DV,
         lse_base = LSE + b * slb + h * slh
         delta_base = DELTA + (b * Hkv * G + h) * Tq
         dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, q_lo, qf_lo, j, Tq, Tk,
-                             FS, W, SINK_END, ks, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, HAS_KS, PREC,
+                             FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, HAS_KPM, PREC,
                              STAGES)
         dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, qf_lo, mid, j, Tq, Tk,
-                             FS, W, SINK_END, ks, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, False, HAS_WINDOW, HAS_KS, PREC,
+                             FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, False, HAS_WINDOW, HAS_KPM, PREC,
                              STAGES)
         dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, mid, q_hi, j, Tq, Tk,
-                             FS, W, SINK_END, ks, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, HAS_KS, PREC,
+                             FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, HAS_KPM, PREC,
                              STAGES)
     smask = jmask[:, None] & (offs_d < D)[None, :]
     tl.store(DK + b * sdkb + hk * sdkh + j[:, None] * sdkt + offs_d[None, :] * sdkd, (dk * scale).to(DK.dtype.element_ty),
@@ -422,9 +465,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KS, DK, DV,
 
 
 @triton.jit
-def _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, start, end, ce, lo, SINK_END, qk_scale,
-              offs_n, offs_d, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+def _dq_range(dq, q, do, lse2, delta, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, start, end, ce, lo, SINK_END,
+              qk_scale, offs_n, offs_d, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         j = n0 + offs_n
         jin = j < end
@@ -438,19 +481,28 @@ def _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, start,
             # Edge tiles: a non-finite key or value a row cannot see must not reach its dq
             # (a visible one already makes p or dp, hence ds, NaN).
             vis = jin[None, :] & _visible(j[None, :], ce[:, None], lo[:, None], SINK_END, HAS_WINDOW)
+            if HAS_KPM:
+                kv, mixed = _kpm_tile(kpm_base, smt, j, jin)
+                vis = vis & kv[None, :]
             ds = tl.where(vis, ds, 0.0)
             k = tl.where(_finite(k), k, 0.0)
+        elif HAS_KPM:
+            kv, mixed = _kpm_tile(kpm_base, smt, j, jin)
+            if mixed:
+                ds = tl.where(kv[None, :], ds, 0.0)
+                k = tl.where(_finite(k), k, 0.0)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
     return dq
 
 
 @triton.jit(do_not_specialize=["Hq", "G", "Tq", "Tk", "FS", "W", "SINK_END", "tune_rows", "tune_fs"])
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KS, DQ,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, KB, DQ,
                    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sgb, sgh, sgt, sgd, slb, slh, slt,
+                   smb, smt,
                    sdqb, sdqh, sdqt, sdqd,
                    Hq, G, Tq, Tk, FS, W, SINK_END, qk_scale, scale, tune_rows, tune_fs,
                    D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+                   HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
     pid_m, b, h, bh = _query_block(Tq, Hq, BLOCK_M)
     hk = h // G
     i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -463,37 +515,43 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KS, DQ,
     delta = tl.load(DELTA + bh.to(tl.int64) * Tq + i, mask=imask, other=0.0)
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
+    kpm_base = KPM + b * smb
 
     p_first = Tk - Tq + pid_m * BLOCK_M
     p_last = Tk - Tq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
     ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
-    s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KS, b, BLOCK_N,
-                                                               HAS_WINDOW, HAS_KS)
+    s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KB, b, BLOCK_N,
+                                                               HAS_WINDOW, HAS_KPM)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_WINDOW:
-        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, s_lo, s_full, ce, lo, SINK_END, qk_scale,
-                       offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
-        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, s_full, s_hi, ce, lo, SINK_END, qk_scale,
-                       offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
-        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, k_lo, full_lo, ce, lo, SINK_END, qk_scale,
-                       offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, full_lo, mid, ce, lo, SINK_END, qk_scale,
-                   offs_n, offs_d, D, EVEN_D, BLOCK_N, False, HAS_WINDOW, PREC, STAGES)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, skt, skd, svt, svd, mid, k_hi, ce, lo, SINK_END, qk_scale,
-                   offs_n, offs_d, D, EVEN_D, BLOCK_N, True, HAS_WINDOW, PREC, STAGES)
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, s_lo,
+                       s_full, ce, lo, SINK_END, qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, False,
+                       HAS_WINDOW, HAS_KPM, PREC, STAGES)
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, s_full,
+                       s_hi, ce, lo, SINK_END, qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True,
+                       HAS_WINDOW, HAS_KPM, PREC, STAGES)
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, k_lo,
+                       full_lo, ce, lo, SINK_END, qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True,
+                       HAS_WINDOW, HAS_KPM, PREC, STAGES)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, full_lo,
+                       mid, ce, lo, SINK_END, qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, False,
+                       HAS_WINDOW, HAS_KPM, PREC, STAGES)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, mid,
+                       k_hi, ce, lo, SINK_END, qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True,
+                       HAS_WINDOW, HAS_KPM, PREC, STAGES)
     tl.store(DQ + b * sdqb + h * sdqh + i[:, None] * sdqt + offs_d[None, :] * sdqd, (dq * scale).to(DQ.dtype.element_ty),
              mask=imask[:, None] & (offs_d < D)[None, :])
 
 
 @triton.jit(do_not_specialize=["BHkv", "Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END"])
-def _bwd_short_kernel(Q, K, V, O, DO, LSE, DLSE, KS, DQ, DK, DV,
+def _bwd_short_kernel(Q, K, V, O, DO, LSE, DLSE, KPM, DQ, DK, DV,
                       sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod,
-                      sgb, sgh, sgt, sgd, slb, slh, slt, sdb, sdh, sdt,
+                      sgb, sgh, sgt, sgd, slb, slh, slt, sdb, sdh, sdt, smb, smt,
                       sdqb, sdqh, sdqt, sdqd, sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
                       BHkv, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, scale,
                       D, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      R: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KS: tl.constexpr, HAS_DLSE: tl.constexpr,
+                      R: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, HAS_DLSE: tl.constexpr,
                       PREC: tl.constexpr):
     smask, b, hk, rmask, i, h, j, d = _short_offsets(R, BLOCK_M, BLOCK_N, BLOCK_D, BHkv, Hkv, G, Tq, Tk)
     dmask = (d < D)[None, None, :]
@@ -516,7 +574,7 @@ def _bwd_short_kernel(Q, K, V, O, DO, LSE, DLSE, KS, DQ, DK, DV,
         delta -= tl.load(DLSE + rb * sdb + h * sdh + ri * sdt, mask=lmask, other=0.0)
 
     s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * qk_scale
-    vis = _short_mask(KS, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW, HAS_KS)
+    vis = _short_mask(KPM, smb, smt, b, smask, rmask, i, j, Tq, Tk, FS, W, SINK_END, HAS_WINDOW, HAS_KPM)
     p = tl.where(vis, tl.math.exp2(s - lse2[:, :, None]), 0.0)
     # As in the tiled kernels: non-finite data on one side of an invisible pair stays there.
     fin_do = _finite(do)
@@ -569,7 +627,7 @@ def _configs(kernel, block_d, wide):
     return [_cfg(*c) for c in table[tier]]
 
 
-_TUNE_KEY = ["BLOCK_D", "HAS_WINDOW", "HAS_KS", "PREC", "tune_rows", "tune_fs"]
+_TUNE_KEY = ["BLOCK_D", "HAS_WINDOW", "HAS_KPM", "PREC", "tune_rows", "tune_fs"]
 _TUNED = {}
 
 
@@ -628,26 +686,45 @@ def _use_short(G, Tq, Tk, block_d):
     return Tk <= SHORT_MAX and G * Tq <= SHORT_MAX and block_d <= 128
 
 
-def attention_forward(q, k, v, out, lse, mask, scale, key_start=None):
+def _key_padding(key_padding_mask, Tk, with_bounds):
+    """(has_kpm, mask as uint8 (a view, any strides), its 2 strides, [B, 2] int32 bounds
+    (first real key, last real key + 1; (Tk, 0) for a row without any) or None)."""
+    import torch
+
+    if key_padding_mask is None:
+        return False, None, [0, 0], None
+    kpm = key_padding_mask.view(torch.uint8)
+    bounds = None
+    if with_bounds:
+        pos = torch.arange(Tk, device=kpm.device, dtype=torch.int32)
+        first = torch.where(key_padding_mask, pos, Tk).amin(-1)
+        last = torch.where(key_padding_mask, pos + 1, 0).amax(-1)
+        bounds = torch.stack([first, last], -1).to(torch.int32).contiguous()
+    return True, kpm, list(kpm.stride()), bounds
+
+
+def attention_forward(q, k, v, out, lse, mask, scale, key_padding_mask=None):
     """out, lse <- attention of q over k, v; ``mask = (frame_size, window or None, sink_end)``
-    in kernel terms (see fastdf.ops.attention._mask_args); ``key_start`` int32 [B] or None."""
+    in kernel terms (see fastdf.ops.attention._mask_args); ``key_padding_mask`` bool
+    [B, Tk] (True = real key, any strides) or None."""
     B, Hq, Hkv, G, Tq, Tk, D, block_d, fs, window, sink_end, prec = _common(q, k, mask)
     qk_scale = scale * _LOG2E
     bias = _prob_bias(q.dtype, Tk)
     strides = [*_strides(q), *_strides(k), *_strides(v), *_strides(out), *_strides(lse, 3)]
     has_window = window is not None
-    has_ks = key_start is not None
-    ks = key_start if has_ks else lse
-    if _use_short(G, Tq, Tk, block_d):
+    short = _use_short(G, Tq, Tk, block_d)
+    has_kpm, kpm, sm, bounds = _key_padding(key_padding_mask, Tk, not short)
+    if short:
         bm, bn, r = _short_meta(G, Tq, Tk, block_d)
         _fwd_short_kernel[(triton.cdiv(B * Hkv, r),)](
-            q, k, v, out, lse, ks, *strides, B * Hkv, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale, bias,
-            D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, HAS_KS=has_ks, PREC=prec,
+            q, k, v, out, lse, kpm if has_kpm else lse, *strides, *sm, B * Hkv, Hkv, G, Tq, Tk, fs, window or 0,
+            sink_end, qk_scale, bias,
+            D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, HAS_KPM=has_kpm, PREC=prec,
             num_warps=4)
         return
-    args = (q, k, v, out, lse, ks, *strides, Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale, bias,
-            _bucket(G * Tq), _bucket(fs))
-    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KS=has_ks, PREC=prec)
+    args = (q, k, v, out, lse, kpm if has_kpm else lse, bounds if has_kpm else lse, *strides, *sm, Hkv, G, Tq, Tk,
+            fs, window or 0, sink_end, qk_scale, bias, _bucket(G * Tq), _bucket(fs))
+    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KPM=has_kpm, PREC=prec)
     wide = q.dtype.itemsize == 4
     configs = _configs("fwd", block_d, wide)
     big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
@@ -658,7 +735,7 @@ def attention_forward(q, k, v, out, lse, mask, scale, key_start=None):
     _launch(_fwd_kernel, "fwd", configs, big, lambda m: triton.cdiv(G * Tq, m["BLOCK_M"]) * B * Hkv, args, meta)
 
 
-def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, scale, key_start=None):
+def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, scale, key_padding_mask=None):
     """dq, dk, dv <- gradients of attention given grad_out (and grad_lse, may be None)."""
     import torch
 
@@ -670,15 +747,16 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, 
     sl = _strides(lse, 3)
     has_dlse = grad_lse is not None
     dlse = grad_lse if has_dlse else lse
-    has_ks = key_start is not None
-    ks = key_start if has_ks else lse
-    if _use_short(G, Tq, Tk, block_d):
+    short = _use_short(G, Tq, Tk, block_d)
+    has_kpm, kpm, sm, bounds = _key_padding(key_padding_mask, Tk, not short)
+    if short:
         bm, bn, r = _short_meta(G, Tq, Tk, block_d)
         _bwd_short_kernel[(triton.cdiv(B * Hkv, r),)](
-            q, k, v, out, grad_out, lse, dlse, ks, dq, dk, dv,
-            *sq, *sk, *sv, *_strides(out), *sg, *sl, *_strides(dlse, 3), *_strides(dq), *_strides(dk), *_strides(dv),
-            B * Hkv, Hkv, G, Tq, Tk, fs, w, sink_end, qk_scale, scale,
-            D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, HAS_KS=has_ks, HAS_DLSE=has_dlse,
+            q, k, v, out, grad_out, lse, dlse, kpm if has_kpm else lse, dq, dk, dv,
+            *sq, *sk, *sv, *_strides(out), *sg, *sl, *_strides(dlse, 3), *sm, *_strides(dq), *_strides(dk),
+            *_strides(dv), B * Hkv, Hkv, G, Tq, Tk, fs, w, sink_end, qk_scale, scale,
+            D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, HAS_KPM=has_kpm,
+            HAS_DLSE=has_dlse,
             PREC=prec,
             num_warps=4)
         return
@@ -689,13 +767,15 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, 
         D=D, BLOCK_D=block_d, EVEN_D=block_d == D, BLOCK_M=pre_m, HAS_DLSE=has_dlse, num_warps=4)
     wide = q.dtype.itemsize == 4
     big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
-    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KS=has_ks, PREC=prec)
+    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KPM=has_kpm, PREC=prec)
     tune = (_bucket(G * Tq), _bucket(fs))
-    args = (q, k, v, grad_out, lse, delta, ks, dk, dv, *sq, *sk, *sv, *sg, *sl, *_strides(dk), *_strides(dv),
+    args = (q, k, v, grad_out, lse, delta, kpm if has_kpm else lse, dk, dv, *sq, *sk, *sv, *sg, *sl, *sm,
+            *_strides(dk), *_strides(dv),
             Hkv, G, Tq, Tk, fs, w, sink_end, sink_end // fs if fs else 0, qk_scale, scale, *tune)
     _launch(_bwd_dkdv_kernel, "dkdv", _configs("dkdv", block_d, wide), big,
             lambda m: triton.cdiv(Tk, m["BLOCK_N"]) * B * Hkv, args, meta)
-    args = (q, k, v, grad_out, lse, delta, ks, dq, *sq, *sk, *sv, *sg, *sl, *_strides(dq),
+    args = (q, k, v, grad_out, lse, delta, kpm if has_kpm else lse, bounds if has_kpm else lse, dq, *sq, *sk, *sv,
+            *sg, *sl, *sm, *_strides(dq),
             Hq, G, Tq, Tk, fs, w, sink_end, qk_scale, scale, *tune)
     _launch(_bwd_dq_kernel, "dq", _configs("dq", block_d, wide), big,
             lambda m: triton.cdiv(Tq, m["BLOCK_M"]) * B * Hq, args, meta)

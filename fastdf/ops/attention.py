@@ -8,8 +8,9 @@ are cache), ``frame(x) = x // frame_size``, and key j is visible to position p i
                                 or frame(p) - frame(j) < window_frames
                                 or frame(j) < sink_frames).
 
-``causal=False`` makes every key visible. Every query sees at least its own key, so no
-row is ever empty.
+``causal=False`` makes every key visible. An optional ``key_padding_mask`` [B, Tk] (True = a
+real key) is ANDed with that rule; a query row left without any key gives zeros and
+lse = -inf (without a padding mask every query sees at least its own key).
 
 Implementations: ``triton`` (kernels/attention.py: FA2-style forward with tile
 classification, deterministic backward) and ``torch`` (the chunked reference below, the
@@ -104,12 +105,12 @@ def _chunks(tq: int, per_row: int, chunk: int):
     return [(s, min(tq, s + rows)) for s in range(0, tq, rows)]
 
 
-def _chunk_mask(s, e, Tq, Tk, key_start, device, **mask):
-    """Visibility ``[c, Tk]``, or ``[B, 1, 1, c, Tk]`` with per-batch key starts."""
+def _chunk_mask(s, e, Tq, Tk, key_padding_mask, device, **mask):
+    """Visibility ``[c, Tk]``, or ``[B, 1, 1, c, Tk]`` with a key padding mask."""
     k_pos = torch.arange(Tk, device=device)[None, :]
     vis = visible(torch.arange(Tk - Tq + s, Tk - Tq + e, device=device)[:, None], k_pos, **mask)
-    if key_start is not None:
-        vis = vis & (k_pos >= key_start.to(device)[:, None, None, None, None])
+    if key_padding_mask is not None:
+        vis = vis & key_padding_mask.to(device)[:, None, None, None, :]
     return vis
 
 
@@ -135,10 +136,10 @@ def _bad_rows(t: Tensor) -> Tensor:
 
 def df_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal: bool = True,
                            window_frames: int | None = None, sink_frames: int = 0, scale: float | None = None,
-                           key_start: Tensor | None = None, chunk: int = REFERENCE_CHUNK,
+                           key_padding_mask: Tensor | None = None, chunk: int = REFERENCE_CHUNK,
                            upcast: bool = False) -> tuple[Tensor, Tensor]:
     """Readable torch reference: ``(out, lse)`` as :func:`df_attention` with ``return_lse``
-    (``key_start`` as :func:`df_attention_padded`).
+    (``key_padding_mask`` bool [B, Tk], True = a real key, as there).
 
     ``upcast=False`` is plain PyTorch in q's dtype (the baseline of the 2x-error rule, as
     flash-attention's ``attention_ref``): ``(q * scale) @ k^T``, softmax and the product
@@ -146,7 +147,7 @@ def df_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int =
     the product with v in float32 (float64 for float64 inputs) and rounds once at the end.
     lse is float32 (float64 for float64 inputs) either way, from the same scores. Queries
     are processed in chunks so no more than ``chunk`` scores exist at once. A row that
-    sees no key (only possible with ``key_start``) gives zeros and lse = -inf.
+    sees no key (only possible with ``key_padding_mask``) gives zeros and lse = -inf.
 
     Causality holds for non-finite data: masked scores are -inf (whatever q . k was), and a
     NaN/inf value behind a key a row cannot see is zeroed for the product; rows that do
@@ -167,10 +168,10 @@ def df_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int =
     for s, e in _chunks(Tq, B * Hq * Tk, chunk):
         c = e - s
         scores = _scores(qg[:, :, :, s:e].reshape(B, Hkv, G * c, D), k, scale, dtype).view(B, Hkv, G, c, Tk)
-        mask = _chunk_mask(s, e, Tq, Tk, key_start, q.device, frame_size=frame_size, causal=causal,
+        mask = _chunk_mask(s, e, Tq, Tk, key_padding_mask, q.device, frame_size=frame_size, causal=causal,
                            window_frames=window_frames, sink_frames=sink_frames)
         scores = scores.masked_fill(~mask, float("-inf"))
-        if key_start is not None:  # rows without keys: zeros and -inf, not NaN (nor NaN gradients)
+        if key_padding_mask is not None:  # rows without keys: zeros and -inf, not NaN (nor NaN gradients)
             empty = ~mask.any(-1, keepdim=True)
             scores = scores.masked_fill(empty, 0.0)
             lses.append(torch.logsumexp(scores.to(lse_dtype), -1).masked_fill(empty[..., 0], float("-inf")))
@@ -189,7 +190,7 @@ def df_attention_reference(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int =
 def df_attention_backward_reference(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor,
                                     out: Tensor, lse: Tensor, *, frame_size: int = 1, causal: bool = True,
                                     window_frames: int | None = None, sink_frames: int = 0,
-                                    scale: float | None = None, key_start: Tensor | None = None,
+                                    scale: float | None = None, key_padding_mask: Tensor | None = None,
                                     chunk: int = REFERENCE_CHUNK):
     """Chunked backward in fp32 (fp64 for fp64 inputs): returns ``(dq, dk, dv)``.
 
@@ -221,7 +222,7 @@ def df_attention_backward_reference(grad_out: Tensor, grad_lse: Tensor | None, q
         c = e - s
         qc = qg[:, :, :, s:e].reshape(B, Hkv, G * c, D)
         gc = gg[:, :, :, s:e].reshape(B, Hkv, G * c, D).to(acc)
-        mask = _chunk_mask(s, e, Tq, Tk, key_start, q.device, frame_size=frame_size, causal=causal,
+        mask = _chunk_mask(s, e, Tq, Tk, key_padding_mask, q.device, frame_size=frame_size, causal=causal,
                            window_frames=window_frames, sink_frames=sink_frames)
         mask = mask.expand(B, Hkv, G, c, Tk).reshape(B, Hkv, G * c, Tk)
         # P from the recomputed scores' own max and sum (a stable softmax), not exp(s - lse):
@@ -260,20 +261,20 @@ def _lse_dtype(dtype):
 
 
 @ATTENTION.register("torch")
-def _attention_torch(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale):
+def _attention_torch(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale):
     out, lse = df_attention_reference(q, k, v, frame_size=frame_size, causal=causal, window_frames=window_frames,
-                                      sink_frames=sink_frames, scale=scale, key_start=key_start, upcast=True)
+                                      sink_frames=sink_frames, scale=scale, key_padding_mask=key_padding_mask, upcast=True)
     result = _empty_bthd(*q.shape, dtype=q.dtype, device=q.device)
     result.copy_(out)
     return result, lse.contiguous()
 
 
 @ATTENTION_BACKWARD.register("torch")
-def _attention_backward_torch(grad_out, grad_lse, q, k, v, out, lse, key_start, frame_size, causal, window_frames,
+def _attention_backward_torch(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, frame_size, causal, window_frames,
                               sink_frames, scale):
     grads = df_attention_backward_reference(grad_out, grad_lse, q, k, v, out, lse, frame_size=frame_size,
                                             causal=causal, window_frames=window_frames, sink_frames=sink_frames,
-                                            scale=scale, key_start=key_start)
+                                            scale=scale, key_padding_mask=key_padding_mask)
     results = []
     for g, like in zip(grads, (q, k, v)):
         r = _empty_bthd(*like.shape, dtype=like.dtype, device=like.device)
@@ -296,7 +297,7 @@ def _triton_supports(q, *tensors):
 
 
 @ATTENTION.register("triton", supports=_triton_supports)
-def _attention_triton(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale):
+def _attention_triton(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale):
     from fastdf.kernels.attention import attention_forward
 
     B, Hq, Tq, D = q.shape
@@ -304,13 +305,13 @@ def _attention_triton(q, k, v, key_start, frame_size, causal, window_frames, sin
     lse = _alloc.empty((B, Hq, Tq), dtype=torch.float32, device=q.device)
     if out.numel():
         attention_forward(q, k, v, out, lse, _mask_args(q, k, frame_size, causal, window_frames, sink_frames), scale,
-                          key_start)
+                          key_padding_mask)
     return out, lse
 
 
 @ATTENTION_BACKWARD.register("triton", supports=lambda grad_out, grad_lse, q, k, v, out, *_:
                              _triton_supports(q, k, v, grad_out, out))
-def _attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, key_start, frame_size, causal, window_frames,
+def _attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, frame_size, causal, window_frames,
                                sink_frames, scale):
     from fastdf.kernels.attention import attention_backward
 
@@ -319,7 +320,7 @@ def _attention_backward_triton(grad_out, grad_lse, q, k, v, out, lse, key_start,
     dv = _empty_bthd(*v.shape, dtype=v.dtype, device=v.device)
     if q.numel():
         attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv,
-                           _mask_args(q, k, frame_size, causal, window_frames, sink_frames), scale, key_start)
+                           _mask_args(q, k, frame_size, causal, window_frames, sink_frames), scale, key_padding_mask)
     elif k.numel():
         dk.zero_()
         dv.zero_()
@@ -344,13 +345,13 @@ def _mask_args(q, k, frame_size, causal, window_frames, sink_frames):
 
 
 @custom_op(ATTENTION)
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor | None, frame_size: int, causal: bool,
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, frame_size: int, causal: bool,
                   window_frames: int | None, sink_frames: int, scale: float) -> tuple[Tensor, Tensor]:
     ...
 
 
 @_attention_op.register_fake
-def _(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale):
+def _(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale):
     B, Hq, Tq, D = q.shape
     out = q.new_empty((B, Tq, Hq, D)).transpose(1, 2)
     return out, q.new_empty((B, Hq, Tq), dtype=_lse_dtype(q.dtype))
@@ -358,13 +359,13 @@ def _(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale)
 
 @custom_op(ATTENTION_BACKWARD)
 def _attention_backward_op(grad_out: Tensor, grad_lse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                           lse: Tensor, key_start: Tensor | None, frame_size: int, causal: bool,
+                           lse: Tensor, key_padding_mask: Tensor | None, frame_size: int, causal: bool,
                            window_frames: int | None, sink_frames: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     ...
 
 
 @_attention_backward_op.register_fake
-def _(grad_out, grad_lse, q, k, v, out, lse, key_start, frame_size, causal, window_frames, sink_frames, scale):
+def _(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale):
     def like(t):
         B, H, T, D = t.shape
         return t.new_empty((B, T, H, D)).transpose(1, 2)
@@ -373,13 +374,13 @@ def _(grad_out, grad_lse, q, k, v, out, lse, key_start, frame_size, causal, wind
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, key_start, *ctx.mask = inputs
-    ctx.save_for_backward(q, k, v, key_start, *output)
+    q, k, v, key_padding_mask, *ctx.mask = inputs
+    ctx.save_for_backward(q, k, v, key_padding_mask, *output)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, key_start, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, key_start, *ctx.mask)
+    q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, *ctx.mask)
     return dq, dk, dv, None, None, None, None, None, None
 
 
@@ -459,9 +460,19 @@ def _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, retur
     return (*_normalise_mask(Tk, frame_size, causal, window_frames, sink_frames), scale)
 
 
+def _check_key_padding_mask(key_padding_mask, q, k):
+    """None, or the mask checked: bool [B, Tk] on q's device (any strides, views welcome)."""
+    if key_padding_mask is None:
+        return None
+    _checks.tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
+    _checks.shape("key_padding_mask", key_padding_mask, (q.shape[0], k.shape[2]), what="([B, Tk] with q's B and k's Tk)")
+    _checks.same_device(q=q, key_padding_mask=key_padding_mask)
+    return key_padding_mask
+
+
 def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal: bool = True,
                  window_frames: int | None = None, sink_frames: int = 0, scale: float | None = None,
-                 return_lse: bool = False):
+                 return_lse: bool = False, key_padding_mask: Tensor | None = None):
     """Frame-causal attention with KV cache, sliding window and sink frames.
 
     Args:
@@ -481,6 +492,11 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
         scale: score scale, default ``D ** -0.5``; a finite number > 0 representable in
             float32 (ValueError otherwise).
         return_lse: also return the log-sum-exp of the visible scaled scores.
+        key_padding_mask: optional bool ``[B, Tk]``, True = a real key (any strides, e.g.
+            an expanded or sliced view). ANDed with the rule above: a False key is seen by
+            no query of that batch row. Rows left with no visible key give zeros and
+            lse = -inf (and zero gradients). Holes, left/right padding, whole-False rows
+            all work; key tiles of real keys only run exactly the unpadded code path.
 
     Returns:
         ``out`` ``[B, Hq, Tq, D]`` in q's dtype (memory laid out as ``[B, Tq, Hq, D]``, so
@@ -507,7 +523,8 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
     """
     frame_size, window_frames, sink_frames, scale = _check(q, k, v, frame_size, causal, window_frames, sink_frames,
                                                            scale, return_lse)
-    out, lse = _attention_op(q, k, v, None, frame_size, causal, window_frames, sink_frames, scale)
+    key_padding_mask = _check_key_padding_mask(key_padding_mask, q, k)
+    out, lse = _attention_op(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
     return (out, lse) if return_lse else out
 
 
@@ -517,14 +534,17 @@ def df_attention_padded(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, *, f
     """:func:`df_attention` for left-padded batches: in batch row b the keys before
     ``key_start[b]`` (an int tensor ``[B]``) are invisible (padding), everything else is as
     in df_attention (positions still count from key 0). Query rows that see no key at all
-    (padding queries) give zeros and lse = -inf. Used by the HF transformers integration;
-    values outside ``[0, Tk]`` are clamped."""
+    (padding queries) give zeros and lse = -inf. Values outside ``[0, Tk]`` are clamped.
+
+    A thin alias: it is ``df_attention(..., key_padding_mask=arange(Tk) >= key_start[:, None])``
+    (one kernel mechanism; the kernels skip the padding tiles either way)."""
     frame_size, window_frames, sink_frames, scale = _check(q, k, v, frame_size, causal, window_frames, sink_frames,
                                                            scale, return_lse)
     _checks.tensor("key_start", key_start, ndim=1, dtypes=(torch.int32, torch.int64))
     _checks.shape("key_start", key_start, (q.shape[0],), what="([B] with q's B)")
     _checks.same_device(q=q, key_start=key_start)
     # clamped in its own dtype before the int32 cast, so 2**32 + 1 cannot wrap to 1
-    key_start = key_start.clamp(0, k.shape[2]).to(torch.int32).contiguous()
-    out, lse = _attention_op(q, k, v, key_start, frame_size, causal, window_frames, sink_frames, scale)
+    key_start = key_start.clamp(0, k.shape[2])
+    key_padding_mask = torch.arange(k.shape[2], device=key_start.device) >= key_start[:, None]
+    out, lse = _attention_op(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
     return (out, lse) if return_lse else out

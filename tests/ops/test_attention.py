@@ -213,12 +213,13 @@ def test_padded_keys(backend, device, path, shape, mask, starts):
         out, lse = df_attention_padded(q, k, v, starts, return_lse=True, **mask)
         g_out = torch.randn_like(out)
         grads = torch.autograd.grad((out * g_out).sum() + lse.clamp(min=-1e4).sum(), (q, k, v))
-    ref = lambda q, k, v: df_attention_reference(q, k, v, key_start=starts, **mask)  # noqa: E731
+    kpm = torch.arange(k.shape[2], device=device) >= starts[:, None]
+    ref = lambda q, k, v: df_attention_reference(q, k, v, key_padding_mask=kpm, **mask)  # noqa: E731
     assert_matches_reference((out, lse), ref, q, k, v)
 
     def ref_grads(q, k, v, g_out):
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        o, l = df_attention_reference(*inputs, key_start=starts, **mask)
+        o, l = df_attention_reference(*inputs, key_padding_mask=kpm, **mask)
         return torch.autograd.grad((o * g_out).sum() + l.clamp(min=-1e4).sum(), inputs)
 
     assert_matches_reference(grads, ref_grads, q, k, v, g_out)
