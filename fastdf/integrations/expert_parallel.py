@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from ..ops import _checks
-from ..ops.moe import _gather_op, moe_combine, moe_experts, moe_route
+from ..ops.grouped_mm import check_trainable
+from ..ops.moe import _gather_op, moe_combine, moe_experts, moe_route, resolve_act
 
 
 def _dist():
@@ -126,9 +127,28 @@ def moe_experts_ep(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_
     _checks.shape("topk_ids", topk_ids, (hidden.shape[0], None), what="([T, K] with T = hidden.shape[0])")
     _checks.shape("topk_weights", topk_weights, tuple(topk_ids.shape), what="(the shape of topk_ids)")
     _checks.tensor("gate_up", gate_up, ndim=3)
+    _checks.tensor("down", down, ndim=3)
     if gate_up.shape[0] != len(mine):
         raise ValueError(f"gate_up holds {gate_up.shape[0]} experts; this rank's slice of num_experts={num_experts} "
                          f"over the group is {len(mine)} (ids {mine.start}..{mine.stop - 1})")
+    # Everything moe_experts would refuse is refused here, before the first exchange: a rank
+    # that raised between two exchanges would leave the others waiting in the second.
+    _checks.same_device(hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, gate_up=gate_up, down=down)
+    _checks.same_dtype(hidden=hidden, gate_up=gate_up, down=down)
+    H, two_i = hidden.shape[1], gate_up.shape[1]
+    if two_i % 2:
+        raise ValueError(f"gate_up must have shape [E_l, 2I, H], got {tuple(gate_up.shape)}")
+    _checks.shape("gate_up", gate_up, (len(mine), two_i, H), what="([E_l, 2I, H] with H = hidden.shape[1])")
+    _checks.shape("down", down, (len(mine), H, two_i // 2), what="([E_l, H, I] matching gate_up [E_l, 2I, H])")
+    check_trainable(len(mine), ids_name="trainable_ids", ids=trainable_ids, ref=("hidden", hidden), pairs=[
+        ("trainable_gate_up", trainable_gate_up, tuple(gate_up.shape[1:]), gate_up.dtype),
+        ("trainable_down", trainable_down, tuple(down.shape[1:]), down.dtype),
+    ])
+    if trainable_ids is not None:
+        _checks.index_tensor("trainable_ids", trainable_ids, ndim=1, dtypes=(torch.int64,), low=0, high=len(mine))
+        if trainable_ids.unique().numel() != trainable_ids.numel():
+            raise ValueError(f"trainable_ids lists an expert twice: {trainable_ids.tolist()}")
+    resolve_act(act)
     _, world = _world(group)
     per = len(mine)
     T, K = topk_ids.shape

@@ -117,6 +117,22 @@ def check(rank, world, tmp, cases=("uniform", "skewed", "empty_rank")):
     _close(out, ref[start:start + h.shape[0]], f"no_grad world={world} rank={rank}")
     dist.barrier()
     _bad_input(h, i, wt, gate_up[mine.start:mine.stop], down[mine.start:mine.stop])
+
+    # bf16 (what mixed precision feeds the experts): the exchange carries bf16 rows, the
+    # result matches one process in bf16 to bf16 rounding, gradients included.
+    bf = torch.bfloat16
+    hb = torch.cat([t[0] for t in tokens]).to(bf).requires_grad_()
+    ref = fastdf.moe_experts(hb, torch.cat([t[1] for t in tokens]), torch.cat([t[2] for t in tokens]),
+                             gate_up.to(bf), down.to(bf))
+    ref.float().sum().backward()
+    hl = tokens[rank][0].to(bf).requires_grad_()
+    out = moe_experts_ep(hl, i, wt, gate_up[mine.start:mine.stop].to(bf), down[mine.start:mine.stop].to(bf),
+                         num_experts=E)
+    out.float().sum().backward()
+    assert out.dtype == bf and hl.grad.dtype == bf
+    rows = slice(start, start + h.shape[0])
+    torch.testing.assert_close(out.float(), ref.detach()[rows].float(), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(hl.grad.float(), hb.grad[rows].float(), atol=2e-2, rtol=2e-2)
     if world == 2:  # the HF model check shares this group (start-up is the slow part)
         check_hf(rank, world)
         check_hf_esft(rank, world, tmp)
@@ -190,6 +206,18 @@ def _bad_input(h, i, wt, gu, dn):
         moe_experts_ep(h.long(), i, wt, gu, dn, num_experts=E)
     with pytest.raises(ValueError, match="trainable_ids"):
         local_trainable(torch.tensor([E]), E)
+    with pytest.raises(ValueError, match="down"):
+        moe_experts_ep(h, i, wt, gu, dn[:, :, :-1], num_experts=E)
+    with pytest.raises(ValueError, match="dtype"):
+        moe_experts_ep(h, i, wt, gu, dn.double(), num_experts=E)
+    per = gu.shape[0]
+    with pytest.raises(ValueError, match="trainable_ids"):  # a local id past this rank's slice
+        moe_experts_ep(h, i, wt, gu, dn, num_experts=E, trainable_ids=torch.tensor([per]),
+                       trainable_gate_up=gu[:1], trainable_down=dn[:1])
+    with pytest.raises(ValueError, match="trainable_down"):
+        moe_experts_ep(h, i, wt, gu, dn, num_experts=E, trainable_ids=torch.tensor([0]), trainable_gate_up=gu[:1])
+    with pytest.raises(ValueError, match="act"):
+        moe_experts_ep(h, i, wt, gu, dn, num_experts=E, act="swiglu9")
     with pytest.raises(ValueError, match="multiple"):
         expert_range(E + 1)
 
