@@ -170,7 +170,8 @@ def ptx_summary(ptx: str) -> dict:
     ld_global = len(re.findall(r"\bld\.global\b", ptx))
     kinds = [k for k, n in (("TMA", tma), ("cp.async", cp_async), ("ld.global", ld_global)) if n]
     return {"wgmma": len(re.findall(r"wgmma\.mma_async", ptx)), "wgmma_shapes": shapes, "wgmma_wait_depths": waits,
-            "mma_sync": len(re.findall(r"\bmma\.sync\.aligned", ptx)), "tma_loads": tma, "cp_async": cp_async,
+            "mma_sync": len(re.findall(r"\bmma\.sync\.aligned", ptx)),
+            "tcgen05_mma": len(re.findall(r"\btcgen05\.mma\.", ptx)), "tma_loads": tma, "cp_async": cp_async,
             "ld_global": ld_global, "load_kind": "+".join(kinds) or "none"}
 
 
@@ -318,7 +319,8 @@ def compile_signature(jit, signature: dict, constexprs: dict, div16=(), num_warp
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
     consts = {(names.index(k),): v for k, v in constexprs.items()}
     return triton.compile(ASTSource(fn=jit, signature=sig, constexprs=consts, attrs=attrs),
-                          target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+                          target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
 
 
 def _source_hash() -> str:
@@ -502,9 +504,10 @@ JOB_GROUPS = {"attention": _attention_jobs, "adaln": _adaln_jobs, "moe": _moe_jo
 
 
 def _analyse(launch: Launch, arch: int, sass: bool) -> dict:
+    # The config keeps tile sizes, warps and stages (the tuning knobs), not the launch's flags.
+    knobs = ("BLOCK", "B", "STAGES", "ROWS", "R", "GROUP")
     row = dict(source="triton", job=launch.job, kernel=launch.kernel, default=launch.default,
-               config={k: v for k, v in launch.config.items() if not k.isupper() or k.startswith(("BLOCK", "B", "STAGES",
-                                                                                               "ROWS", "R", "GROUP"))},
+               config={k: v for k, v in launch.config.items() if not k.isupper() or k.startswith(knobs)},
                grid=list(launch.grid) if launch.grid else None)
     if launch.error:
         row["error"] = launch.error
@@ -583,7 +586,8 @@ def _demangle(names):
 
 
 def _short_name(symbol: str) -> str:
-    """``merge_states_kernel<bf16>`` from ``void fastdf::(anonymous namespace)::merge_states_kernel<__nv_bfloat16>(...)``."""
+    """``merge_states_kernel<bf16>`` from
+    ``void fastdf::(anonymous namespace)::merge_states_kernel<__nv_bfloat16>(...)``."""
     name = re.sub(r"^void ", "", symbol)
     name = re.sub(r"fastdf::|\(anonymous namespace\)::", "", name)
     depth, cut = 0, len(name)
@@ -667,6 +671,7 @@ def format_row(row: dict) -> str:
             v = "-" if smem is None else f"{smem / 1024:.1f}"
         elif title == "wgmma":
             v = f"{row['wgmma']} {','.join(s.replace('k16', '') for s in row['wgmma_shapes'])}" if row.get("wgmma") \
+                else f"tcgen05 {row['tcgen05_mma']}" if row.get("tcgen05_mma") \
                 else ("mma" if row.get("mma_sync") else "-")
         elif title == "wait":
             v = ",".join(map(str, row.get("wgmma_wait_depths") or [])) or "-"
