@@ -4,6 +4,7 @@ skips, with the reason, only when no C++ compiler is installed."""
 
 import os
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
@@ -37,9 +38,10 @@ def emu_lib():
 
 
 @pytest.fixture
-def emu(emu_lib):
-    """The emulated device, thread order seeded per test."""
-    dev = harness.Emu(emu_lib, seed=0)
+def emu(emu_lib, request):
+    """The emulated device; thread order and shared-memory poison seeded by the test's id
+    (different across tests, the same on every run)."""
+    dev = harness.Emu(emu_lib, seed=zlib.crc32(request.node.nodeid.encode()))
     yield dev
     dev.free_all()
 

@@ -38,7 +38,8 @@ VARIANTS = {
 }
 # -ffp-contract=off: the emulation rounds every product, as the torch references do; nvcc
 # contracts into FMAs (benches/notes/cuda_cpu.md: which ops are bit-exact where).
-COMMON = ["-std=c++17", "-fPIC", "-ffp-contract=off", "-U_FORTIFY_SOURCE", "-Wall", "-Wno-unused-function", "-Wno-unused-variable",
+COMMON = ["-std=c++17", "-fPIC", "-pthread", "-ffp-contract=off", "-U_FORTIFY_SOURCE", "-Wall", "-Wno-unused-function",
+          "-Wno-unused-variable",
           "-Wno-unknown-pragmas"]
 
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^;{}()]*?>)?)\s*<<<(.*?)>>>\s*\(", re.S)
@@ -55,15 +56,17 @@ def rewrite(src: str) -> str:
     out = _LAUNCH.sub(lambda m: f"::emu::Launch({m.group(2)}).go({m.group(1)})(", src)
     out = _EXTERN_SHARED.sub(lambda m: f"{m.group(1)}* const {m.group(2)} = static_cast<{m.group(1)}*>("
                              "::emu::dynamic_shared());", out)
-    out = _SHARED.sub(lambda m: f"{m.group(1)} (&{m.group(2)}){m.group(3)} = *static_cast<{m.group(1)} (*){m.group(3)}>("
-                      f"::emu::static_shared(sizeof({m.group(1)}{m.group(3)}), alignof({m.group(1)})));", out)
+    out = _SHARED.sub(lambda m: f"{m.group(1)} (&{m.group(2)}){m.group(3)} = "
+                      f"*static_cast<{m.group(1)} (*){m.group(3)}>(::emu::static_shared("
+                      f"sizeof({m.group(1)}{m.group(3)}), alignof({m.group(1)})));", out)
     if "<<<" in out or "__shared__" in out:
         raise RuntimeError("cuda_cpu: a launch or __shared__ declaration the rewrite does not understand")
     return out
 
 
 def _inputs():
-    files = [CSRC / k for k in KERNELS] + [SELFTEST] + sorted(CSRC.glob("*.h")) + list(HOST) + sorted((HERE / "include").glob("*.h"))
+    files = [CSRC / k for k in KERNELS] + [SELFTEST] + sorted(CSRC.glob("*.h")) + list(HOST)
+    files += sorted((HERE / "include").glob("*.h"))
     files.append(Path(__file__))
     return files
 
@@ -169,7 +172,8 @@ class Emu:
             raise MemoryError("emu_alloc")
         self._live.append((addr, nbytes))
         raw = (ctypes.c_ubyte * max(nbytes, 1)).from_address(addr)
-        storage = torch.frombuffer(raw, dtype=torch.uint8, count=nbytes) if nbytes else torch.empty(0, dtype=torch.uint8)
+        u8 = torch.uint8
+        storage = torch.frombuffer(raw, dtype=u8, count=nbytes) if nbytes else torch.empty(0, dtype=u8)
         storage.fill_(0xCD if fill is None else fill)
         flat = storage.view(dtype) if nbytes else torch.empty(0, dtype=dtype)
         return flat.as_strided(shape, stride) if nbytes else torch.empty(shape, dtype=dtype)

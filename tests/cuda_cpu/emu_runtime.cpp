@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cuda_runtime.h"
@@ -154,16 +155,23 @@ std::string waiting(const Fiber& f) {
   return buf;
 }
 
+#if EMU_ASAN
+const void* sched_bottom = nullptr;  // the scheduler's (the calling thread's) stack
+size_t sched_size = 0;
+#endif
+
 // Back to the scheduler; the caller has set its state.
 void to_scheduler() {
   Fiber* self = current;
   ++switches;
 #if EMU_ASAN
-  __sanitizer_start_switch_fiber(self->state == kDone ? nullptr : &self->fake_stack, nullptr, 0);
+  // The destination's stack bounds must be the scheduler's real ones (recorded on the way
+  // in), or ASan loses track of the main stack and reports false overflows there.
+  __sanitizer_start_switch_fiber(self->state == kDone ? nullptr : &self->fake_stack, sched_bottom, sched_size);
 #endif
   swap(&self->ctx, &blk.sched);
 #if EMU_ASAN
-  __sanitizer_finish_switch_fiber(self->fake_stack, nullptr, nullptr);
+  __sanitizer_finish_switch_fiber(self->fake_stack, &sched_bottom, &sched_size);
 #endif
 }
 
@@ -182,7 +190,7 @@ struct Body {
 
 void fiber_main() {
 #if EMU_ASAN
-  __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+  __sanitizer_finish_switch_fiber(nullptr, &sched_bottom, &sched_size);
 #endif
   body.fn(body.ctx);
   current->state = kDone;
@@ -336,6 +344,7 @@ void run_block() {
 
 struct sigaction old_segv, old_bus;
 char* alt_stack = nullptr;
+constexpr size_t kAltStack = 1 << 16;
 
 void on_fault(int sig, siginfo_t* info, void*) {
   if (!blk.in_kernel) {
@@ -442,11 +451,7 @@ void Launch::run(void (*fn)(void*), void* ctx) const {
     void* p = mmap(nullptr, kSharedLimit + page(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     blk.arena = static_cast<char*>(p);
     mprotect(blk.arena + kSharedLimit, page(), PROT_NONE);
-    stack_t ss{};
-    alt_stack = static_cast<char*>(std::malloc(1 << 16));
-    ss.ss_sp = alt_stack;
-    ss.ss_size = 1 << 16;
-    sigaltstack(&ss, nullptr);
+    alt_stack = static_cast<char*>(std::malloc(kAltStack));
   }
   blk.fibers.assign(threads, Fiber());
   for (unsigned long long t = 0; t < threads; ++t) {
@@ -459,33 +464,46 @@ void Launch::run(void (*fn)(void*), void* ctx) const {
   blk.grid_dim = grid;
   blk.dyn_size = (smem + 15) / 16 * 16;
   body = Body{fn, ctx};
-  struct sigaction sa {};
-  sa.sa_sigaction = on_fault;
-  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGSEGV, &sa, &old_segv);
-  sigaction(SIGBUS, &sa, &old_bus);
   blk.error.clear();
-  for (unsigned z = 0; z < grid.z && blk.error.empty(); ++z)
-    for (unsigned y = 0; y < grid.y && blk.error.empty(); ++y)
-      for (unsigned x = 0; x < grid.x && blk.error.empty(); ++x) {
-        blk.block = uint3{x, y, z};
-        blk.static_used = 0;
-        blk.static_offsets.clear();
+  // The grid runs on a thread of its own: fibers, the fault handler's siglongjmp and the
+  // scheduler never touch the caller's (Python's) stack, whose ASan shadow would otherwise
+  // keep redzones of frames that were switched away from.
+  std::thread worker([this] {
+    stack_t ss{};
+    ss.ss_sp = alt_stack;
+    ss.ss_size = kAltStack;
+    sigaltstack(&ss, nullptr);  // per thread: the fault handler runs on it
+    struct sigaction sa {};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &old_segv);
+    sigaction(SIGBUS, &sa, &old_bus);
+    for (unsigned z = 0; z < grid.z && blk.error.empty(); ++z)
+      for (unsigned y = 0; y < grid.y && blk.error.empty(); ++y)
+        for (unsigned x = 0; x < grid.x && blk.error.empty(); ++x) {
+          blk.block = uint3{x, y, z};
+          blk.static_used = 0;
+          blk.static_offsets.clear();
 #if EMU_ASAN
-        ASAN_UNPOISON_MEMORY_REGION(blk.arena, kSharedLimit);
+          ASAN_UNPOISON_MEMORY_REGION(blk.arena, kSharedLimit);
 #endif
-        std::memset(blk.arena, opts.poison, kSharedLimit);  // shared memory starts as garbage
+          std::memset(blk.arena, opts.poison, kSharedLimit);  // shared memory starts as garbage
 #if EMU_ASAN
-        ASAN_POISON_MEMORY_REGION(blk.arena, kSharedLimit - blk.dyn_size);  // unpoisoned as __shared__ variables appear
+          ASAN_POISON_MEMORY_REGION(blk.arena, kSharedLimit - blk.dyn_size);  // unpoisoned as __shared__ variables appear
 #endif
-        ++blocks_run;
-        blk.in_kernel = true;
-        if (sigsetjmp(blk.fault_jmp, 1) == 0) run_block();
-        blk.in_kernel = false;
-      }
-  sigaction(SIGSEGV, &old_segv, nullptr);
-  sigaction(SIGBUS, &old_bus, nullptr);
+          ++blocks_run;
+          blk.in_kernel = true;
+          if (sigsetjmp(blk.fault_jmp, 1) == 0) run_block();
+          blk.in_kernel = false;
+        }
+    sigaction(SIGSEGV, &old_segv, nullptr);
+    sigaction(SIGBUS, &old_bus, nullptr);
+    ss.ss_flags = SS_DISABLE;
+    sigaltstack(&ss, nullptr);
+    current = nullptr;
+  });
+  worker.join();
   current = nullptr;
   if (!blk.error.empty()) sticky = blk.error;
 }

@@ -38,13 +38,14 @@ def run(emu, x, u, *, indices=None, temperature=1.0, top_k=0, top_p=1.0, min_p=0
         candidate_cap=cap, logits_stride=stride)
 
 
-def check(emu, x, u, **kw):
+def check(emu, x, u, with_status=False, **kw):
+    """The kernel's ids (and status) after asserting both equal the reference's."""
     ids, status = run(emu, x, u, **kw)
     ref_kw = {k: v for k, v in kw.items() if k not in ("cap", "stride")}
     ref_ids, ref_status = reference(x, u, **ref_kw)
     assert torch.equal(status, ref_status), (status, ref_status)
     assert torch.equal(ids, ref_ids), (ids, ref_ids)
-    return ids
+    return (ids, status) if with_status else ids
 
 
 def _logits(rows, vocab, dtype, gen, scale=3.0):
@@ -135,8 +136,7 @@ def test_non_finite_rows(emu):
     u = torch.rand(6)
     for dtype in DTYPES:
         xd = x.to(dtype)
-        ids = check(emu, xd, u, top_k=torch.tensor([0, 3, 0, 0, 7, 2]), top_p=0.9)
-        ids, status = run(emu, xd, u, top_k=torch.tensor([0, 3, 0, 0, 7, 2]), top_p=0.9)
+        ids, status = check(emu, xd, u, top_k=torch.tensor([0, 3, 0, 0, 7, 2]), top_p=0.9, with_status=True)
         assert status.tolist() == [STATUS_OK, STATUS_NO_FINITE, STATUS_NON_FINITE, STATUS_NON_FINITE, STATUS_OK,
                                    STATUS_OK]
         assert ids[0] % 2 == 1 and ids[4] == 2048 and ids[1:4].tolist() == [-1, -1, -1]

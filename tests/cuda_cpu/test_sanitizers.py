@@ -13,8 +13,8 @@ import pytest
 import cuda_cpu_harness as harness
 
 HERE = Path(__file__).resolve().parent
-SUBSET = "regression or route_random or chunk_boundaries or most_experts or combine or gather or shapes_and or non_finite " \
-         "or well_behaved or ties_at or every_candidate_cap"
+SUBSET = ("regression or route_random or chunk_boundaries or most_experts or combine or gather or shapes_and "
+          "or non_finite or well_behaved or ties_at or every_candidate_cap")
 
 
 def _asan_env():
@@ -24,8 +24,12 @@ def _asan_env():
     if os.environ.get("FASTDF_CUDA_CPU_VARIANT") == "asan":
         pytest.skip("already the sanitizer run")
     harness.build("asan")  # compiled here, so its time is this test's and a failure says so
-    runtime = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
-    return {**os.environ, "FASTDF_CUDA_CPU_VARIANT": "asan", "LD_PRELOAD": runtime,
+    # libstdc++ preloaded too: python does not link it, and ASan's __cxa_throw interceptor
+    # must find it at start-up, or the first C++ exception (a launch function's
+    # invalid_argument) aborts.
+    runtime = [subprocess.run([cxx, f"-print-file-name={lib}"], capture_output=True, text=True).stdout.strip()
+               for lib in ("libasan.so", "libstdc++.so")]
+    return {**os.environ, "FASTDF_CUDA_CPU_VARIANT": "asan", "LD_PRELOAD": " ".join(runtime),
             "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1", "UBSAN_OPTIONS": "print_stacktrace=1"}
 
 
@@ -56,8 +60,9 @@ def test_suite_subset_under_asan_and_ubsan(sweep):
     expr = SUBSET if not sweep else "not sanitizers"
     if not sweep:
         expr = f"({expr}) and not (cap and (2047 or 4096 or 6143 or 1048576 or 2049))"
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "-k", expr,
-                          *(str(HERE / f) for f in files)], env=env, capture_output=True, text=True, cwd=HERE.parents[1])
-    tail = (res.stdout + res.stderr)[-6000:]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-x", "-k", expr]  # -s: reports reach stderr
+    cmd += [str(HERE / f) for f in files]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=HERE.parents[1])
+    tail = (res.stdout[-3000:] + "\n" + res.stderr[:6000])  # a sanitizer report starts stderr
     assert res.returncode == 0, tail
     assert " passed" in res.stdout, tail
