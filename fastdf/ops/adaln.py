@@ -15,9 +15,11 @@ the embedding per token; SkyReels-V2 materialises an fp32 [B, 6, T, C] one).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import _alloc, _checks
+from ._eager import torch_backend_eager
 from ._backend import Op
 from ._library import custom_op
 
@@ -82,12 +84,99 @@ def _stats_torch(x, rms, eps):
     return mean, rstd
 
 
+def _fused_norm_ok(x, weight, bias, rms):
+    """Whether torch's fused norms compute N(x) exactly as the reference does: statistics
+    and affine in fp32 (fp64 for fp64 x), one rounding to x's dtype. They take an affine in
+    x's dtype (or fp32 beside a 16-bit x); RMSNorm has no bias, so a bias is added after
+    the rounding, which only fp32/fp64 x can afford (a second rounding otherwise)."""
+    if x.numel() == 0:
+        return False  # C = 0: the reference's NaN statistics, not the kernels' choices
+    ok = (x.dtype,) if x.dtype in (torch.float32, torch.float64) else (x.dtype, torch.float32)
+    if any(t is not None and t.dtype not in ok for t in (weight, bias)):
+        return False
+    return not (rms and bias is not None and x.dtype not in (torch.float32, torch.float64))
+
+
+def _norm_fused(x, rms, weight, bias, eps):
+    """``(N(x) in x's dtype (a fresh contiguous tensor), mean, rstd)`` with fp32 [B, T]
+    statistics, from torch's fused LayerNorm / RMSNorm (one pass for the statistics, one
+    for the output)."""
+    C = x.shape[-1]
+    if rms:
+        n, rstd = torch.ops.aten._fused_rms_norm(x, [C], weight, eps)
+        if bias is not None:
+            n.add_(bias)
+        mean = torch.zeros(x.shape[:2], dtype=torch.float32, device=x.device)
+    else:
+        n, mean, rstd = torch.native_layer_norm(x, [C], weight, bias, eps)
+        mean = mean.view(x.shape[:2]).float()
+    return n, mean, rstd.view(x.shape[:2]).float()
+
+
+def _modulate_into(n, shift, scale):
+    """``n <- n * (1 + scale) + shift`` per frame, in place on the fresh ``n`` (one pass:
+    addcmul computes in the promoted dtype and rounds once into n's, as the reference)."""
+    n4 = _per_frame(n, shift.shape[1])
+    torch.addcmul(shift[:, :, None], n4, 1 + scale[:, :, None], out=n4)
+    return n
+
+
 @MODULATE.register("torch")
 def _modulate_torch(x, shift, scale, weight, bias, rms, eps):
+    if _fused_norm_ok(x, weight, bias, rms):
+        n, mean, rstd = _norm_fused(x, rms, weight, bias, eps)
+        return _modulate_into(n, shift, scale), mean, rstd
     y = _alloc.empty(x.shape, dtype=x.dtype, device=x.device)
     y.copy_(adaln_modulate_reference(x, shift, scale, norm="rms" if rms else "layer", weight=weight, bias=bias, eps=eps))
     mean, rstd = _stats_torch(x, rms, eps)
     return y, mean.float(), rstd.float()
+
+
+class _LayerNormModulate(torch.autograd.Function):
+    """LayerNorm + per-frame modulation with a lean backward: the forward writes y once
+    (no separate ``n * (1 + scale)`` temporary), the backward is LayerNorm's own plus two
+    per-frame reductions. Saves N(x), as eager autograd would."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, weight, bias, eps):
+        C = x.shape[-1]
+        n, mean, rstd = torch.native_layer_norm(x, [C], weight, bias, eps)
+        frames = shift.shape[1]
+        y = torch.addcmul(shift[:, :, None], _per_frame(n, frames), 1 + scale[:, :, None]).reshape(x.shape)
+        ctx.save_for_backward(x, n, scale, weight, bias, mean, rstd)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, n, scale, weight, bias, mean, rstd = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        frames = scale.shape[1]
+        g4 = _per_frame(dy.to(torch.promote_types(dy.dtype, scale.dtype)), frames)
+        d_shift = g4.sum(2).to(scale.dtype) if nig[1] else None
+        d_scale = (g4 * _per_frame(n, frames)).sum(2).to(scale.dtype) if nig[2] else None
+        dx = dw = db = None
+        if nig[0] or nig[3] or nig[4]:
+            dn = (g4 * (1 + scale[:, :, None])).reshape(x.shape).to(x.dtype)
+            mask = [nig[0], weight is not None and nig[3], bias is not None and nig[4]]
+            dx, dw, db = torch.ops.aten.native_layer_norm_backward(dn, x, [x.shape[-1]], mean, rstd, weight, bias, mask)
+        return dx, d_shift, d_scale, dw, db, None
+
+
+def _modulate_eager(x, shift, scale, weight, bias, rms, eps):
+    """The torch backend as plain torch (no custom op): fused norm, then one addcmul per
+    frame broadcast."""
+    C = x.shape[-1]
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, shift, scale, weight, bias))
+    if grad and not rms:
+        return _LayerNormModulate.apply(x, shift, scale, weight, bias, eps)
+    n = F.rms_norm(x, (C,), weight, eps) if rms else F.layer_norm(x, (C,), weight, bias, eps)
+    if rms and bias is not None:
+        n = n + bias
+    if not grad:
+        return _modulate_into(n, shift, scale)
+    frames = shift.shape[1]
+    y = torch.addcmul(shift[:, :, None], _per_frame(n, frames), 1 + scale[:, :, None])
+    return y.reshape(x.shape).to(x.dtype)
 
 
 def _empty_grad(t, like):
@@ -123,11 +212,44 @@ def _modulate_backward_torch(grad, x, scale, weight, bias, mean, rstd, rms):
             _empty_grad(None if d_bias is None else d_bias.to(bias.dtype), x))
 
 
+def _gated_into(out, x, y, gate):
+    """``out <- x + gate * y`` per frame in one pass (addcmul in the promoted dtype, one
+    rounding into out's dtype, as the reference)."""
+    frames = gate.shape[1]
+    torch.addcmul(_per_frame(x, frames), gate[:, :, None], _per_frame(y, frames), out=_per_frame(out, frames))
+    return out
+
+
 @GATED.register("torch")
 def _gated_torch(x, y, gate):
-    out = _alloc.empty(x.shape, dtype=x.dtype, device=x.device)
-    out.copy_(gated_residual_reference(x, y, gate))
-    return out
+    return _gated_into(_alloc.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
+
+
+class _Gated(torch.autograd.Function):
+    """x + gate * y per frame: one addcmul forward; backward as eager's but without
+    addcmul's own extra ``y * value`` temporary."""
+
+    @staticmethod
+    def forward(ctx, x, y, gate):
+        ctx.save_for_backward(y, gate)
+        ctx.acc = torch.promote_types(torch.promote_types(x.dtype, y.dtype), gate.dtype)
+        return _gated_into(torch.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, gate = ctx.saved_tensors
+        frames = gate.shape[1]
+        g4 = _per_frame(grad.to(ctx.acc), frames)  # the reference's products are in the promoted dtype
+        d_y = (g4 * gate[:, :, None]).reshape(y.shape).to(y.dtype) if ctx.needs_input_grad[1] else None
+        d_gate = (g4 * _per_frame(y, frames)).sum(2).to(gate.dtype) if ctx.needs_input_grad[2] else None
+        return grad if ctx.needs_input_grad[0] else None, d_y, d_gate
+
+
+def _gated_eager(x, y, gate):
+    """The torch backend as plain torch (no custom op)."""
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad):
+        return _Gated.apply(x, y, gate)
+    return _gated_into(torch.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
 
 
 @GATED_BACKWARD.register("torch")
@@ -328,6 +450,11 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, *, norm: str = "laye
     _checks.same_device(x=x, shift=shift, scale=scale, weight=weight, bias=bias)
     # The kernels add eps in fp32: NaN, inf or 1e300 would silently turn into NaN/zeros.
     eps = _checks.finite_float("eps", eps, low=0)
+    rms = norm == "rms"
+    # 16-bit x stays on the custom op: CPU LayerNorm's own half backward rounds more than
+    # the reference's fp32 chain (bias gradient 1.6x past the 2x rule in the tests).
+    if x.dtype in (torch.float32, torch.float64) and _fused_norm_ok(x, weight, bias, rms) and torch_backend_eager(x.device):
+        return _modulate_eager(x, shift, scale, weight, bias, rms, eps)
     y, _, _ = _modulate_op(x, shift, scale, weight, bias, norm == "rms", eps)
     return y
 
@@ -349,4 +476,6 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
     _checks.shape("y", y, tuple(x.shape), what="(the shape of x)")
     _check_tables(x, "gate", gate=gate)
     _checks.same_device(x=x, y=y, gate=gate)
+    if torch_backend_eager(x.device) and x.numel():
+        return _gated_eager(x, y, gate)
     return _gated_op(x, y, gate)

@@ -1,0 +1,25 @@
+"""The eager CPU fast path: when a public op may skip its torch.library custom op.
+
+A ``torch.library`` custom op with ``register_autograd`` costs tens of microseconds per
+call in Python dispatch, more than a whole small elementwise op on the CPU, which made the
+``torch`` backend slower than the plain PyTorch code it replaces (issue 11). When the torch
+backend is the one that would run, and nothing is being traced, the public functions of
+adaln and cascade call plain differentiable torch code instead (native autograd, same
+math as the custom op's torch implementation). Under ``torch.compile`` the custom op stays
+(one opaque node, as DESIGN.md asks), and ``torch.ops.fastdf.*`` always is the custom op.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import requested_backend
+
+
+def torch_backend_eager(device: torch.device) -> bool:
+    """True when the op would run its ``torch`` backend on ``device`` and no compiler or
+    exporter is tracing (so plain torch code may stand in for the custom op)."""
+    if torch.compiler.is_compiling():
+        return False
+    request = requested_backend()
+    return request == "torch" or (request == "auto" and device.type == "cpu")
