@@ -25,7 +25,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-CSRC = ROOT / "csrc"
+# FASTDF_CUDA_CPU_CSRC: another copy of csrc/ (e.g. an old revision, to see a regression test fail).
+CSRC = Path(os.environ.get("FASTDF_CUDA_CPU_CSRC", ROOT / "csrc")).resolve()
 KERNELS = ("sampling.cu", "moe.cu", "cascade.cu")  # csrc/, compiled unchanged (after rewrite())
 SELFTEST = HERE / "selftest.cu"  # kernels that break the rules: the checks must fire
 HOST = (HERE / "emu_runtime.cpp", HERE / "shim.cpp")
@@ -80,7 +81,7 @@ def build(variant: str = "default") -> Path:
     h = hashlib.sha256()
     for f in _inputs():
         h.update(f.name.encode() + b"\0" + f.read_bytes())
-    h.update(" ".join([cxx, *flags]).encode())
+    h.update(" ".join([cxx, *flags, str(CSRC)]).encode())
     cache = Path(tempfile.gettempdir()) / "fastdf_cuda_cpu" / f"{variant}-{h.hexdigest()[:16]}"
     lib = cache / "libfdf_emu.so"
     if lib.exists():
@@ -89,7 +90,7 @@ def build(variant: str = "default") -> Path:
     srcs = []
     for path in [CSRC / k for k in KERNELS] + [SELFTEST]:
         dst = work / (path.name + ".cpp")
-        dst.write_text(f'#line 1 "{path.relative_to(ROOT)}"\n' + rewrite(path.read_text()))
+        dst.write_text(f'#line 1 "{path.parent.name}/{path.name}"\n' + rewrite(path.read_text()))
         srcs.append(dst)
     srcs += list(HOST)
     inc = ["-I", str(HERE / "include"), "-I", str(CSRC)]
