@@ -15,12 +15,15 @@ is +inf. A NaN lse, or a NaN o of a non-empty state, gives NaN.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from .. import _native
 from . import _alloc, _checks
 from ._backend import Op
+from ._eager import torch_backend_eager
 from ._layout import row_layout
 from .attention import check_scale
 from ._library import custom_op
@@ -56,9 +59,29 @@ def merge_attention_states_reference(o_a: Tensor, lse_a: Tensor, o_b: Tensor, ls
     return out.to(o_a.dtype), lse
 
 
+def _merge_finite(o_a, lse_a, o_b, lse_b):
+    """The merge when both lse are finite (the common case), else None. Then
+    ``e^(lse_a - lse) = sigmoid(lse_a - lse_b)``: one difference serves as the finiteness
+    test (finite iff both are; an overflow to inf just takes the general path) and as both
+    weights, and o is one multiply plus one fused multiply-add in the compute dtype."""
+    d = lse_a - lse_b
+    # One reduction and one sync: the sum is finite iff every d is (a finite sum that
+    # overflows only sends the call down the general path).
+    if not math.isfinite(d.sum().item()):
+        return None
+    lse = torch.logaddexp(lse_a, lse_b)
+    acc = torch.float64 if o_a.dtype == torch.float64 else torch.float32
+    w_a = torch.sigmoid(d).unsqueeze(-1)
+    w_b = torch.sigmoid(d.neg_()).unsqueeze(-1)
+    out = torch.mul(o_a, w_a.to(acc))  # o_a's dtype promotes to acc: a fresh acc tensor
+    out = torch.addcmul(out, o_b, w_b.to(acc), out=out) if not torch.is_grad_enabled() else torch.addcmul(out, o_b, w_b)
+    return out.to(o_a.dtype), lse
+
+
 @MERGE.register("torch")
 def _merge_torch(o_a, lse_a, o_b, lse_b):
-    return merge_attention_states_reference(o_a, lse_a, o_b, lse_b)
+    fast = _merge_finite(o_a, lse_a, o_b, lse_b) if o_a.numel() else None
+    return fast if fast is not None else merge_attention_states_reference(o_a, lse_a, o_b, lse_b)
 
 
 def _launch_layout(o_a, lse_a, o_b, lse_b):
@@ -159,6 +182,12 @@ def merge_attention_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tenso
     _checks.shape("o_b", o_b, tuple(o_a.shape), what="(the shape of o_a)")
     _checks.shape("lse_a", lse_a, tuple(o_a.shape[:-1]), what="(o_a's shape without its last dim)")
     _checks.shape("lse_b", lse_b, tuple(o_a.shape[:-1]), what="(o_a's shape without its last dim)")
+    if o_a.numel() and torch_backend_eager(o_a.device):
+        # Finite states: plain torch with native autograd (the same math as the custom op's
+        # backward there); any -inf/+inf/NaN lse takes the custom op and its semantics.
+        fast = _merge_finite(o_a, lse_a, o_b, lse_b)
+        if fast is not None:
+            return fast
     return _merge_op(o_a, lse_a, o_b, lse_b)
 
 
