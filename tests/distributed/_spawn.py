@@ -20,7 +20,9 @@ def _entry(rank, fn, world, init_file, args):
 
     # Two cores shared by all ranks: one thread each, or the ranks fight over the cores.
     torch.set_num_threads(1)
-    os.environ.setdefault("FASTDF_BACKEND", "torch")  # the Triton interpreter is wrong for bf16
+    # The torch backend whatever the parent asked for: the ranks run bf16, which the Triton
+    # interpreter gets wrong, and the checks are about distribution, not kernels.
+    os.environ["FASTDF_BACKEND"] = "torch"
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
