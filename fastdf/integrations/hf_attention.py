@@ -9,93 +9,174 @@ builder HF calls once per forward). Then::
 
 runs every attention layer through ``fastdf.df_attention`` (token-causal, ``frame_size=1``;
 GQA/MQA without repeating K/V; the CPU path is the torch reference, CUDA tensors take the
-Triton kernels).
+Triton kernels). It is meant as a drop-in for ``"sdpa"``:
 
-Masks. HF hands the mask builder a 2-D padding mask; instead of a [B, 1, Tq, Tk] tensor
-the builder returns a small :class:`FastdfMask` (or None when plain causality says it
-all). What it can express:
+- any 2-D padding mask (left, right, both sides, holes; causal or bidirectional) becomes
+  df_attention's ``key_padding_mask``; query rows without any real key give zeros;
+- sliding windows (Mistral, Qwen2 ``use_sliding_window``): ``window_frames=W`` with
+  ``frame_size=1``, the window size taken from the layer's ``sliding_window`` argument (as
+  HF's flash-attention backends do), with dynamic and static sliding-window caches;
+- static (compilable) caches: only the keys written so far are used;
+- ``output_attentions=True``: warns once and returns ``None`` weights, as sdpa does;
+- prepared 4-D masks (bool or additive float): a causal/padding(/window) mask in disguise
+  runs the kernel; anything else (packed sequences, custom overlays, per-head masks)
+  computes through a float32 torch reference with that exact mask, after a one-time
+  warning (correct, slow; no refusal).
 
-- no padding, causal or bidirectional (``config.is_causal = False``);
-- left padding (batched generation): keys before the first real token of each row are
-  invisible (``fastdf.ops.attention.df_attention_padded``); padding query rows give zeros;
-- right padding with causal attention (training batches): real tokens never see the later
-  padding keys, so nothing is needed; the outputs *at* padding positions are unspecified
-  (they see their padding keys), as with every unpadding attention;
-- static caches (keys longer than the tokens seen): the unused tail is sliced off.
+Refused with a clear error: attention dropout > 0 (training), logit softcapping, attention
+sinks (``s_aux``), position biases.
 
-Anything else raises ValueError naming the problem: holes in the padding mask, padding on
-both sides with bidirectional attention, sliding-window/chunked/packed-sequence or custom
-mask functions, prepared 4-D masks, attention dropout, softcapping, attention sinks.
+What the builder returns. HF's ``create_causal_mask`` passes only a Tensor or a BlockMask
+of four dims through unchanged (``generate`` with a compilable cache builds the mask once
+and feeds it back into ``forward``), so the builder returns a real 4-D tensor: the key mask
+``[B, 1, 1, L]``, nonzero = a real key, dtype uint8 for causal and int8 for bidirectional
+attention. SDPA and eager take only bool or float masks, so no other producer makes
+such a tensor. For one query (decoding) L is the cache's key length and the mask also
+holds the sliding window, so a compiled decode step never reads the cache position on the
+host; for several queries L is the number of keys in use (a static cache's unused tail is
+sliced off) and the window comes from the layer. Without padding and without an unused
+tail the builder returns None (plain causal attention).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import warnings
 
 import torch
 
-from ..ops.attention import df_attention, df_attention_padded
+from ..ops.attention import df_attention, visible
 
 NAME = "fastdf"
+CAUSAL_KEYS = torch.uint8
+BIDIRECTIONAL_KEYS = torch.int8
+_WARNED = set()
 
 
-@dataclasses.dataclass
-class FastdfMask:
-    """What the fastdf mask builder hands the attention layers: causality, per-row key
-    starts (left padding; None if there is none) and how many keys are in use (None: all)."""
-
-    causal: bool
-    key_start: torch.Tensor | None = None
-    kv_length: int | None = None
+def _warn_once(key: str, message: str):
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, stacklevel=3)
 
 
-def _padding_starts(padding: torch.Tensor, causal: bool) -> torch.Tensor | None:
-    """Per-row index of the first real key, after checking the real keys are contiguous."""
-    padding = padding.bool()
-    B, T = padding.shape
-    count = padding.sum(-1)
-    start = torch.where(count > 0, padding.int().argmax(-1), T)
-    pos = torch.arange(T, device=padding.device)
-    contiguous = (pos >= start[:, None]) & (pos < (start + count)[:, None])
-    if not bool((contiguous == padding).all()):
-        raise ValueError("fastdf attention: the attention_mask has holes (padding between real tokens); "
-                         "it expresses left or right padding only. Use attn_implementation='sdpa' for this batch.")
-    if not causal and bool(((start + count) < T).any()):
-        raise ValueError("fastdf attention: right padding with bidirectional attention would let real tokens see "
-                         "padding; pad on the left or use attn_implementation='sdpa'.")
-    if not bool((start > 0).any()):
-        return None
-    return start.to(torch.int32)
+def _closure(fn) -> dict:
+    code = getattr(fn, "__code__", None)
+    if code is None or not fn.__closure__:
+        return {}
+    return {name: cell.cell_contents for name, cell in zip(code.co_freevars, fn.__closure__)}
+
+
+def _mask_kind(mask_function):
+    """("causal", None), ("causal", W) for HF's sliding-window causal function,
+    ("bidirectional", None), or None for anything else (read from HF's closures: the
+    functions are built by masking_utils, so their shape is known)."""
+    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+
+    if mask_function is None or mask_function is causal_mask_function:
+        return "causal", None
+    if mask_function is bidirectional_mask_function:
+        return "bidirectional", None
+    if getattr(mask_function, "__qualname__", "") == "and_masks.<locals>.and_mask":
+        parts = _closure(mask_function).get("mask_functions", ())
+        if len(parts) == 2 and parts[1] is causal_mask_function and \
+                getattr(parts[0], "__qualname__", "") == "sliding_window_overlay.<locals>.inner_mask":
+            window = _closure(parts[0]).get("sliding_window")
+            if isinstance(window, int) and window >= 1:
+                return "causal", window
+    return None
 
 
 def fastdf_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset: int = 0,
-                mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs) -> FastdfMask | None:
-    """The mask builder registered in AttentionMaskInterface (see the module docstring)."""
-    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+                mask_function=None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """The mask builder registered in AttentionMaskInterface (see the module docstring):
+    None, a key mask ``[B, 1, 1, L]`` (uint8: causal, int8: bidirectional), or for mask
+    functions it cannot express, the exact boolean mask sdpa would get."""
+    from transformers.masking_utils import prepare_padding_mask, sdpa_mask
 
-    if mask_function is causal_mask_function or mask_function is None:
-        causal = True
-    elif mask_function is bidirectional_mask_function:
-        causal = False
-    else:
-        name = getattr(mask_function, "__qualname__", repr(mask_function))
-        raise ValueError(f"fastdf attention expresses plain causal or bidirectional masks (with padding), not this "
-                         f"model's mask function {name} (sliding window, chunked, packed sequences or custom "
-                         f"overlays); use attn_implementation='sdpa' for this model")
-    if isinstance(kv_offset, torch.Tensor) or kv_offset:
-        raise ValueError(f"fastdf attention needs keys that start at position 0 (got kv_offset={kv_offset}, "
-                         f"a sliding-window cache)")
-    used = int(q_offset) + q_length if causal else kv_length
-    kv_used = None if used == kv_length else used
-    key_start = None
+    kind = _mask_kind(mask_function)
+    if kind is None:  # packed sequences, block overlays, custom functions: the exact mask
+        kwargs.pop("allow_is_causal_skip", None)
+        kwargs.pop("allow_is_bidirectional_skip", None)
+        return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                         kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                         allow_is_causal_skip=False, allow_is_bidirectional_skip=False, **kwargs)
+    kind, window = kind
+    device = kwargs.get("device") or (attention_mask.device if attention_mask is not None else None)
+    pad = None
     if attention_mask is not None:
-        padding = attention_mask[:, :used]
-        if padding.shape[-1] < used:
-            padding = torch.nn.functional.pad(padding, (0, used - padding.shape[-1]), value=True)
-        key_start = _padding_starts(padding, causal)
-    if causal and key_start is None and kv_used is None:
+        # HF's own rule: keys beyond the 2-D mask are padding (a static cache's tail)
+        pad = prepare_padding_mask(attention_mask.bool(), kv_length, kv_offset)[:, kv_offset:kv_offset + kv_length]
+    if kind == "bidirectional":
+        if pad is None:
+            pad = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+        return pad.to(BIDIRECTIONAL_KEYS)[:, None, None, :]
+    # Keys are positions kv_offset .. kv_offset + kv_length - 1; the queries end at `used`.
+    used = q_offset + q_length - kv_offset
+    if q_length == 1:
+        pos = torch.arange(kv_length, device=device)
+        keys = pos < used
+        if window is not None:
+            keys = keys & (pos >= used - window)
+        keys = keys[None, :] if pad is None else pad & keys[None, :]
+        if pad is None and not isinstance(used, torch.Tensor) and used == kv_length:
+            return None  # the layer's own window, at the last key, is then the same
+        return keys.expand(batch_size, kv_length).to(CAUSAL_KEYS)[:, None, None, :]
+    used = int(used)  # a host read for a static cache's prefill only (never on a compiled decode step)
+    if pad is None:
+        if used == kv_length:
+            return None
+        pad = torch.ones(batch_size, kv_length, dtype=torch.bool, device=device)
+    return pad[:, :used].to(CAUSAL_KEYS)[:, None, None, :]
+
+
+def _prepared_mask_visibility(mask: torch.Tensor):
+    """Visibility (bool) of a prepared bool or additive float mask, or None when the float
+    mask carries biases beyond 0 / "masked" (then only the exact computation will do)."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
         return None
-    return FastdfMask(causal=causal, key_start=key_start, kv_length=kv_used)
+    vis = mask > torch.finfo(mask.dtype).min / 2
+    if not bool(((mask == 0) | ~vis).all()):
+        return None
+    return vis
+
+
+def _in_disguise(vis: torch.Tensor, B: int, Tq: int, Tk: int, causal: bool, window):
+    """(causal, key_padding_mask) when ``vis`` ([B or 1, 1, Tq, Tk]) is exactly df_attention's
+    rule with a key padding mask, else None. One pass over the mask, one host sync."""
+    if vis.dim() != 4 or vis.shape[1] != 1 or vis.shape[2] != Tq or vis.shape[3] != Tk or vis.shape[0] not in (1, B):
+        return None
+    rows = vis[:, 0]
+    kpm = rows.any(-2)  # a key some query sees is real; one nobody sees may as well be padding
+    q_pos = torch.arange(Tk - Tq, Tk, device=vis.device)[:, None]
+    k_pos = torch.arange(Tk, device=vis.device)[None, :]
+    candidates = [(True, window)] if causal else []
+    candidates.append((False, None))
+    for c, w in candidates:
+        rule = visible(q_pos, k_pos, causal=c, window_frames=w if c else None)
+        if torch.equal(rows, rule[None] & kpm[:, None, :]):
+            return c, kpm.expand(B, Tk)
+    return None
+
+
+def _attention_with_mask(query, key, value, mask, scale):
+    """The exact slow path: float32 softmax(q k^T * scale + mask) v with any broadcastable
+    4-D bool or additive mask; rows without a visible key give zeros (as df_attention)."""
+    B, Hq, Tq, D = query.shape
+    Hkv = key.shape[1]
+    G = Hq // Hkv
+    q = query.float().reshape(B, Hkv, G, Tq, D)
+    scores = (q * scale) @ key.float()[:, :, None].transpose(-1, -2)  # [B, Hkv, G, Tq, Tk]
+    m = mask if mask.shape[1] == 1 else mask.reshape(mask.shape[0], Hkv, G, *mask.shape[2:])
+    m = m[:, :, None] if mask.shape[1] == 1 else m
+    if m.dtype == torch.bool:
+        scores = scores.masked_fill(~m, float("-inf"))
+    else:
+        scores = scores + m.float()
+    empty = torch.isneginf(scores).all(-1, keepdim=True)
+    p = torch.softmax(scores.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    out = p @ value.float()[:, :, None]
+    return out.reshape(B, Hq, Tq, D).to(query.dtype)
 
 
 def fastdf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -106,31 +187,50 @@ def fastdf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
     if dropout:
         raise ValueError(f"fastdf attention has no attention dropout (got dropout={dropout}); set the config's "
                          f"attention_dropout to 0")
-    for unsupported in ("softcap", "sliding_window", "s_aux", "position_bias"):
+    for unsupported in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(unsupported) is not None:
             raise ValueError(f"fastdf attention does not support {unsupported} (this model passes one); use "
-                             f"attn_implementation='sdpa'")
+                             f"attn_implementation='sdpa' or 'eager'")
     if kwargs.get("output_attentions"):
-        raise ValueError("fastdf attention never materialises attention weights; use attn_implementation='eager' "
-                         "for output_attentions=True")
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    key_start = None
-    if isinstance(attention_mask, FastdfMask):
-        causal = attention_mask.causal
-        key_start = attention_mask.key_start
-        if attention_mask.kv_length is not None:
-            key, value = key[:, :, :attention_mask.kv_length], value[:, :, :attention_mask.kv_length]
-    elif attention_mask is not None:
-        raise ValueError(f"fastdf attention got a prepared mask of type {type(attention_mask).__name__} "
-                         f"(shape {tuple(getattr(attention_mask, 'shape', ()))}); it takes the masks its own builder "
-                         f"makes from 2-D padding masks (import fastdf.integrations.hf_attention before building "
-                         f"the model), or use attn_implementation='sdpa' for custom 4-D masks")
-    if not causal and query.shape[2] > key.shape[2]:
-        raise ValueError("fastdf attention needs at most as many queries as keys")
-    if key_start is None:
-        out = df_attention(query, key, value, causal=bool(causal), scale=scaling)
+        _warn_once("output_attentions", "fastdf attention never materialises attention weights: "
+                   "output_attentions=True returns None weights (as sdpa); use attn_implementation='eager' for them")
+    window = kwargs.get("sliding_window")
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"fastdf attention: sliding_window must be a positive int, got {window!r}")
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    B, _, Tq, _ = query.shape
+    kpm = None
+    if attention_mask is None:
+        pass
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dtype in (CAUSAL_KEYS, BIDIRECTIONAL_KEYS) \
+            and attention_mask.dim() == 4 and attention_mask.shape[1:3] == (1, 1):
+        causal = attention_mask.dtype == CAUSAL_KEYS
+        used = attention_mask.shape[-1]
+        if used < key.shape[2]:  # a static cache's unused tail
+            key, value = key[:, :, :used], value[:, :, :used]
+        if causal and Tq == 1:
+            window = None  # the builder folded it into the mask, at the true query position
+        kpm = attention_mask[:, 0, 0, :].view(torch.bool).expand(B, -1)
+    elif isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+        vis = _prepared_mask_visibility(attention_mask)
+        found = None if vis is None else _in_disguise(vis, B, Tq, key.shape[2], causal, window)
+        if found is None:
+            _warn_once("prepared-mask", "fastdf attention got a prepared 4-D mask it cannot express as a causal, "
+                       "window or padding mask; computing through the float32 torch reference with that exact "
+                       "mask (correct but slow)")
+            return _attention_with_mask(query, key, value, attention_mask, scale).transpose(1, 2), None
+        causal, kpm = found
+        if not causal:
+            window = None
     else:
-        out = df_attention_padded(query, key, value, key_start.to(query.device), causal=bool(causal), scale=scaling)
+        raise ValueError(f"fastdf attention got a mask of type {type(attention_mask).__name__} "
+                         f"(shape {tuple(getattr(attention_mask, 'shape', ()))}); it takes None, 4-D tensors and "
+                         f"the masks its own builder makes (import fastdf.integrations.hf_attention first)")
+    if Tq > key.shape[2]:
+        raise ValueError(f"fastdf attention needs at most as many queries ({Tq}) as keys ({key.shape[2]})")
+    out = df_attention(query, key, value, causal=causal, window_frames=window if causal else None, scale=scale,
+                       key_padding_mask=kpm)
     return out.transpose(1, 2), None
 
 

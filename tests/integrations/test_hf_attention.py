@@ -1,5 +1,7 @@
 """attn_implementation="fastdf" in HF transformers: same logits as "sdpa" on a tiny random
-Llama (no padding, left padding, generation with a KV cache), clear errors otherwise."""
+Llama (no padding, left/right padding, holes, generation with a KV cache), the mask builder's
+products, clear errors for what cannot be expressed. Whole-model paths (static caches,
+sliding windows, classification heads, 4-D masks): test_hf_attention_models.py."""
 
 import copy
 import sys
@@ -22,7 +24,7 @@ def _forget_top_level_kernels():
 
 import fastdf  # noqa: E402
 import fastdf.integrations.hf_attention  # noqa: E402,F401  (registers "fastdf")
-from fastdf.integrations.hf_attention import FastdfMask, fastdf_attention_forward  # noqa: E402
+from fastdf.integrations.hf_attention import fastdf_attention_forward  # noqa: E402
 
 
 def _models(**overrides):
@@ -103,48 +105,56 @@ def test_gradients_flow_like_sdpa():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_masks_it_cannot_express_raise():
+def test_holes_and_right_padding_match_sdpa():
+    ids, _ = _batch([8, 8], 8, seed=4)
+    mask = torch.ones_like(ids)
+    mask[0, 2] = 0  # a hole
+    mask[1, :2] = 0  # both sides
+    mask[1, 6:] = 0
+    _compare_logits(ids, mask)
+
+
+def test_what_it_cannot_express_raises_clearly():
     _, ours = _models()
-    ids, _ = _batch([6, 6], 6)
-    holes = torch.ones_like(ids)
-    holes[0, 2] = 0
-    with pytest.raises(ValueError, match="has holes"):
-        ours(ids, attention_mask=holes)
     q = torch.randn(1, 4, 3, 16)
     k = torch.randn(1, 2, 3, 16)
     module = ours.model.layers[0].self_attn
-    with pytest.raises(ValueError, match="prepared mask of type Tensor"):
-        fastdf_attention_forward(module, q, k, k, torch.ones(1, 1, 3, 3, dtype=torch.bool))
     with pytest.raises(ValueError, match="attention dropout"):
         fastdf_attention_forward(module, q, k, k, None, dropout=0.1)
-    with pytest.raises(ValueError, match="sliding_window"):
-        fastdf_attention_forward(module, q, k, k, None, sliding_window=2)
-    out, weights = fastdf_attention_forward(module, q[:, :, :2], k, k, FastdfMask(causal=True, kv_length=2))
-    assert out.shape == (1, 2, 4, 16) and weights is None
+    with pytest.raises(ValueError, match="softcap"):
+        fastdf_attention_forward(module, q, k, k, None, softcap=30.0)
+    with pytest.raises(ValueError, match="s_aux"):
+        fastdf_attention_forward(module, q, k, k, None, s_aux=torch.zeros(4))
+    with pytest.raises(ValueError, match="sliding_window must be a positive int"):
+        fastdf_attention_forward(module, q, k, k, None, sliding_window=0)
+    with pytest.raises(ValueError, match="mask of type list"):
+        fastdf_attention_forward(module, q, k, k, [[1]])
 
 
-def test_sliding_window_models_raise_clearly():
-    config = transformers.MistralConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=1, sliding_window=4)
-    model = transformers.MistralForCausalLM._from_config(config, attn_implementation="fastdf").eval()
-    with pytest.raises(ValueError, match="sliding"):
-        model(torch.randint(0, 50, (1, 8)))
-
-
-def test_mask_builder_cases():
-    from transformers.masking_utils import bidirectional_mask_function, causal_mask_function
+def test_mask_builder_products_survive_create_causal_mask():
+    """The builder returns a real 4-D tensor, which HF's create_causal_mask passes through
+    unchanged (generate with a compilable cache feeds it back into forward)."""
+    from transformers.masking_utils import (bidirectional_mask_function, causal_mask_function,
+                                            sliding_window_causal_mask_function)
 
     from fastdf.integrations.hf_attention import fastdf_mask
 
-    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
-    assert fastdf_mask(2, 4, 4, mask_function=causal_mask_function, attention_mask=torch.ones_like(left)) is None
-    m = fastdf_mask(2, 4, 4, mask_function=causal_mask_function, attention_mask=left)
-    assert m.causal and m.key_start.tolist() == [2, 0] and m.kv_length is None
-    m = fastdf_mask(2, 4, 4, mask_function=bidirectional_mask_function, attention_mask=left)
-    assert not m.causal and m.key_start.tolist() == [2, 0]
-    with pytest.raises(ValueError, match="right padding with bidirectional"):
-        fastdf_mask(2, 4, 4, mask_function=bidirectional_mask_function, attention_mask=left.flip(-1))
-    m = fastdf_mask(2, 1, 16, q_offset=3, mask_function=causal_mask_function, attention_mask=None)
-    assert m.kv_length == 4 and m.key_start is None  # a static cache: only the first 4 keys exist yet
-    with pytest.raises(ValueError, match="kv_offset"):
-        fastdf_mask(2, 1, 4, kv_offset=3, mask_function=causal_mask_function)
+    pad = torch.tensor([[0, 0, 1, 1], [1, 1, 0, 1]], dtype=torch.bool)
+    assert fastdf_mask(2, 4, 4, mask_function=causal_mask_function) is None
+    m = fastdf_mask(2, 4, 4, mask_function=causal_mask_function, attention_mask=pad)
+    assert m.dtype == torch.uint8 and m.shape == (2, 1, 1, 4) and torch.equal(m[:, 0, 0].bool(), pad)
+    m = fastdf_mask(2, 4, 4, mask_function=bidirectional_mask_function, attention_mask=pad)
+    assert m.dtype == torch.int8 and torch.equal(m[:, 0, 0].bool(), pad)
+    # a static cache's prefill: only the 4 keys in use, the unused tail is sliced off
+    m = fastdf_mask(2, 4, 16, q_offset=torch.tensor(0), mask_function=causal_mask_function, attention_mask=None)
+    assert m.shape == (2, 1, 1, 4) and bool(m.all())
+    # a decode step at position 9 of a 16-key static cache with a window of 3: folded into the mask
+    m = fastdf_mask(1, 1, 16, q_offset=torch.tensor(9), mask_function=sliding_window_causal_mask_function(3))
+    assert m.shape == (1, 1, 1, 16) and m[0, 0, 0].nonzero().flatten().tolist() == [7, 8, 9]
+    # a rolled sliding cache (keys start at position kv_offset): relative positions
+    m = fastdf_mask(1, 1, 4, q_offset=12, kv_offset=9, mask_function=sliding_window_causal_mask_function(4),
+                    attention_mask=torch.ones(1, 13, dtype=torch.bool))
+    assert m[0, 0, 0].tolist() == [1, 1, 1, 1]
+    # anything else: the exact boolean mask sdpa would get
+    m = fastdf_mask(1, 3, 3, mask_function=lambda b, h, q, k: q >= 0, device="cpu")
+    assert m.dtype == torch.bool and m.shape == (1, 1, 3, 3) and bool(m.all())
