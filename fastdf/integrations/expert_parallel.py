@@ -151,7 +151,7 @@ def moe_experts_ep(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_
     resolve_act(act)
     _, world = _world(group)
     per = len(mine)
-    T, K = topk_ids.shape
+    K = topk_ids.shape[1]
     order, inverse, offs = moe_route(topk_ids, num_experts)
     # Rows per expert in sorted order; experts are contiguous per rank, so per rank too.
     counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
