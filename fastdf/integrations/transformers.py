@@ -6,7 +6,8 @@ transformers takes a pluggable implementation.
     model.set_experts_implementation("fastdf")   # MoE models
 
 - ``AttentionInterface`` / ``AttentionMaskInterface``: token-causal ``df_attention``
-  (``hf_attention``; no or left padding, clear errors for masks it cannot express).
+  (``hf_attention``; any 2-D padding mask, sliding windows, static and sliding caches,
+  prepared 4-D masks; see its docstring for the exact list).
 - ``ExpertsInterface``: ``moe_experts`` (``hf_experts``; Mixtral, Qwen2/3-MoE, OLMoE,
   DeepSeek-V2/V3), which ``fastdf.esft`` uses to train compact expert subsets.
 """
