@@ -33,7 +33,7 @@ from . import _alloc, _checks
 from ._backend import Op, unavailable_reason
 from ._library import custom_op
 from .grouped_mm import TRITON_DTYPES, _capturing, _ids_flags, _raise_ids, check_trainable, grouped_mm, \
-    grouped_mm_reference, slot_map
+    grouped_mm_loop, slot_map
 
 ROUTE = Op("moe_route", prefer=("cuda", "torch"))
 GATHER = Op("moe_gather", prefer=("cuda", "triton", "torch"))
@@ -287,7 +287,7 @@ def _combine_triton_impl(y, inverse, weights):
 
 @COMBINE.register("torch")
 def _combine_torch(y, inverse, weights):
-    return moe_combine_reference(y, inverse, weights)
+    return _combine_torch_fast(y, inverse, weights)
 
 
 @COMBINE.register("triton", supports=lambda y, *a: None if y.dtype in TRITON_DTYPES else "fp64 is not compiled")
@@ -350,32 +350,59 @@ def moe_combine(y: Tensor, inverse: Tensor, weights: Tensor | None = None) -> Te
 
 # ---------------------------------------------------------------------------- primitives per backend
 
+def _combine_torch_fast(y, inverse, weights):
+    """moe_combine_reference with the same fp32 operations in the same slot order (so the
+    same values), minus its temporaries: one gather, the weights applied in place, and
+    each slot added into the running sum."""
+    T, K = inverse.shape
+    if K == 0 or y.shape[1] == 0:
+        return moe_combine_reference(y, inverse, weights)
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    rows = y.index_select(0, inverse.reshape(-1).long()).view(T, K, y.shape[1])
+    rows = rows.to(acc)
+    if weights is not None:
+        rows.mul_(weights.to(acc).unsqueeze(-1))
+    if K == 1:
+        return rows[:, 0].to(y.dtype)
+    out = torch.add(rows[:, 0], rows[:, 1])
+    for k in range(2, K):
+        out.add_(rows[:, k])
+    return out.to(y.dtype)
+
+
 class _TorchPrims:
-    """The pipeline's steps as readable torch (the CPU path)."""
+    """The pipeline's steps in torch (the CPU path): the references' operations, written
+    into preallocated outputs."""
 
     route = staticmethod(moe_route_reference)
-    combine = staticmethod(moe_combine_reference)
+    combine = staticmethod(_combine_torch_fast)
 
     @staticmethod
     def glu_gemm(hidden, tok, w, offs, tw, tids, slot, act, save):
-        h1 = grouped_mm_reference(hidden[tok.long()], w, offs, trainable_w=tw, trainable_ids=tids)
+        h1 = grouped_mm_loop(hidden.index_select(0, tok.long()), w, offs, trainable_w=tw, trainable_ids=tids)
         gate, up = h1.chunk(2, dim=-1)
-        a = _act_torch(act)(gate) * up
+        a = _act_torch(act)(gate).mul_(up)
         return a, (h1 if save else h1.new_empty(0))
 
     @staticmethod
     def gemm(x, w, offs, rows, tw, tids, slot):
         if rows is not None:
-            x = x[rows.long()]
-        return grouped_mm_reference(x, w, offs, trainable_w=tw, trainable_ids=tids)
+            x = x.index_select(0, rows.long())
+        return grouped_mm_loop(x, w, offs, trainable_w=tw, trainable_ids=tids)
 
     @staticmethod
     def gemm_dw(x, dy, offs, ids, out, x_rows=None, dy_rows=None):
-        x = x[x_rows.long()] if x_rows is not None else x
-        dy = dy[dy_rows.long()] if dy_rows is not None else dy
+        x = x.index_select(0, x_rows.long()) if x_rows is not None else x
+        dy = dy.index_select(0, dy_rows.long()) if dy_rows is not None else dy
         bounds = [0] + offs.tolist()
         for j, e in enumerate(ids.tolist()):
-            out[j] = (x[bounds[e]:bounds[e + 1]].transpose(0, 1) @ dy[bounds[e]:bounds[e + 1]]).to(out.dtype)
+            xs, dys = x[bounds[e]:bounds[e + 1]], dy[bounds[e]:bounds[e + 1]]
+            dst = out[j]
+            if dst.transpose(0, 1).is_contiguous() and dst.dtype == x.dtype:
+                # out is the transpose of the gradient's storage: write dy^T x there directly
+                torch.mm(dys.transpose(0, 1), xs, out=dst.transpose(0, 1))
+            else:
+                dst.copy_(xs.transpose(0, 1) @ dys)
 
     @staticmethod
     def glu_bwd(h1, da, w_sorted, act, need_aw):
@@ -383,13 +410,22 @@ class _TorchPrims:
         gate, up = h1.to(acc).chunk(2, dim=-1)
         d = da.to(acc)
         w = w_sorted.to(acc).unsqueeze(-1)
-        ag = _act_torch(act)(gate)
+        S, I = d.shape
+        if act == 0:  # SiLU: one sigmoid serves the activation and its derivative
+            sig = torch.sigmoid(gate)
+            ag = gate * sig
+            grad_act = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig)  # s (1 + x (1 - s))
+        else:
+            ag = _act_torch(act)(gate)
+            grad_act = _act_grad_torch(gate, act)
         a = (ag * up).to(h1.dtype).to(acc)
         dw = (d * a).sum(-1)
         dd = d * w
-        dh1 = torch.cat([dd * up * _act_grad_torch(gate, act), dd * ag], dim=-1).to(h1.dtype)
-        aw = (a * w).to(h1.dtype) if need_aw else None
-        return dh1, dw, aw
+        dh1 = torch.empty((S, 2 * I), dtype=acc, device=d.device)
+        torch.mul(grad_act.mul_(dd), up, out=dh1[:, :I])
+        torch.mul(dd, ag, out=dh1[:, I:])
+        aw = a.mul_(w).to(h1.dtype) if need_aw else None
+        return dh1.to(h1.dtype), dw, aw
 
 
 class _TritonPrims:
