@@ -132,51 +132,23 @@ def _modulate_torch(x, shift, scale, weight, bias, rms, eps):
     return y, mean.float(), rstd.float()
 
 
-class _LayerNormModulate(torch.autograd.Function):
-    """LayerNorm + per-frame modulation with a lean backward: the forward writes y once
-    (no separate ``n * (1 + scale)`` temporary), the backward is LayerNorm's own plus two
-    per-frame reductions. Saves N(x), as eager autograd would."""
-
-    @staticmethod
-    def forward(ctx, x, shift, scale, weight, bias, eps):
-        C = x.shape[-1]
-        n, mean, rstd = torch.native_layer_norm(x, [C], weight, bias, eps)
-        frames = shift.shape[1]
-        y = torch.addcmul(shift[:, :, None], _per_frame(n, frames), 1 + scale[:, :, None]).reshape(x.shape)
-        ctx.save_for_backward(x, n, scale, weight, bias, mean, rstd)
-        return y.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, n, scale, weight, bias, mean, rstd = ctx.saved_tensors
-        nig = ctx.needs_input_grad
-        frames = scale.shape[1]
-        g4 = _per_frame(dy.to(torch.promote_types(dy.dtype, scale.dtype)), frames)
-        d_shift = g4.sum(2).to(scale.dtype) if nig[1] else None
-        d_scale = (g4 * _per_frame(n, frames)).sum(2).to(scale.dtype) if nig[2] else None
-        dx = dw = db = None
-        if nig[0] or nig[3] or nig[4]:
-            dn = (g4 * (1 + scale[:, :, None])).reshape(x.shape).to(x.dtype)
-            mask = [nig[0], weight is not None and nig[3], bias is not None and nig[4]]
-            dx, dw, db = torch.ops.aten.native_layer_norm_backward(dn, x, [x.shape[-1]], mean, rstd, weight, bias, mask)
-        return dx, d_shift, d_scale, dw, db, None
+def _grad_needed(*tensors):
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _modulate_eager(x, shift, scale, weight, bias, rms, eps):
-    """The torch backend as plain torch (no custom op): fused norm, then one addcmul per
-    frame broadcast."""
+    """The torch backend as plain torch (no custom op): fused norm, then the modulation.
+    Without autograd it is one in-place addcmul on the fresh norm output; with autograd it
+    is eager's own graph (measured: an autograd.Function with a leaner backward loses its
+    saved pass to Python overhead below ~1 MB and only ties above it)."""
     C = x.shape[-1]
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, shift, scale, weight, bias))
-    if grad and not rms:
-        return _LayerNormModulate.apply(x, shift, scale, weight, bias, eps)
     n = F.rms_norm(x, (C,), weight, eps) if rms else F.layer_norm(x, (C,), weight, bias, eps)
     if rms and bias is not None:
         n = n + bias
-    if not grad:
+    if not _grad_needed(x, shift, scale, weight, bias):
         return _modulate_into(n, shift, scale)
-    frames = shift.shape[1]
-    y = torch.addcmul(shift[:, :, None], _per_frame(n, frames), 1 + scale[:, :, None])
-    return y.reshape(x.shape).to(x.dtype)
+    n4 = _per_frame(n, shift.shape[1])
+    return (n4 * (1 + scale[:, :, None]) + shift[:, :, None]).reshape(x.shape).to(x.dtype)
 
 
 def _empty_grad(t, like):
@@ -216,6 +188,8 @@ def _gated_into(out, x, y, gate):
     """``out <- x + gate * y`` per frame in one pass (addcmul in the promoted dtype, one
     rounding into out's dtype, as the reference)."""
     frames = gate.shape[1]
+    if frames in (1, x.shape[1]):  # the table broadcasts as it is: skip three views
+        return torch.addcmul(x, gate, y, out=out)
     torch.addcmul(_per_frame(x, frames), gate[:, :, None], _per_frame(y, frames), out=_per_frame(out, frames))
     return out
 
@@ -225,31 +199,14 @@ def _gated_torch(x, y, gate):
     return _gated_into(_alloc.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
 
 
-class _Gated(torch.autograd.Function):
-    """x + gate * y per frame: one addcmul forward; backward as eager's but without
-    addcmul's own extra ``y * value`` temporary."""
-
-    @staticmethod
-    def forward(ctx, x, y, gate):
-        ctx.save_for_backward(y, gate)
-        ctx.acc = torch.promote_types(torch.promote_types(x.dtype, y.dtype), gate.dtype)
-        return _gated_into(torch.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
-
-    @staticmethod
-    def backward(ctx, grad):
-        y, gate = ctx.saved_tensors
-        frames = gate.shape[1]
-        g4 = _per_frame(grad.to(ctx.acc), frames)  # the reference's products are in the promoted dtype
-        d_y = (g4 * gate[:, :, None]).reshape(y.shape).to(y.dtype) if ctx.needs_input_grad[1] else None
-        d_gate = (g4 * _per_frame(y, frames)).sum(2).to(gate.dtype) if ctx.needs_input_grad[2] else None
-        return grad if ctx.needs_input_grad[0] else None, d_y, d_gate
-
-
 def _gated_eager(x, y, gate):
-    """The torch backend as plain torch (no custom op)."""
-    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad):
-        return _Gated.apply(x, y, gate)
-    return _gated_into(torch.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
+    """The torch backend as plain torch (no custom op): one addcmul without autograd,
+    eager's own graph with it (see _modulate_eager)."""
+    if not _grad_needed(x, y, gate):
+        return _gated_into(torch.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
+    frames = gate.shape[1]
+    out = _per_frame(x, frames) + gate[:, :, None] * _per_frame(y, frames)
+    return out.reshape(x.shape).to(x.dtype)
 
 
 @GATED_BACKWARD.register("torch")
