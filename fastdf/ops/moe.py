@@ -411,18 +411,15 @@ class _TorchPrims:
         d = da.to(acc)
         w = w_sorted.to(acc).unsqueeze(-1)
         S, I = d.shape
-        if act == 0:  # SiLU: one sigmoid serves the activation and its derivative
-            sig = torch.sigmoid(gate)
-            ag = gate * sig
-            grad_act = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig)  # s (1 + x (1 - s))
-        else:
-            ag = _act_torch(act)(gate)
-            grad_act = _act_grad_torch(gate, act)
+        ag = _act_torch(act)(gate)
         a = (ag * up).to(h1.dtype).to(acc)
-        dw = (d * a).sum(-1)
+        dw = torch.linalg.vecdot(d, a)
         dd = d * w
         dh1 = torch.empty((S, 2 * I), dtype=acc, device=d.device)
-        torch.mul(grad_act.mul_(dd), up, out=dh1[:, :I])
+        if act == 0:  # torch's fused SiLU derivative, written into the gate half
+            torch.ops.aten.silu_backward.grad_input(dd * up, gate, grad_input=dh1[:, :I])
+        else:
+            torch.mul(dd * up, _act_grad_torch(gate, act), out=dh1[:, :I])
         torch.mul(dd, ag, out=dh1[:, I:])
         aw = a.mul_(w).to(h1.dtype) if need_aw else None
         return dh1.to(h1.dtype), dw, aw
