@@ -128,3 +128,22 @@ def test_missing_folders_are_created_and_writes_are_atomic(tmp_path):
     core.write_json(path, [{"suite": "s"}], {"device": "cpu"})
     assert json.loads(path.read_text())["results"] == [{"suite": "s"}]
     assert sorted(p.name for p in path.parent.iterdir()) == ["b.json"]  # no temporary left behind
+
+
+def test_compile_flag_runs_the_compile_report_without_the_interpreter(monkeypatch, capsys, tmp_path):
+    """--compile hands over to python -m fastdf.bench.compile in a child process without
+    TRITON_INTERPRET (the kernels must be imported compiled), passing --json through."""
+    import subprocess as sp
+
+    from fastdf.bench import cli
+
+    calls = []
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(sp, "run", lambda cmd, env: calls.append((cmd, env)) or sp.CompletedProcess(cmd, 0))
+    assert cli.main(["--compile", "--json", str(tmp_path / "c.json")]) == 0
+    (cmd, env), = calls
+    assert cmd[1:] == ["-m", "fastdf.bench.compile", "--json", str(tmp_path / "c.json")]
+    assert "TRITON_INTERPRET" not in env
+    with pytest.raises(SystemExit):
+        cli.main(["--compile", "--suite", "cascade"])
+    assert "--compile takes only --json" in capsys.readouterr().err
