@@ -392,11 +392,12 @@ class _TorchPrims:
 
     @staticmethod
     def gemm_dw(x, dy, offs, ids, out, x_rows=None, dy_rows=None):
-        x = x.index_select(0, x_rows.long()) if x_rows is not None else x
-        dy = dy.index_select(0, dy_rows.long()) if dy_rows is not None else dy
         bounds = [0] + offs.tolist()
         for j, e in enumerate(ids.tolist()):
-            xs, dys = x[bounds[e]:bounds[e + 1]], dy[bounds[e]:bounds[e + 1]]
+            # gather only this expert's rows: with ESFT most experts are frozen
+            lo, hi = bounds[e], bounds[e + 1]
+            xs = x.index_select(0, x_rows[lo:hi].long()) if x_rows is not None else x[lo:hi]
+            dys = dy.index_select(0, dy_rows[lo:hi].long()) if dy_rows is not None else dy[lo:hi]
             dst = out[j]
             if dst.transpose(0, 1).is_contiguous() and dst.dtype == x.dtype:
                 # out is the transpose of the gradient's storage: write dy^T x there directly
