@@ -12,9 +12,9 @@ a Lean REPL pool, scored by pass@k (DESIGN.md §1, §4).
 from .check import DEFAULT_HEADER, LeanREPLVerifier, Verifier, VerifyResult, pass_at_k
 from .generate import generate
 from .prove import ProveReport, TheoremResult, prove
-from .sampler import Completion, ProofSampler, apply_repetition_penalty
+from .sampler import Completion, ProofSampler, apply_repetition_penalty, prompt_seed
 
 __all__ = [
     "Completion", "DEFAULT_HEADER", "LeanREPLVerifier", "ProofSampler", "ProveReport", "TheoremResult", "Verifier",
-    "VerifyResult", "apply_repetition_penalty", "generate", "pass_at_k", "prove",
+    "VerifyResult", "apply_repetition_penalty", "generate", "pass_at_k", "prompt_seed", "prove",
 ]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Sequence
 
+from ..ops import _checks
+from . import _dist
 from .check import Verifier, VerifyResult, pass_at_k
-from .sampler import Completion
+from .sampler import Completion, prompt_seed
 
 
 @dataclasses.dataclass
@@ -51,6 +53,17 @@ def prove(sampler, verifier: Verifier, theorems: Sequence[str], k: int, *,
         **sample_kwargs: passed to ``sampler.sample`` (temperature, top_p, stop, seed, ...).
 
     Identical proofs of one theorem are checked once.
+
+    Inside an initialised ``torch.distributed`` process group (more than one rank) the
+    theorems are sharded round-robin over the ranks: each rank samples its shard with its
+    own model replica and checks it with its own ``verifier`` (its own REPL pool), and
+    every rank returns the merged report, in input order. Every rank must make the same
+    call (same theorems and arguments; checked). With ``seed``, theorem ``i`` samples from
+    its own stream (:func:`~fastdf.prover.prompt_seed` ``(seed, i)``), so the proofs do not
+    depend on the number of ranks or on which theorems share a batch. ``seed`` may also
+    be a list with one int per theorem (each theorem's stream seed, used as is). A failure
+    on any rank (an exception, bad arguments) raises on every rank; a rank that dies
+    outright is caught by the process group's timeout (or torchrun) instead.
     """
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
@@ -75,6 +88,34 @@ def prove(sampler, verifier: Verifier, theorems: Sequence[str], k: int, *,
             raise TypeError(f"{name} must be callable or None, got {type(fn).__name__}")
     prompt = prompt or (lambda theorem: theorem)
     proof = proof or (lambda theorem, text: theorem + text)
+    seed = sample_kwargs.get("seed")
+    if isinstance(seed, (list, tuple)) and len(seed) != len(theorems):
+        raise ValueError(f"seed must be an int or one int per theorem: got {len(seed)} seeds for {len(theorems)} "
+                         "theorems")
+    ranks = _dist.world()
+    if ranks is None:
+        out = _prove_local(sampler, verifier, theorems, k, prompt, proof, ks, sample_kwargs)
+    else:
+        rank, size = ranks
+        mine = _dist.shard(len(theorems), rank, size)
+        if seed is not None and not isinstance(seed, (list, tuple)):
+            _checks.number("seed", seed, low=-2**63, high=2**64, high_open=True, integer=True)
+            seed = [prompt_seed(seed, i) for i in range(len(theorems))]
+        local_kwargs = dict(sample_kwargs)
+        if seed is not None:
+            local_kwargs["seed"] = [seed[i] for i in mine]
+        parts = _dist.run_and_gather(
+            lambda: _prove_local(sampler, verifier, [theorems[i] for i in mine], k, prompt, proof, ks, local_kwargs),
+            "fastdf.prover.prove", fingerprint=(theorems, k, ks, seed))
+        out = _dist.merge(parts, len(theorems))
+    mean = {j: sum(r.pass_at[j] for r in out) / max(1, len(out)) for j in ks}
+    return ProveReport(out, mean)
+
+
+def _prove_local(sampler, verifier, theorems, k, prompt, proof, ks, sample_kwargs) -> list[TheoremResult]:
+    """Sample, check and score ``theorems`` in this process."""
+    if not theorems:
+        return []
     completions = sampler.sample([prompt(t) for t in theorems], num_samples=k, **sample_kwargs)
     if len(completions) != len(theorems):
         raise RuntimeError(f"the sampler returned completions for {len(completions)} prompts, not {len(theorems)}")
@@ -92,5 +133,4 @@ def prove(sampler, verifier: Verifier, theorems: Sequence[str], k: int, *,
         results = [verdicts[s] for s in srcs]
         c = sum(r.ok for r in results)
         out.append(TheoremResult(t, per, srcs, results, c, {j: pass_at_k(k, c, j) for j in ks}))
-    mean = {j: sum(r.pass_at[j] for r in out) / max(1, len(out)) for j in ks}
-    return ProveReport(out, mean)
+    return out

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..ops import _checks
+from ..ops.sampling import _sample_op
 from ..ops.sampling import sample as sample_tokens
 from .decoder import DecodeCache, PrefixDecoder, StepGraph
 
@@ -26,6 +27,44 @@ FINISH_REASONS = ("stop", "eos", "length")
 
 _F32 = torch.finfo(torch.float32)
 _MAX_POSITIONS = 2**31 - 1  # suffix lengths and positions are int32 in the decode cache and kernels
+_U64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser on a Python int (mod 2**64)."""
+    x = (x + 0x9E3779B97F4A7C15) & _U64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
+    return x ^ (x >> 31)
+
+
+def _mix_array(x: np.ndarray) -> np.ndarray:
+    """:func:`_mix` on a uint64 array (numpy integer arrays wrap on overflow)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The seed of prompt ``index`` of a ``sample(..., seed=seed)`` call (or of theorem
+    ``index`` of ``prove(..., seed=seed)``): ``sample(prompts, seed=s)`` equals
+    ``sample(prompts, seed=[prompt_seed(s, i) for i in range(len(prompts))])``. Pass such a
+    list to sample a subset of the prompts (a shard, the rest of an interrupted run) with
+    the draws they get in the whole run."""
+    _checks.number("seed", seed, low=-2**63, high=2**64, high_open=True, integer=True)
+    _checks.number("index", index, low=0, integer=True)
+    return _mix(_mix(int(seed) & _U64) ^ int(index))
+
+
+def _uniforms(keys: np.ndarray, slots: np.ndarray, step: int) -> torch.Tensor:
+    """The uniform of sample ``slots[r]`` of the prompt with seed ``keys[r]`` at decode step
+    ``step``: a counter-based hash, so a sample's draws depend on its prompt's seed, its
+    slot and the step only, never on which other prompts or samples share the batch or
+    when they finish (what makes samples independent of the batch and of the ranks)."""
+    h = _mix_array(_mix_array(keys ^ (slots * np.uint64(0xD1B54A32D192ED03))) + np.uint64(step))
+    # The top 24 bits: exactly representable in float32, in [0, 1) like torch.rand.
+    return torch.from_numpy((h >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24))
 
 
 @dataclasses.dataclass
@@ -85,8 +124,9 @@ class ProofSampler:
 
     def sample(self, prompts: str | Sequence[str], num_samples: int = 32, max_new_tokens: int = 1024, *,
                temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-               repetition_penalty: float = 1.0, stop: Sequence[str] | None = None, seed: int | None = None,
-               batch_size: int | None = None, eos_token_id=None, progress: bool = True) -> list[list[Completion]]:
+               repetition_penalty: float = 1.0, stop: Sequence[str] | None = None,
+               seed: int | Sequence[int] | None = None, batch_size: int | None = None, eos_token_id=None,
+               progress: bool = True, distributed: bool = False) -> list[list[Completion]]:
         """Sample ``num_samples`` completions for every prompt.
 
         Args:
@@ -98,11 +138,21 @@ class ProofSampler:
                 greedy: token for token what HF ``generate(do_sample=False)`` returns).
             repetition_penalty: HF semantics over prompt + generated tokens (1 = off).
             stop: strings that end a completion (the text is cut before the first one).
-            seed: seeds the draws (same seed, same completions on the same backend).
+            seed: seeds the draws (same seed, same completions on the same backend). Each
+                prompt draws from its own stream, seeded by :func:`prompt_seed` ``(seed, i)``
+                for prompt ``i``, so its completions do not depend on the other prompts,
+                ``batch_size`` or (with ``distributed``) the number of ranks, up to
+                floating-point differences between batch shapes. A list gives each prompt's
+                seed itself (one int per prompt). None: the global torch RNG.
             batch_size: prompts prefilled and decoded together (default: all).
             eos_token_id: int or list; default the model's generation config, else the
                 tokenizer's EOS.
             progress: show a tqdm bar over decode steps.
+            distributed: inside an initialised ``torch.distributed`` process group, shard
+                the prompts over its ranks (round-robin; each rank samples with its own
+                model replica) and return every prompt's completions, in input order, on
+                every rank. Every rank must make the same call. Off by default: a training
+                loop whose ranks sample their own prompts must not be gathered.
 
         Returns one list of :class:`Completion` per prompt.
         """
@@ -112,6 +162,24 @@ class ProofSampler:
             prompts = [prompts]
         if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
             raise TypeError("prompts must be a string or a list of strings")
+        if not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be a bool, got {type(distributed).__name__}")
+        seed = _checks_seeds(seed, len(prompts))
+        if distributed:
+            from . import _dist
+
+            if _dist.world() is not None:
+                rank, size = _dist.world()
+                mine = _dist.shard(len(prompts), rank, size)
+                if isinstance(seed, int):
+                    seed = [prompt_seed(seed, i) for i in range(len(prompts))]
+                kw = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, stop=stop,
+                          seed=None if seed is None else [seed[i] for i in mine], batch_size=batch_size,
+                          eos_token_id=eos_token_id, progress=progress)
+                parts = _dist.run_and_gather(lambda: self.sample([prompts[i] for i in mine], **kw),
+                                             "ProofSampler.sample", fingerprint=(list(prompts), num_samples))
+                return _dist.merge(parts, len(prompts))
         args = self._check_args(num_samples, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
                                 generator=None, batch_size=batch_size, eos_token_id=eos_token_id, progress=progress)
@@ -119,7 +187,7 @@ class ProofSampler:
         empty = [i for i, p in enumerate(ids) if len(p) == 0]
         if empty:
             raise ValueError(f"prompts must tokenise to at least one token; prompts[{empty[0]}] is empty")
-        results = self._run(self._check_prompts(ids, max_new_tokens), args)
+        results = self._run(self._check_prompts(ids, max_new_tokens), args, seed)
         return [[self._completion(tokens, reason, args["stop"]) for tokens, reason in per_prompt]
                 for per_prompt in results]
 
@@ -133,12 +201,14 @@ class ProofSampler:
         argument is checked before any work starts: a wrong type raises TypeError (a float
         or bool token id, ``stop=123``, ``eos_token_id="x"``), a bad value ValueError (token
         ids outside the model's vocabulary, NaN/inf knobs, a seed outside
-        ``[-2**63, 2**64)``)."""
+        ``[-2**63, 2**64)``). ``seed``: an int or one int per prompt, as in :meth:`sample`."""
+        if isinstance(prompts, Sequence) and not isinstance(prompts, (str, bytes)):
+            seed = _checks_seeds(seed, len(prompts))
         args = self._check_args(num_samples, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
                                 generator=generator, batch_size=batch_size, eos_token_id=eos_token_id,
                                 progress=progress)
-        return self._run(self._check_prompts(prompts, max_new_tokens), args)
+        return self._run(self._check_prompts(prompts, max_new_tokens), args, seed)
 
     # ------------------------------------------------------------------ checks
 
@@ -159,7 +229,8 @@ class ProofSampler:
         if batch_size is not None:
             _checks.number("batch_size", batch_size, low=1, integer=True)
         if seed is not None:
-            _checks.number("seed", seed, low=-2**63, high=2**64, high_open=True, integer=True)
+            if not isinstance(seed, list):  # a list was checked by _checks_seeds
+                _checks.number("seed", seed, low=-2**63, high=2**64, high_open=True, integer=True)
             if generator is not None:
                 raise ValueError("pass seed or generator, not both")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -211,18 +282,21 @@ class ProofSampler:
             out.append(ids)
         return out
 
-    def _run(self, prompts, args):
+    def _run(self, prompts, args, seed):
         if not prompts:
             return []
-        generator = args["generator"]
-        if args["seed"] is not None:
-            generator = torch.Generator(self.decoder.device).manual_seed(args["seed"])
+        keys = None  # per-prompt seeds (counter-based draws), else draws from `generator`
+        if isinstance(seed, list):
+            keys = [int(s) & _U64 for s in seed]
+        elif seed is not None:
+            keys = [prompt_seed(seed, i) for i in range(len(prompts))]
         batch_size = args["batch_size"] or len(prompts)
         out = []
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
             out.extend(self._generate(chunk, args["num_samples"], args["max_new_tokens"], args["knobs"],
-                                      args["penalty"], args["stop"], args["eos"], generator, args["progress"]))
+                                      args["penalty"], args["stop"], args["eos"], args["generator"], args["progress"],
+                                      None if keys is None else keys[start:start + batch_size]))
         return out
 
     # ------------------------------------------------------------------ internals
@@ -285,12 +359,15 @@ class ProofSampler:
         return any(s in text for s in stop)
 
     @torch.inference_mode()
-    def _generate(self, prompts, num_samples, max_new_tokens, knobs, penalty, stop, eos, generator, progress):
+    def _generate(self, prompts, num_samples, max_new_tokens, knobs, penalty, stop, eos, generator, progress,
+                  seeds=None):
         """The decode loop. Batch rows are the samples placed in the ``[G, N]`` layout, in
         layout order. Eagerly, finished samples leave the batch at once. With CUDA graphs
         (``self.cuda_graphs``), the batch keeps its shape, finished rows computing
         unused tokens, until at most half its rows are alive or a prompt is done; then
-        the batch and layout shrink together and the step graph is captured again."""
+        the batch and layout shrink together and the step graph is captured again.
+        ``seeds``: per-prompt seeds; the draws are then :func:`_uniforms` of (prompt seed,
+        sample slot, step), else ``torch.rand`` from ``generator``."""
         from tqdm.auto import tqdm
 
         dec = self.decoder
@@ -319,7 +396,20 @@ class ProofSampler:
                 prompt_seen[g, ids_g[ids_g < vocab]] = True  # ids past the lm_head cannot be penalised (as HF)
             logits = apply_repetition_penalty(logits, prompt_seen, penalty)
             seen = prompt_seen.repeat_interleave(N, 0)
-        new_tokens = sample_tokens(logits, indices=group.clone(), generator=generator, check_nan=False, **knobs)
+        if seeds is not None:
+            seeds = np.asarray(seeds, dtype=np.uint64)
+
+        def draw(logits, rows, step, indices=None):
+            if seeds is None:
+                return sample_tokens(logits, indices=indices, generator=generator, check_nan=False, **knobs)
+            sample_ids = np.asarray(rows, dtype=np.int64)  # sample g * N + n
+            u = _uniforms(seeds[sample_ids // N], (sample_ids % N).astype(np.uint64), step).to(device)
+            # The op behind fastdf.sample, fed these uniforms; the knobs were checked in _check_args.
+            ids, _ = _sample_op(logits, u, indices, None, None, None, None, float(knobs["temperature"]),
+                                min(int(knobs["top_k"]), vocab), float(knobs["top_p"]), float(knobs["min_p"]))
+            return ids
+
+        new_tokens = draw(logits, range(G * N), 0, indices=group.clone())
         tokens = new_tokens
 
         generated = [[] for _ in range(G * N)]
@@ -385,7 +475,7 @@ class ProofSampler:
                 logits = logits[live]
             if seen is not None:
                 logits = apply_repetition_penalty(logits, seen if all(alive) else seen[live], penalty)
-            new_tokens = sample_tokens(logits, generator=generator, check_nan=False, **knobs)
+            new_tokens = draw(logits, [i for i, a in zip(ids, alive) if a], step + 1)
             tokens = new_tokens if all(alive) else tokens.index_put((live,), new_tokens)
         bar.close()
         return [[(generated[g * N + n], reasons[g * N + n]) for n in range(N)] for g in range(G)]
@@ -424,3 +514,15 @@ class ProofSampler:
         g_idx, n_idx = (new_sample_of >= 0).nonzero(as_tuple=True)
         return new_sample_of, g_idx, n_idx
 
+
+
+def _checks_seeds(seed, num_prompts):
+    """``seed``: None, an int, or a list of ints with one per prompt (returned as a list)."""
+    if seed is None or isinstance(seed, bool) or not isinstance(seed, Sequence) or isinstance(seed, (str, bytes)):
+        return seed  # None or a single int: checked with the other knobs
+    seed = list(seed)
+    if len(seed) != num_prompts:
+        raise ValueError(f"seed must be an int or one int per prompt: got {len(seed)} seeds for {num_prompts} prompts")
+    for i, s in enumerate(seed):
+        _checks.number(f"seed[{i}]", s, low=-2**63, high=2**64, high_open=True, integer=True)
+    return [operator.index(s) for s in seed]

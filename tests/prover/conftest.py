@@ -14,8 +14,8 @@ CORPUS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def tokenizer():
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained on CORPUS (a plain function: spawned ranks build it too)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -27,6 +27,11 @@ def tokenizer():
     tok.train_from_iterator(CORPUS * 10, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
 
 
 def make_model(family, vocab, dtype=torch.float64, seed=0):

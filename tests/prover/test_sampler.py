@@ -1,10 +1,11 @@
 """ProofSampler and fastdf.prover.generate against HF transformers on tiny random models."""
 
+import numpy as np
 import pytest
 import torch
 
 import fastdf
-from fastdf.prover import ProofSampler, apply_repetition_penalty
+from fastdf.prover import ProofSampler, apply_repetition_penalty, prompt_seed
 from fastdf.prover import sampler as sampler_module
 
 PROMPTS = ["theorem add_comm' (a b : Nat) :", "lemma two : 1 + 1 = 2 := by", "  omega"]
@@ -159,11 +160,11 @@ def test_stop_strings_cut_the_text(model_factory, tokenizer):
 def test_sampling_is_seeded_and_reasons_are_consistent(model_factory, tokenizer):
     model = model_factory("mistral")
     sampler = ProofSampler(model, tokenizer)
-    kw = dict(num_samples=6, max_new_tokens=10, temperature=1.0, top_p=0.95, min_p=0.01, seed=3,
+    kw = dict(num_samples=6, max_new_tokens=10, temperature=1.0, top_p=0.95, min_p=0.01, seed=4,
               eos_token_id=[5, 9, 11, 40, 77], repetition_penalty=1.2, progress=False)
     a = sampler.sample(PROMPTS, **kw)
     b = sampler.sample(PROMPTS, **kw)
-    c = sampler.sample(PROMPTS, **{**kw, "seed": 4})
+    c = sampler.sample(PROMPTS, **{**kw, "seed": 5})
     sampler._keep_finished = True  # the CUDA-graph batch policy draws the same tokens
     d = sampler.sample(PROMPTS, **kw)
     ids = lambda out: [[x.token_ids for x in per] for per in out]  # noqa: E731
@@ -176,6 +177,15 @@ def test_sampling_is_seeded_and_reasons_are_consistent(model_factory, tokenizer)
             else:
                 assert x.finish_reason == "length" and x.num_tokens == 10
                 assert not set(x.token_ids) & set(kw["eos_token_id"])
+    # Per-prompt streams: a prompt's samples do not depend on its batch mates, the batch
+    # size, or whether it is sampled alone with its own seed (how prove shards over ranks).
+    assert ids(sampler.sample(PROMPTS, **kw, batch_size=1)) == ids(a)
+    alone = sampler.sample(PROMPTS[2:0:-1], **{**kw, "seed": [prompt_seed(4, 2), prompt_seed(4, 1)]})
+    assert ids(alone) == ids(a)[2:0:-1]
+    with pytest.raises(ValueError, match="got 1 seeds for 3 prompts"):
+        sampler.sample(PROMPTS, **{**kw, "seed": [1]})
+    with pytest.raises(TypeError, match=r"seed\[1\] must be an int"):
+        sampler.sample(PROMPTS[:2], **{**kw, "seed": [1, 2.5]})
 
 
 def test_bad_arguments(model_factory, tokenizer):
@@ -338,3 +348,33 @@ def test_cuda_graph_decode_matches_eager_and_hf(model_factory, tokenizer):
         ids = tokenizer(prompt, return_tensors="pt").input_ids.cuda()
         want = model.generate(ids, do_sample=False, max_new_tokens=10)[0, ids.shape[1]:].tolist()
         assert per[0].token_ids == want[: per[0].num_tokens]
+
+
+def test_seeded_draws_follow_the_per_prompt_streams(model_factory, tokenizer):
+    """With a seed, sample n of prompt g draws token t with the uniform
+    _uniforms(prompt_seed(seed, g), n, t): replayed with HF's forward and the readable
+    sampling reference, every token agrees (the rows are indexed by prompt and slot, not by
+    batch position, through finishing samples and compaction)."""
+    from fastdf.ops.sampling import sample_reference
+
+    model = model_factory("llama")
+    knobs = dict(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02)
+    kw = dict(num_samples=3, max_new_tokens=8, seed=11, progress=False, **knobs)
+    sampler = ProofSampler(model, tokenizer)
+    first = sampler.sample(PROMPTS, eos_token_id=[], **kw)
+    # Sample (0, 0)'s third token as EOS: the same draws, so that sample (and any other
+    # drawing it) now finishes early and the rows behind it shift.
+    out = sampler.sample(PROMPTS, eos_token_id=first[0][0].token_ids[2], **kw)
+    assert out[0][0].token_ids == first[0][0].token_ids[:3] and out[0][0].finish_reason == "eos"
+    for g, (prompt, per) in enumerate(zip(PROMPTS, out)):
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        for n, c in enumerate(per):
+            seq = ids
+            for t, token in enumerate(c.token_ids):
+                with torch.no_grad():
+                    logits = model(seq).logits[:, -1]
+                u = sampler_module._uniforms(np.array([prompt_seed(11, g)], dtype=np.uint64),
+                                             np.array([n], dtype=np.uint64), t)
+                want, _ = sample_reference(logits, u, *(torch.tensor([v]) for v in knobs.values()))
+                assert token == int(want), (g, n, t)
+                seq = torch.cat([seq, torch.tensor([[token]])], 1)
