@@ -244,11 +244,11 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, KB,
                                    full_lo, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
                                    True, HAS_WINDOW, HAS_KPM, PREC, STAGES)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, full_lo,
-                                   mid, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
-                                   False, HAS_WINDOW, HAS_KPM, PREC, STAGES)
+                               mid, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+                               False, HAS_WINDOW, HAS_KPM, PREC, STAGES)
     acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, mid,
-                                   k_hi, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
-                                   True, HAS_WINDOW, HAS_KPM, PREC, STAGES)
+                               k_hi, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+                               True, HAS_WINDOW, HAS_KPM, PREC, STAGES)
 
     # Rows that see no key (left padding; tile padding) give 0 and lse = -inf.
     empty = l_i == 0
