@@ -36,20 +36,22 @@ def _digest(obj) -> str:
         return ""
 
 
-def run_and_gather(fn: Callable[[], list], what: str, *, fingerprint=None) -> list[list]:
-    """Run ``fn()`` (this rank's results) and gather every rank's list.
+def run_and_gather(fn: Callable[[], tuple], what: str) -> list:
+    """Run ``fn()``, which returns ``(fingerprint, local result)``, and gather every rank's
+    local result.
 
-    ``fingerprint``: the arguments all ranks must share (compared by digest): ranks given
-    different inputs would merge results of different problems, so that raises
-    ValueError on every rank. A rank whose ``fn`` raised re-raises its error; the others
+    ``fingerprint``: the (checked) arguments all ranks must share, compared by digest:
+    ranks given different inputs would merge results of different problems, so that
+    raises ValueError on every rank. Argument checks belong inside ``fn``, so that bad
+    arguments on one rank reach the others through the status exchange. A rank whose ``fn`` raised re-raises its error; the others
     raise RuntimeError naming the rank and its error."""
     import torch.distributed as dist
 
-    error = None
+    error = fingerprint = local = None
     try:
-        local = fn()
+        fingerprint, local = fn()
     except BaseException as err:  # KeyboardInterrupt too: the peers must not wait for it
-        error, local = err, None
+        error = err
     status = (_digest(fingerprint), None if error is None else f"{type(error).__name__}: {error}")
     statuses = [None] * dist.get_world_size()
     dist.all_gather_object(statuses, status)

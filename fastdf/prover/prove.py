@@ -65,6 +65,34 @@ def prove(sampler, verifier: Verifier, theorems: Sequence[str], k: int, *,
     on any rank (an exception, bad arguments) raises on every rank; a rank that dies
     outright is caught by the process group's timeout (or torchrun) instead.
     """
+    ranks = _dist.world()
+    if ranks is None:
+        theorems, ks, prompt, proof, seed = _check(k, ks, theorems, prompt, proof, sample_kwargs)
+        out = _prove_local(sampler, verifier, theorems, k, prompt, proof, ks, sample_kwargs)
+    else:
+        rank, size = ranks
+
+        def run():  # inside the status exchange: bad arguments on one rank raise on all
+            nonlocal theorems, ks
+            theorems, ks, prompt_fn, proof_fn, seed = _check(k, ks, theorems, prompt, proof, sample_kwargs)
+            mine = _dist.shard(len(theorems), rank, size)
+            if seed is not None and not isinstance(seed, (list, tuple)):
+                seed = [prompt_seed(seed, i) for i in range(len(theorems))]
+            local_kwargs = dict(sample_kwargs)
+            if seed is not None:
+                local_kwargs["seed"] = [seed[i] for i in mine]
+            local = _prove_local(sampler, verifier, [theorems[i] for i in mine], k, prompt_fn, proof_fn, ks,
+                                 local_kwargs)
+            return (theorems, k, ks, seed), local
+
+        parts = _dist.run_and_gather(run, "fastdf.prover.prove")
+        out = _dist.merge(parts, len(theorems))
+    mean = {j: sum(r.pass_at[j] for r in out) / max(1, len(out)) for j in ks}
+    return ProveReport(out, mean)
+
+
+def _check(k, ks, theorems, prompt, proof, sample_kwargs):
+    """Validate prove's arguments; returns (theorems, ks, prompt, proof, seed) normalised."""
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
     if k < 1:
@@ -92,24 +120,9 @@ def prove(sampler, verifier: Verifier, theorems: Sequence[str], k: int, *,
     if isinstance(seed, (list, tuple)) and len(seed) != len(theorems):
         raise ValueError(f"seed must be an int or one int per theorem: got {len(seed)} seeds for {len(theorems)} "
                          "theorems")
-    ranks = _dist.world()
-    if ranks is None:
-        out = _prove_local(sampler, verifier, theorems, k, prompt, proof, ks, sample_kwargs)
-    else:
-        rank, size = ranks
-        mine = _dist.shard(len(theorems), rank, size)
-        if seed is not None and not isinstance(seed, (list, tuple)):
-            _checks.number("seed", seed, low=-2**63, high=2**64, high_open=True, integer=True)
-            seed = [prompt_seed(seed, i) for i in range(len(theorems))]
-        local_kwargs = dict(sample_kwargs)
-        if seed is not None:
-            local_kwargs["seed"] = [seed[i] for i in mine]
-        parts = _dist.run_and_gather(
-            lambda: _prove_local(sampler, verifier, [theorems[i] for i in mine], k, prompt, proof, ks, local_kwargs),
-            "fastdf.prover.prove", fingerprint=(theorems, k, ks, seed))
-        out = _dist.merge(parts, len(theorems))
-    mean = {j: sum(r.pass_at[j] for r in out) / max(1, len(out)) for j in ks}
-    return ProveReport(out, mean)
+    if seed is not None and not isinstance(seed, (list, tuple)):
+        _checks.number("seed", seed, low=-2**63, high=2**64, high_open=True, integer=True)
+    return theorems, ks, prompt, proof, seed
 
 
 def _prove_local(sampler, verifier, theorems, k, prompt, proof, ks, sample_kwargs) -> list[TheoremResult]:

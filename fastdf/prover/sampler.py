@@ -175,10 +175,11 @@ class ProofSampler:
                     seed = [prompt_seed(seed, i) for i in range(len(prompts))]
                 kw = dict(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
                           top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, stop=stop,
-                          seed=None if seed is None else [seed[i] for i in mine], batch_size=batch_size,
-                          eos_token_id=eos_token_id, progress=progress)
-                parts = _dist.run_and_gather(lambda: self.sample([prompts[i] for i in mine], **kw),
-                                             "ProofSampler.sample", fingerprint=(list(prompts), num_samples))
+                          seed=seed, batch_size=batch_size, eos_token_id=eos_token_id)
+                shared = (list(prompts), kw)  # what every rank must agree on
+                kw = {**kw, "progress": progress, "seed": None if seed is None else [seed[i] for i in mine]}
+                parts = _dist.run_and_gather(lambda: (shared, self.sample([prompts[i] for i in mine], **kw)),
+                                             "ProofSampler.sample")
                 return _dist.merge(parts, len(prompts))
         args = self._check_args(num_samples, max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 min_p=min_p, repetition_penalty=repetition_penalty, stop=stop, seed=seed,
