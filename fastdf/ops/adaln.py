@@ -203,7 +203,7 @@ def _gated_eager(x, y, gate):
     """The torch backend as plain torch (no custom op): one addcmul without autograd,
     eager's own graph with it (see _modulate_eager)."""
     if not _grad_needed(x, y, gate):
-        return _gated_into(torch.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
+        return _gated_into(_alloc.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
     frames = gate.shape[1]
     out = _per_frame(x, frames) + gate[:, :, None] * _per_frame(y, frames)
     return out.reshape(x.shape).to(x.dtype)

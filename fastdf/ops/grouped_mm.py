@@ -53,7 +53,7 @@ def grouped_mm_loop(x: Tensor, w: Tensor, offs: Tensor, *, trainable_w: Tensor |
     reference; as fast as ``torch._grouped_mm`` on the CPU, and it takes ``trainable_w``
     and float64 too."""
     weights = _expert_weights(w, trainable_w, trainable_ids)
-    out = torch.empty((x.shape[0], w.shape[2]), dtype=x.dtype, device=x.device)
+    out = _alloc.empty((x.shape[0], w.shape[2]), dtype=x.dtype, device=x.device)
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end > start:
@@ -164,7 +164,7 @@ def _gmm_bwd_torch(grad, x, w, offs, trainable_w, trainable_ids, need_dx, need_d
     dx = x.new_empty(0)
     if need_dx:
         weights = _expert_weights(w, trainable_w, trainable_ids)
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dx = _alloc.empty(tuple(x.shape), dtype=x.dtype, device=x.device)
         for e, (s, t) in enumerate(zip(bounds[:-1], bounds[1:])):
             if t > s:
                 torch.mm(grad[s:t], weights[e].transpose(0, 1).to(x.dtype), out=dx[s:t])

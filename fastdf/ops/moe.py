@@ -416,7 +416,7 @@ class _TorchPrims:
         a = (ag * up).to(h1.dtype).to(acc)
         dw = torch.linalg.vecdot(d, a)
         dd = d * w
-        dh1 = torch.empty((S, 2 * I), dtype=acc, device=d.device)
+        dh1 = _alloc.empty((S, 2 * I), dtype=acc, device=d.device)
         if act == 0:  # torch's fused SiLU derivative, written into the gate half
             torch.ops.aten.silu_backward.grad_input(dd * up, gate, grad_input=dh1[:, :I])
         else:
