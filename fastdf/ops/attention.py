@@ -20,6 +20,8 @@ and an autograd formula whose backward is the custom op ``fastdf::df_attention_b
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -260,8 +262,163 @@ def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# The torch backend (what ``auto`` runs on CPU tensors) touches only the keys each block of
+# queries can see: whole frames of queries share one visible key range, so most blocks need
+# no mask at all, and each (block, key range) piece runs through the CPU flash kernel behind
+# SDPA, which also returns the log-sum-exp the pieces are merged with. Frames of at least
+# FAST_FRAME_ROWS rows run one per block (no mask: the kernel's additive mask costs about
+# as much as the keys it hides); shorter frames are grouped into blocks of about
+# FAST_BLOCK_ROWS rows with one masked piece each, so tiny frames do not cost one kernel
+# call each (measured on 2 cores, fp32: frames of 8-64 tokens, 256-1024 queries).
+FAST_FRAME_ROWS = 32
+FAST_BLOCK_ROWS = 128
+
+
+def _flash_cpu():
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _fast_path_data(q, k, v, key_padding_mask, scale):
+    """``(q, k, v, bad)`` for the blocked path, or None where only the reference is exact.
+
+    The path needs every query row to see a key (no padding), finite raw products q . k
+    (the kernel scales after the product; an overflow to -inf would empty a row the
+    reference keeps) and finite unnormalised sums of values: Frobenius norms bound both
+    (Cauchy-Schwarz), at one reduction per tensor. Finite data comes back as it is with ``bad`` None. Otherwise the
+    non-finite elements are zeroed (the flash kernel multiplies masked probabilities, 0, by
+    V, so a NaN behind a mask would reach queries that cannot see it) and ``bad`` holds
+    ``(bad_q [B, Hq, Tq], bad_kv [B, Hkv, Tk])`` rows: queries that hold or see one take
+    the reference's values, the others are bitwise those of clean data."""
+    if q.device.type != "cpu" or _flash_cpu() is None or q.numel() == 0:
+        return None
+    if key_padding_mask is not None and not bool(key_padding_mask.all()):
+        return None
+    acc = _acc_dtype(q.dtype)
+
+    def norms(*ts):
+        return [float(torch.linalg.vector_norm(t, dtype=acc)) for t in ts]
+
+    nq, nk, nv = norms(q, k, v)
+    bad = None
+    if not math.isfinite(nq * nk * nv):
+        bad = (_bad_rows(q), _bad_rows(k) | _bad_rows(v))
+        q, k, v = _finite_or_zero(q), _finite_or_zero(k), _finite_or_zero(v)
+        nq, nk, nv = norms(q, k, v)
+    # the kernel's unnormalised output sums reach Tk max|v| before the final division
+    if not (nq * nk * max(scale, 1.0) < 1e38 and nv * k.shape[2] < 1e38):
+        return None
+    return q, k, v, bad
+
+
+def _plan(tq, tk, frame_size, causal, window_frames, sink_frames):
+    """Query blocks and the keys they see: a list of ``(s, e, pieces)`` for query rows
+    ``[s, e)``, each piece ``(lo, hi, kind)`` a key range, ``kind`` None (every row of the
+    block sees every key of the range), ``"causal"`` (a square, top-left causal range) or
+    ``"mask"`` (the rule decides per pair). Pieces of a block are disjoint, their union is
+    every key some row of the block sees, and every row sees at least one key of each piece
+    (so each piece's softmax has a finite log-sum-exp to merge)."""
+    off = tk - tq
+    if not causal:
+        return [(0, tq, [(0, tk, None)])]
+    if frame_size == 1 and window_frames is None:
+        # token-causal: the cache is seen by every query, the rest is one causal square
+        return [(0, tq, ([(0, off, None)] if off else []) + [(off, tk, "causal")])]
+    fs = frame_size
+    sink_end = min(sink_frames * fs, tk) if window_frames is not None else 0
+    per = 1 if fs >= FAST_FRAME_ROWS else max(1, FAST_BLOCK_ROWS // fs)
+    blocks = []
+    for f0 in range(off // fs, (tk - 1) // fs + 1, per):
+        f1 = min(f0 + per - 1, (tk - 1) // fs)
+        s, e = max(off, f0 * fs) - off, min(tk, (f1 + 1) * fs) - off
+        end = e + off
+        if window_frames is None:
+            pieces = [(0, end, None)] if f0 == f1 else [(0, f0 * fs, None), (f0 * fs, end, "mask")]
+        else:
+            start = max(0, (f0 - window_frames + 1) * fs)
+            sinks = min(sink_end, start)
+            main = (start, end, None if f0 == f1 else "mask")
+            if f0 == f1 and sinks == start:  # sinks adjacent to the window: one range
+                main, sinks = (0, end, None), 0
+            pieces = [(0, sinks, None), main]
+        blocks.append((s, e, [p for p in pieces if p[1] > p[0]]))
+    return blocks
+
+
+def _piece_mask(s, e, off, lo, hi, dtype, device, **mask):
+    """Additive [e - s, hi - lo] mask (0 / -inf) of one piece, as the flash kernel takes it."""
+    vis = visible(torch.arange(off + s, off + e, device=device)[:, None], torch.arange(lo, hi, device=device)[None, :],
+                  **mask)
+    return torch.zeros(vis.shape, dtype=dtype, device=device).masked_fill_(~vis, float("-inf"))
+
+
+def _attention_fast(q, k, v, frame_size, causal, window_frames, sink_frames, scale, data):
+    """The blocked forward: ``(out, lse)`` as df_attention_reference(upcast=True) computes
+    them (fp32 scores, softmax and product; fp64 for fp64), on _fast_path_data's ``data``."""
+    q0, k0, v0 = q, k, v
+    q, k, v, bad = data
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    dtype, acc = q.dtype, _acc_dtype(q.dtype)
+    flash = _flash_cpu()
+    # the kernel reads rows of D as contiguous: other views are copied, once
+    q, k, v = (t.to(acc) if t.stride(-1) == 1 else t.to(acc).contiguous() for t in (q, k, v))
+    mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
+    plan = _plan(Tq, Tk, **mask)
+    result = lse = None
+    for s, e, pieces in plan:
+        o = l = None
+        for lo, hi, kind in pieces:
+            attn_mask = _piece_mask(s, e, Tk - Tq, lo, hi, acc, q.device, **mask) if kind == "mask" else None
+            op, lp = flash(q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi], 0.0, kind == "causal", attn_mask=attn_mask,
+                           scale=scale)
+            if o is None:
+                o, l = op, lp
+            else:  # two softmaxes over disjoint keys, merged by their log-sum-exps
+                new = torch.logaddexp(l, lp)
+                o = o * torch.exp(l - new)[..., None] + op * torch.exp(lp - new)[..., None]
+                l = new
+        if bad is not None:
+            o, l = _reference_rows(o, l, s, e, pieces, bad, q0, k0, v0, scale, mask)
+        if len(plan) == 1 and o.dtype == dtype and o.transpose(1, 2).is_contiguous():
+            return o, l.contiguous()  # the kernel's result already has the output's layout
+        if result is None:
+            result = _empty_bthd(B, Hq, Tq, D, dtype=dtype, device=q.device)
+            lse = torch.empty((B, Hq, Tq), dtype=acc, device=q.device)
+        result[:, :, s:e].copy_(o)
+        lse[:, :, s:e].copy_(l)
+    return result, lse
+
+
+def _sees(s, e, pieces, bad_kv, tq, tk, mask):
+    """[B, Hkv, e - s]: which query rows of a block see a key flagged in ``bad_kv``."""
+    off = tk - tq
+    q_pos = torch.arange(off + s, off + e, device=bad_kv.device)[:, None]
+    out = torch.zeros(bad_kv.shape[0], bad_kv.shape[1], e - s, dtype=torch.bool, device=bad_kv.device)
+    for lo, hi, _ in pieces:
+        vis = visible(q_pos, torch.arange(lo, hi, device=bad_kv.device)[None, :], **mask)
+        out |= (vis & bad_kv[:, :, None, lo:hi]).any(-1)
+    return out
+
+
+def _reference_rows(o, l, s, e, pieces, bad, q, k, v, scale, mask):
+    """The block's rows that hold a non-finite q or see a non-finite key/value, from the
+    reference (the queries are the newest ``e - s`` of the first ``s + Tk - Tq`` keys)."""
+    bad_q, bad_kv = bad
+    B, Hq, Tq, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    rows = bad_q[:, :, s:e] | _sees(s, e, pieces, bad_kv, Tq, Tk, mask).repeat_interleave(Hq // Hkv, 1)
+    if not bool(rows.any()):
+        return o, l
+    end = Tk - Tq + e
+    ro, rl = df_attention_reference(q[:, :, s:e], k[:, :, :end], v[:, :, :end], scale=scale, upcast=True, **mask)
+    return torch.where(rows[..., None], ro.to(o.dtype), o), torch.where(rows, rl.to(l.dtype), l)
+
+
 @ATTENTION.register("torch")
 def _attention_torch(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale):
+    data = _fast_path_data(q, k, v, key_padding_mask, scale)
+    if data is not None:
+        return _attention_fast(q, k, v, frame_size, causal, window_frames, sink_frames, scale, data)
     out, lse = df_attention_reference(q, k, v, frame_size=frame_size, causal=causal, window_frames=window_frames,
                                       sink_frames=sink_frames, scale=scale, key_padding_mask=key_padding_mask, upcast=True)
     result = _empty_bthd(*q.shape, dtype=q.dtype, device=q.device)
