@@ -426,14 +426,113 @@ def _attention_torch(q, k, v, key_padding_mask, frame_size, causal, window_frame
     return result, lse.contiguous()
 
 
+# The backward materialises a block's scores: blocks of _plan are cut into row blocks of at
+# most this many rows (and REFERENCE_CHUNK scores), each on the keys its own rows see, so a
+# token-causal sequence also skips the keys above the diagonal.
+BACKWARD_BLOCK_ROWS = 256
+
+
+def _backward_plan(heads, tq, tk, frame_size, causal, window_frames, sink_frames):
+    """_plan's blocks cut into row blocks: a range not seen whole ends at the last key the
+    row block's last row sees (every kind other than None becomes "mask")."""
+    off = tk - tq
+    fs = frame_size if causal else max(tk, 1)
+    out = []
+    for s, e, pieces in _plan(tq, tk, frame_size, causal, window_frames, sink_frames):
+        keys = sum(hi - lo for lo, hi, _ in pieces)
+        rows = max(1, min(BACKWARD_BLOCK_ROWS, REFERENCE_CHUNK // max(1, heads * keys)))
+        for s2 in range(s, e, rows):
+            e2 = min(e, s2 + rows)
+            seen_end = min(tk, ((off + e2 - 1) // fs + 1) * fs)
+            cut = [(lo, hi if kind is None else min(hi, seen_end), kind and "mask") for lo, hi, kind in pieces]
+            out.append((s2, e2, [p for p in cut if p[1] > p[0]]))
+    return out
+
+
+def _attention_backward_fast(grad_out, grad_lse, q, k, v, frame_size, causal, window_frames, sink_frames, scale):
+    """df_attention_backward_reference's arithmetic, block by block of _plan, on the keys
+    each block sees (its ranges side by side, a mask only where a range is not seen whole):
+    the same stable float32 softmax recomputed, the same masking of non-finite data, so a
+    query row's gradients do not depend on keys outside its block's ranges."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    acc = _acc_dtype(q.dtype)
+    mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
+    # finite data (the norms say so, one reduction each) skips the cleaning passes
+    clean = all(bool(torch.isfinite(torch.linalg.vector_norm(t, dtype=acc))) for t in (q, k, grad_out))
+    k_clean, vf = (k if clean else _finite_or_zero(k)).to(acc), v.to(acc)
+    dq = _empty_bthd(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(B, Hkv, Tk, D, dtype=acc, device=q.device)
+    dv = torch.zeros_like(dk)
+    dv_bad = torch.zeros(B, Hkv, Tk, dtype=torch.bool, device=q.device)
+    for s, e, pieces in _backward_plan(B * Hq, Tq, Tk, **mask):
+        c = e - s
+        ranges = [(lo, hi) for lo, hi, _ in pieces]
+
+        def keys(t):
+            return t[:, :, ranges[0][0]:ranges[0][1]] if len(ranges) == 1 else torch.cat(
+                [t[:, :, lo:hi] for lo, hi in ranges], 2)
+
+        kb, kb_clean, vb = keys(k), keys(k_clean), keys(vf)
+        vis = None
+        if any(kind is not None for *_, kind in pieces):
+            k_pos = torch.cat([torch.arange(lo, hi, device=q.device) for lo, hi in ranges])
+            vis = visible(torch.arange(Tk - Tq + s, Tk - Tq + e, device=q.device)[:, None], k_pos[None, :], **mask)
+            vis = vis.repeat(G, 1)  # rows of [G * c]: head g's row i is g * c + i
+        qc = q[:, :, s:e].reshape(B, Hkv, G * c, D)
+        gc = grad_out[:, :, s:e].reshape(B, Hkv, G * c, D).to(acc)
+        scores = _scores(qc, kb, scale, acc)
+        if vis is not None:
+            scores.masked_fill_(~vis, float("-inf"))
+        m = scores.amax(-1, keepdim=True)
+        p = torch.exp(scores - torch.where(torch.isneginf(m), torch.zeros_like(m), m))
+        total = p.sum(-1, keepdim=True)
+        p = p / torch.where(total > 0, total, torch.ones_like(total))
+        dp = gc @ vb.transpose(-1, -2)
+        if vis is not None:
+            dp.masked_fill_(~vis, 0.0)
+        delta = (p * dp).sum(-1, keepdim=True)
+        if grad_lse is not None:
+            delta = delta - grad_lse[:, :, s:e].reshape(B, Hkv, G * c, 1).to(acc)
+        ds = p * (dp - delta)
+        if vis is not None:
+            ds.masked_fill_(~vis, 0.0)
+        if not clean:
+            bad_g = _bad_rows(gc)[..., None]
+            sees = (vis & bad_g).any(-2) if vis is not None else bad_g.any(-2).expand(B, Hkv, kb.shape[2])
+            qc, gc = _finite_or_zero(qc), _finite_or_zero(gc)
+        dq[:, :, s:e] = (ds @ kb_clean * scale).view(B, Hq, c, D)
+        dk_b = ds.transpose(-1, -2) @ qc.to(acc) * scale
+        dv_b = p.transpose(-1, -2) @ gc
+        at = 0
+        for lo, hi in ranges:
+            dk[:, :, lo:hi] += dk_b[:, :, at:at + hi - lo]
+            dv[:, :, lo:hi] += dv_b[:, :, at:at + hi - lo]
+            if not clean:
+                dv_bad[:, :, lo:hi] |= sees[:, :, at:at + hi - lo]
+            at += hi - lo
+    if not clean:
+        dv = dv.masked_fill(dv_bad[..., None], float("nan"))
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
 @ATTENTION_BACKWARD.register("torch")
 def _attention_backward_torch(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, frame_size, causal, window_frames,
                               sink_frames, scale):
-    grads = df_attention_backward_reference(grad_out, grad_lse, q, k, v, out, lse, frame_size=frame_size,
-                                            causal=causal, window_frames=window_frames, sink_frames=sink_frames,
-                                            scale=scale, key_padding_mask=key_padding_mask)
+    if q.numel() and (key_padding_mask is None or bool(key_padding_mask.all())):
+        dq, dk, dv = _attention_backward_fast(grad_out, grad_lse, q, k, v, frame_size, causal, window_frames,
+                                              sink_frames, scale)
+        grads = (dq, dk, dv)
+    else:
+        grads = df_attention_backward_reference(grad_out, grad_lse, q, k, v, out, lse, frame_size=frame_size,
+                                                causal=causal, window_frames=window_frames, sink_frames=sink_frames,
+                                                scale=scale, key_padding_mask=key_padding_mask)
     results = []
     for g, like in zip(grads, (q, k, v)):
+        if g.dtype == like.dtype and g.transpose(1, 2).is_contiguous():
+            results.append(g)
+            continue
         r = _empty_bthd(*like.shape, dtype=like.dtype, device=like.device)
         r.copy_(g)
         results.append(r)

@@ -8,8 +8,12 @@ Shapes (issue #3; GPU, bf16):
   (d) DFoT-S: 6 heads x 64, 16 frames of 256 tokens, batch 8
   (e) temporal attention of a factorised U-Net: batch 131072, 16 tokens, 4 heads x 64
 TFLOP/s count visible (query, key) pairs only: 4 D per pair forward, 2.5x that backward.
-On the CPU the same cases run at toy sizes in fp32 (the torch reference vs SDPA-with-mask
-and eager FlexAttention): they show nothing about kernels.
+On the CPU the same cases run at toy sizes in fp32, plus (f) the attention of the CPU
+``skyreels`` suite's model (L=2000, frame blocks of 400): the torch backend against what a
+user writes there, ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` with the
+dense boolean mask (``sdpa``: PyTorch's own choice of kernel, its CPU flash kernel), SDPA
+pinned to the math backend (``sdpa-math``) and eager FlexAttention: they show nothing
+about GPU kernels.
 
 ``--quick`` runs a subset, skips FlexAttention (its compile takes minutes) and uses the
 heuristic kernel configs (no autotuning); the issue's targets need the full run:
@@ -18,6 +22,7 @@ heuristic kernel configs (no autotuning); the issue's targets need the full run:
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
@@ -46,8 +51,10 @@ CPU_SHAPES = {
     "c KV chunk": (1, 2, 2, 96, 288, 32, dict(frame_size=96, window_frames=2, sink_frames=1)),
     "d DFoT-like": (2, 2, 2, 256, 256, 64, dict(frame_size=32)),
     "e U-Net temporal": (512, 4, 4, 16, 16, 64, {}),
+    "f SkyReels-reduced 5 blocks of 400": (1, 4, 4, 2000, 2000, 32, dict(frame_size=400)),
 }
-CPU_QUICK = [("a token-causal", "fwd"), ("b frame-causal blocks", "fwd+bwd"), ("e U-Net temporal", "fwd")]
+CPU_QUICK = [("a token-causal", "fwd"), ("b frame-causal blocks", "fwd+bwd"), ("e U-Net temporal", "fwd"),
+             ("f SkyReels-reduced 5 blocks of 400", "fwd")]
 MODES = ("fwd", "bwd", "fwd+bwd")
 SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
                  "math": "MATH"}
@@ -66,9 +73,10 @@ def _plain_causal(Tq, Tk, mask):
 
 
 def _sdpa(name, Tq, Tk, mask, device):
+    """SDPA pinned to backend ``name``, or PyTorch's own choice for None."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    backend = getattr(SDPBackend, SDPA_BACKENDS[name])
+    pinned = None if name is None else getattr(SDPBackend, SDPA_BACKENDS[name])
     if _plain_causal(Tq, Tk, mask):
         kwargs = dict(is_causal=True)
     else:
@@ -77,7 +85,7 @@ def _sdpa(name, Tq, Tk, mask, device):
         kwargs = dict(attn_mask=df_attention_mask(Tq, Tk, **mask, device=device))
 
     def run(q, k, v):
-        with sdpa_kernel(backend):
+        with contextlib.nullcontext() if pinned is None else sdpa_kernel(pinned):
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1], **kwargs)
 
     return run
@@ -143,6 +151,8 @@ def _case(name, shape, mode, dtype, device, quick):
         grad = torch.randn_like(q)
         providers = {"fastdf": lambda q, k, v: fastdf.df_attention(q, k, v, **mask)}
         dense = B * Hq * Tq * Tk
+        if device.type == "cpu":  # what a user writes: no backend pinned
+            providers["sdpa"] = _sdpa(None, Tq, Tk, mask, device)
         for sdpa in SDPA_BACKENDS:
             if device.type == "cpu" and sdpa != "math":
                 continue

@@ -1,0 +1,161 @@
+"""The torch backend's blocked CPU path (issue 11 part 4): each block of query frames runs
+on the keys it can see, through the CPU flash kernel forward and a blocked recompute
+backward. These tests pin the block planner to the mask rule, compare forward and backward
+against the fp64 reference across the block shapes the planner makes (single-frame blocks,
+grouped small frames with masked pieces, window + sink pieces merged by log-sum-exp,
+token-causal squares, cut backward row blocks), and check the fallbacks."""
+
+import pytest
+import torch
+
+import fastdf
+from fastdf.ops import attention as A
+from fastdf.ops.attention import df_attention_mask, df_attention_reference
+
+F32, F64, F16 = torch.float32, torch.float64, torch.float16
+
+
+def _rand(*shape, seed, dtype=F32):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _inputs(B, Hq, Hkv, Tq, Tk, D, dtype=F32, seed=0):
+    # [B, H, T, D] views of [B, T, H, D] storage, as a model's projections give them
+    q = _rand(B, Tq, Hq, D, seed=seed, dtype=dtype).transpose(1, 2)
+    k = _rand(B, Tk, Hkv, D, seed=seed + 1, dtype=dtype).transpose(1, 2)
+    v = _rand(B, Tk, Hkv, D, seed=seed + 2, dtype=dtype).transpose(1, 2)
+    return q, k, v
+
+
+def _rule(tq, tk, frame_size=1, causal=True, window_frames=None, sink_frames=0):
+    return A._normalise_mask(tk, frame_size, causal, window_frames, sink_frames)
+
+
+# (B, Hq, Hkv, Tq, Tk, D, mask): every kind of block _plan makes, with small FAST_* sizes
+CASES = {
+    "token-causal": (1, 2, 2, 40, 40, 16, {}),
+    "token-causal-cache-gqa": (2, 4, 2, 13, 50, 8, {}),
+    "frames-whole": (1, 2, 1, 36, 36, 16, dict(frame_size=12)),
+    "frames-grouped": (1, 2, 2, 37, 37, 16, dict(frame_size=3)),
+    "frames-cache-midframe": (1, 4, 2, 17, 40, 16, dict(frame_size=6)),
+    "window-sink-whole": (1, 2, 2, 40, 64, 8, dict(frame_size=8, window_frames=2, sink_frames=1)),
+    "window-sink-grouped": (1, 4, 1, 30, 45, 8, dict(frame_size=2, window_frames=4, sink_frames=2)),
+    "window-sink-adjacent": (1, 2, 2, 24, 24, 8, dict(frame_size=8, window_frames=2, sink_frames=1)),
+    "token-window": (1, 2, 2, 30, 30, 8, dict(window_frames=7)),
+    "bidirectional": (1, 2, 2, 9, 20, 8, dict(causal=False)),
+}
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of a few rows, so the small test shapes exercise every planner branch."""
+    monkeypatch.setattr(A, "FAST_FRAME_ROWS", 8)
+    monkeypatch.setattr(A, "FAST_BLOCK_ROWS", 10)
+    monkeypatch.setattr(A, "BACKWARD_BLOCK_ROWS", 7)
+
+
+@pytest.mark.parametrize("tq,tk,mask", [(c[3], c[4], c[6]) for c in CASES.values()], ids=list(CASES))
+@pytest.mark.parametrize("rows", [(8, 10), (32, 128), (1, 1)], ids=["small", "default", "per-frame"])
+def test_plan_covers_exactly_the_visible_keys(monkeypatch, tq, tk, mask, rows):
+    """The pieces of each block cover every key some row sees, nothing twice, every row
+    sees a key of each piece, and unmasked pieces are seen whole by every row."""
+    monkeypatch.setattr(A, "FAST_FRAME_ROWS", rows[0])
+    monkeypatch.setattr(A, "FAST_BLOCK_ROWS", rows[1])
+    fs, window, sinks = _rule(tq, tk, **mask)
+    causal = mask.get("causal", True)
+    vis = df_attention_mask(tq, tk, frame_size=fs, causal=causal, window_frames=window, sink_frames=sinks)
+    covered = torch.zeros(tq, dtype=torch.long)
+    for plan in (A._plan(tq, tk, fs, causal, window, sinks),
+                 A._backward_plan(3, tq, tk, fs, causal, window, sinks)):
+        covered.zero_()
+        for s, e, pieces in plan:
+            covered[s:e] += 1
+            seen = torch.zeros(e - s, tk, dtype=torch.long)
+            for lo, hi, kind in pieces:
+                assert 0 <= lo < hi <= tk
+                seen[:, lo:hi] += 1
+                part = vis[s:e, lo:hi]
+                assert part.any(-1).all(), "a row sees no key of a piece"
+                if kind is None:
+                    assert part.all()
+                elif kind == "causal":
+                    assert hi - lo == e - s and torch.equal(part, torch.ones_like(part).tril())
+            assert seen.max() <= 1
+            assert not (vis[s:e] & (seen == 0)).any(), "a visible key is in no piece"
+        assert torch.equal(covered, torch.ones_like(covered))
+
+
+def _grads_reference(q, k, v, g, g_lse, mask):
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out, lse = df_attention_reference(*inputs, **mask)
+    loss = (out * g.double()).sum() + (lse * g_lse.double()).sum() if g_lse is not None else (out * g.double()).sum()
+    return (out, lse, *torch.autograd.grad(loss, inputs))
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, F16], ids=["fp32", "fp64", "fp16"])
+@pytest.mark.parametrize("with_lse", [False, True], ids=["out", "out+lse"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_backward_match_fp64_reference(small_blocks, name, with_lse, dtype):
+    B, Hq, Hkv, Tq, Tk, D, mask = CASES[name]
+    q, k, v = _inputs(B, Hq, Hkv, Tq, Tk, D, dtype=dtype, seed=3)
+    g = _rand(B, Hq, Tq, D, seed=9, dtype=dtype)
+    g_lse = _rand(B, Hq, Tq, seed=10) if with_lse else None
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    with fastdf.backend("torch"):
+        out, lse = fastdf.df_attention(*inputs, return_lse=True, **mask)
+        loss = (out * g).sum() + ((lse * g_lse).sum() if with_lse else 0)
+        grads = torch.autograd.grad(loss, inputs)
+    want = _grads_reference(q, k, v, g, g_lse, mask)
+    # fp32 arithmetic throughout (fp64 for fp64), one rounding to fp16 at the end
+    tol = {F32: 2e-5, F64: 1e-12, F16: 2e-3}[dtype]
+    assert out.dtype == dtype and out.transpose(1, 2).is_contiguous() and lse.is_contiguous()
+    for got, ref in zip((out, lse, *grads), want):
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+def test_fast_path_is_taken_and_skips_invisible_keys(monkeypatch):
+    """The blocked kernel runs (not the reference) and never reads a key range no row of a
+    block sees: frame-causal over 5 frames touches 3/5 of the key columns."""
+    calls = []
+    flash = A._flash_cpu()
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((q.shape[2], k.shape[2]))
+        return flash(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(A, "_flash_cpu", lambda: spy)
+    monkeypatch.setattr(A, "df_attention_reference", None)  # any fallback would raise
+    q, k, v = _inputs(1, 2, 2, 200, 200, 8, seed=4)
+    with fastdf.backend("torch"), torch.no_grad():
+        fastdf.df_attention(q, k, v, frame_size=40)
+    assert sum(r * c for r, c in calls) == 40 * 40 * (1 + 2 + 3 + 4 + 5)
+
+
+def test_padding_and_huge_values_take_the_reference(monkeypatch):
+    """A key padding mask with holes, and data whose raw q . k or value sums could
+    overflow float32 inside the kernel, go to the reference; an all-True mask does not."""
+    q, k, v = _inputs(2, 2, 2, 10, 10, 8, seed=5)
+    kpm = torch.ones(2, 10, dtype=torch.bool)
+    assert A._fast_path_data(q, k, v, kpm, 0.3) is not None
+    kpm[1, 3] = False
+    assert A._fast_path_data(q, k, v, kpm, 0.3) is None
+    assert A._fast_path_data(q * 1e19, k * 1e19, v, None, 0.3) is None
+    assert A._fast_path_data(q, k, v * 1e37, None, 0.3) is None
+    assert A._fast_path_data(q[:, :, :0], k, v, None, 0.3) is None
+
+
+def test_non_finite_rows_take_the_reference_values(small_blocks):
+    """NaN/inf inside a masked piece (grouped small frames): rows that see it get the
+    reference's NaN, the others are bitwise those of the clean run."""
+    q, k, v = _inputs(1, 2, 2, 30, 30, 8, seed=6)
+    mask = dict(frame_size=3)
+    with fastdf.backend("torch"), torch.no_grad():
+        clean, clean_lse = fastdf.df_attention(q, k, v, return_lse=True, **mask)
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, 13] = float("nan")  # frame 4: rows 12.. see it
+        v2[:, :, 14, 0] = float("inf")
+        out, lse = fastdf.df_attention(q, k2, v2, return_lse=True, **mask)
+    assert torch.equal(out[:, :, :12], clean[:, :, :12]) and torch.equal(lse[:, :, :12], clean_lse[:, :, :12])
+    assert torch.isnan(out[:, :, 12:]).all()
+    ref, _ = df_attention_reference(q, k2, v2, upcast=True, **mask)
+    torch.testing.assert_close(out, ref, equal_nan=True)
