@@ -364,7 +364,7 @@ def _attention_fast(q, k, v, frame_size, causal, window_frames, sink_frames, sca
     q, k, v = (t.to(acc) if t.stride(-1) == 1 else t.to(acc).contiguous() for t in (q, k, v))
     mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
     plan = _plan(Tq, Tk, **mask)
-    result = lse = None
+    outs, lses = [], []
     for s, e, pieces in plan:
         o = l = None
         for lo, hi, kind in pieces:
@@ -379,14 +379,15 @@ def _attention_fast(q, k, v, frame_size, causal, window_frames, sink_frames, sca
                 l = new
         if bad is not None:
             o, l = _reference_rows(o, l, s, e, pieces, bad, q0, k0, v0, scale, mask)
-        if len(plan) == 1 and o.dtype == dtype and o.transpose(1, 2).is_contiguous():
-            return o, l.contiguous()  # the kernel's result already has the output's layout
-        if result is None:
-            result = _empty_bthd(B, Hq, Tq, D, dtype=dtype, device=q.device)
-            lse = torch.empty((B, Hq, Tq), dtype=acc, device=q.device)
-        result[:, :, s:e].copy_(o)
-        lse[:, :, s:e].copy_(l)
-    return result, lse
+        outs.append(o)
+        lses.append(l)
+    if len(outs) == 1 and outs[0].dtype == dtype and outs[0].transpose(1, 2).is_contiguous():
+        return outs[0], lses[0].contiguous()  # the kernel's result already has the output's layout
+    # one concatenation each (not a copy per block): on a shared machine every parallel
+    # region can cost a scheduler slice
+    result = _empty_bthd(B, Hq, Tq, D, dtype=dtype, device=q.device)
+    torch.cat([o.transpose(1, 2) for o in outs], 1, out=result.transpose(1, 2))
+    return result, torch.cat(lses, 2)
 
 
 def _sees(s, e, pieces, bad_kv, tq, tk, mask):
@@ -517,13 +518,126 @@ def _attention_backward_fast(grad_out, grad_lse, q, k, v, frame_size, causal, wi
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
+# The flash kernel's backward recomputes P = exp(s - lse) from the forward's float32 lse,
+# whose rounding, ulp(|lse|), P inherits: within plain PyTorch's error (the 2x rule,
+# measured) for |lse| up to about this; beyond, the blocked recompute (a stable softmax).
+FLASH_BACKWARD_MAX_LSE = 100.0
+
+
+def _affected(q, k, v, grad_out, blocks, mask):
+    """``(rows [B, Hq, Tq], keys [B, Hkv, Tk])``: query rows that hold a non-finite q or
+    upstream gradient or see a non-finite key/value, and the keys such rows see."""
+    B, Hq, Tq, _ = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    bad_kv = _bad_rows(k) | _bad_rows(v)
+    rows = _bad_rows(q) | _bad_rows(grad_out)
+    for s, e, pieces in blocks:
+        rows[:, :, s:e] |= _sees(s, e, pieces, bad_kv, Tq, Tk, mask).repeat_interleave(Hq // Hkv, 1)
+    keys = _sees_keys(rows.reshape(B, Hkv, Hq // Hkv, Tq).any(2), blocks, Tq, Tk, mask)
+    return rows, keys
+
+
+def _sees_keys(rows, blocks, tq, tk, mask):
+    """[B, Hkv, Tk]: keys seen by a query row flagged in ``rows`` [B, Hkv, Tq]."""
+    keys = torch.zeros(rows.shape[0], rows.shape[1], tk, dtype=torch.bool, device=rows.device)
+    off = tk - tq
+    for s, e, pieces in blocks:
+        q_pos = torch.arange(off + s, off + e, device=rows.device)[:, None]
+        for lo, hi, _ in pieces:
+            vis = visible(q_pos, torch.arange(lo, hi, device=rows.device)[None, :], **mask)
+            keys[:, :, lo:hi] |= (vis & rows[:, :, s:e, None]).any(-2)
+    return keys
+
+
+def _one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, device):
+    """Positions (query indices) of the rows that see exactly one key, and that key."""
+    if not causal:
+        none = torch.zeros(0, dtype=torch.long, device=device)
+        return none, none
+    fs, off = frame_size, tk - tq
+    f = torch.arange(tq, device=device).add_(off).div_(fs, rounding_mode="floor")
+    end = ((f + 1) * fs).clamp_(max=tk)
+    if window_frames is None:
+        count = end
+    else:
+        start = ((f - window_frames + 1) * fs).clamp_(min=0)
+        count = end - start + start.clamp(max=min(sink_frames * fs, tk))
+    rows = (count == 1).nonzero().flatten()
+    return rows, f[rows] * fs
+
+
+def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, window_frames, sink_frames, scale):
+    """The CPU flash kernel's backward on _plan's pieces, each given the whole row's out and
+    lse (so each piece's share is exact), or None where it cannot match the reference.
+    Non-finite data: zeroed for the kernel (a NaN behind a mask would spread through its
+    0 * NaN), the affected rows' gradients zeroed, and their dq and the dk/dv of the keys
+    they see taken from the reference; everything else is bitwise that of clean data."""
+    data = _fast_path_data(q, k, v, None, scale)
+    if data is None:
+        return None
+    (qf, kf, vf), bad = (t if t.stride(-1) == 1 else t.contiguous() for t in data[:3]), data[3]
+    finite_lse = torch.isfinite(lse)
+    if bool((lse.abs() > FLASH_BACKWARD_MAX_LSE).logical_and_(finite_lse).any()):
+        return None
+    mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    plan = _plan(Tq, Tk, **mask)
+    grad_in, rows = grad_out, None
+    if bad is not None or not bool(torch.isfinite(torch.linalg.vector_norm(grad_out))):
+        rows, keys = _affected(q, k, v, grad_out, plan, mask)
+        grad_out = _finite_or_zero(grad_out).masked_fill(rows[..., None], 0.0)
+        out, lse = _finite_or_zero(out), torch.where(finite_lse, lse, torch.zeros((), dtype=lse.dtype))
+    # A row that sees one key has P = 1 exactly: zero dq and dk, and its dO goes to that
+    # key's dV as it is (the reference's stable softmax gives that bitwise, exp(s - lse)
+    # nearly). Such rows run with dO = 0 and are added below.
+    one_rows, one_keys = _one_key_rows(Tq, Tk, **mask, device=q.device)
+    if one_rows.numel():
+        one_grad = grad_out[:, :, one_rows]
+        grad_out = grad_out.index_fill(2, one_rows, 0.0)
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    if out.stride(-1) != 1:
+        out = out.contiguous()
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    dqs = []
+    dk = _empty_bthd(*k.shape, dtype=k.dtype, device=k.device).zero_()
+    dv = _empty_bthd(*v.shape, dtype=v.dtype, device=v.device).zero_()
+    for s, e, pieces in plan:
+        dq = None
+        for lo, hi, kind in pieces:
+            attn_mask = _piece_mask(s, e, Tk - Tq, lo, hi, q.dtype, q.device, **mask) if kind == "mask" else None
+            dq_p, dk_p, dv_p = bwd(grad_out[:, :, s:e], qf[:, :, s:e], kf[:, :, lo:hi], vf[:, :, lo:hi], out[:, :, s:e],
+                                   lse[:, :, s:e], 0.0, kind == "causal", attn_mask=attn_mask, scale=scale)
+            dq = dq_p if dq is None else dq + dq_p
+            dk[:, :, lo:hi] += dk_p
+            dv[:, :, lo:hi] += dv_p
+        dqs.append(dq)
+    result = _empty_bthd(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
+    torch.cat([d.transpose(1, 2) for d in dqs], 1, out=result.transpose(1, 2))
+    if one_rows.numel():
+        Hkv = k.shape[1]
+        dv.index_add_(2, one_keys, one_grad.reshape(B, Hkv, Hq // Hkv, -1, D).sum(2))
+    if rows is not None and bool(rows.any()):
+        rq, rk, rv = df_attention_backward_reference(grad_in, None, q, k, v, None, None, scale=scale, **mask)
+        result.copy_(torch.where(rows[..., None], rq, result))
+        dk.copy_(torch.where(keys[..., None], rk, dk))
+        dv.copy_(torch.where(keys[..., None], rv, dv))
+    return result, dk, dv
+
+
 @ATTENTION_BACKWARD.register("torch")
 def _attention_backward_torch(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, frame_size, causal, window_frames,
                               sink_frames, scale):
+    grads = None
     if q.numel() and (key_padding_mask is None or bool(key_padding_mask.all())):
-        dq, dk, dv = _attention_backward_fast(grad_out, grad_lse, q, k, v, frame_size, causal, window_frames,
+        if (q.dtype in (torch.float32, torch.float64) and out.dtype == q.dtype
+                and (grad_lse is None or not bool(grad_lse.any()))):
+            grads = _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, window_frames,
                                               sink_frames, scale)
-        grads = (dq, dk, dv)
+        if grads is None:
+            grads = _attention_backward_fast(grad_out, grad_lse, q, k, v, frame_size, causal, window_frames,
+                                             sink_frames, scale)
     else:
         grads = df_attention_backward_reference(grad_out, grad_lse, q, k, v, out, lse, frame_size=frame_size,
                                                 causal=causal, window_frames=window_frames, sink_frames=sink_frames,

@@ -159,3 +159,73 @@ def test_non_finite_rows_take_the_reference_values(small_blocks):
     assert torch.isnan(out[:, :, 12:]).all()
     ref, _ = df_attention_reference(q, k2, v2, upcast=True, **mask)
     torch.testing.assert_close(out, ref, equal_nan=True)
+
+
+def _fwd_bwd(q, k, v, g, **mask):
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    with fastdf.backend("torch"):
+        out = fastdf.df_attention(*inputs, **mask)
+        return (out, *torch.autograd.grad((out * g).sum(), inputs))
+
+
+def test_backward_non_finite_rows_take_the_reference_values(small_blocks):
+    """The flash backward with NaN/inf in a masked piece: dq of the rows that do not see
+    it and dk/dv of the keys only such rows see are bitwise the clean run's; the rest is
+    the reference's."""
+    q, k, v = _inputs(1, 4, 2, 30, 30, 8, seed=7)
+    g = _rand(1, 4, 30, 8, seed=8)
+    mask = dict(frame_size=3, window_frames=2)
+    clean = _fwd_bwd(q, k, v, g, **mask)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 13] = float("nan")  # frame 4: rows of frames 4-5 see it, and they see keys 9..17
+    v2[:, :, 14, 0] = float("inf")
+    dirty = _fwd_bwd(q, k2, v2, g, **mask)
+    rows = torch.ones(30, dtype=torch.bool)
+    rows[12:18] = False
+    keys = torch.ones(30, dtype=torch.bool)
+    keys[9:18] = False
+    assert torch.equal(dirty[1][:, :, rows], clean[1][:, :, rows])  # dq
+    for i in (2, 3):  # dk, dv
+        assert torch.equal(dirty[i][:, :, keys], clean[i][:, :, keys])
+        assert torch.isnan(dirty[i][:, :, 9:15]).any()
+    # the backward reference itself (autograd through the forward reference spreads NaN)
+    ref = A.df_attention_backward_reference(g.double(), None, q.double(), k2.double(), v2.double(), None, None, **mask)
+    # where the reference is NaN this path may be finite: a row seeing a NaN key has a NaN
+    # softmax max there, which spreads to the dv of keys it cannot see; here it does not
+    for got, want in zip(dirty[1:], ref):
+        assert not (torch.isnan(got) & ~torch.isnan(want)).any()
+        finite = ~torch.isnan(want)
+        torch.testing.assert_close(got.double()[finite], want[finite], rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("case", ["fp32", "lse-grad", "fp16", "large-scores"])
+def test_backward_kernel_choice(monkeypatch, case):
+    """The flash backward runs for fp32/fp64 without an lse gradient and moderate lse; an
+    lse gradient, low precision (out rounded) or |lse| beyond FLASH_BACKWARD_MAX_LSE take
+    the blocked stable-softmax recompute. Either way the result matches the reference."""
+    used = []
+    for name in ("_attention_backward_flash", "_attention_backward_fast"):
+        fn = getattr(A, name)
+        monkeypatch.setattr(A, name, lambda *a, _fn=fn, _name=name: used.append(_name) or _fn(*a))
+    dtype = F16 if case == "fp16" else F32
+    q, k, v = _inputs(1, 2, 2, 24, 24, 8, dtype=dtype, seed=11)
+    if case == "large-scores":
+        q = q * 40
+    g = _rand(1, 2, 24, 8, seed=12, dtype=dtype)
+    g_lse = _rand(1, 2, 24, seed=13) if case == "lse-grad" else None
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    with fastdf.backend("torch"):
+        out, lse = fastdf.df_attention(*inputs, return_lse=True, frame_size=4)
+        loss = (out * g).sum() + ((lse * g_lse).sum() if g_lse is not None else 0)
+        grads = torch.autograd.grad(loss, inputs)
+    if case == "fp32":
+        assert used == ["_attention_backward_flash"]
+    elif case == "large-scores":
+        assert lse.abs().max() > A.FLASH_BACKWARD_MAX_LSE
+        assert used == ["_attention_backward_flash", "_attention_backward_fast"]
+    else:
+        assert used == ["_attention_backward_fast"]
+    want = _grads_reference(q, k, v, g, g_lse, dict(frame_size=4))[2:]
+    tol = 2e-3 if dtype == F16 else 2e-5
+    for got, ref in zip(grads, want):
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * max(1.0, float(ref.abs().max())))
