@@ -284,11 +284,12 @@ def _fast_path_data(q, k, v, key_padding_mask, scale):
     The path needs every query row to see a key (no padding), finite raw products q . k
     (the kernel scales after the product; an overflow to -inf would empty a row the
     reference keeps) and finite unnormalised sums of values: Frobenius norms bound both
-    (Cauchy-Schwarz), at one reduction per tensor. Finite data comes back as it is with ``bad`` None. Otherwise the
-    non-finite elements are zeroed (the flash kernel multiplies masked probabilities, 0, by
-    V, so a NaN behind a mask would reach queries that cannot see it) and ``bad`` holds
-    ``(bad_q [B, Hq, Tq], bad_kv [B, Hkv, Tk])`` rows: queries that hold or see one take
-    the reference's values, the others are bitwise those of clean data."""
+    (Cauchy-Schwarz), at one reduction per tensor. Finite data comes back as it is, with
+    ``bad`` None. Otherwise the non-finite elements are zeroed (the flash kernel multiplies
+    masked probabilities, 0, by V, so a NaN behind a mask would reach queries that cannot
+    see it) and ``bad`` holds ``(bad_q [B, Hq, Tq], bad_kv [B, Hkv, Tk])`` rows: queries
+    that hold or see one take the reference's values, the others are bitwise those of
+    clean data."""
     if q.device.type != "cpu" or _flash_cpu() is None or q.numel() == 0:
         return None
     if key_padding_mask is not None and not bool(key_padding_mask.all()):
@@ -551,10 +552,14 @@ def _sees_keys(rows, blocks, tq, tk, mask):
 
 def _one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, device):
     """Positions (query indices) of the rows that see exactly one key, and that key."""
+    fs, off = frame_size, tk - tq
+    # one key is only possible with one-token frames or a one-token last frame (cheap to
+    # rule out here, on the host, before any tensor op)
     if not causal:
+        fs, window_frames = max(tk, 1), None  # one frame of every key
+    if (fs > 1 and tk % fs != 1) or (window_frames is None and (fs > 1 or off > 0) and tk != 1):
         none = torch.zeros(0, dtype=torch.long, device=device)
         return none, none
-    fs, off = frame_size, tk - tq
     f = torch.arange(tq, device=device).add_(off).div_(fs, rounding_mode="floor")
     end = ((f + 1) * fs).clamp_(max=tk)
     if window_frames is None:
@@ -576,9 +581,11 @@ def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, w
     if data is None:
         return None
     (qf, kf, vf), bad = (t if t.stride(-1) == 1 else t.contiguous() for t in data[:3]), data[3]
-    finite_lse = torch.isfinite(lse)
-    if bool((lse.abs() > FLASH_BACKWARD_MAX_LSE).logical_and_(finite_lse).any()):
-        return None
+    finite_lse = None
+    if not float(torch.linalg.vector_norm(lse, float("inf"))) <= FLASH_BACKWARD_MAX_LSE:  # one op when all is well
+        finite_lse = torch.isfinite(lse)
+        if bool((lse.abs() > FLASH_BACKWARD_MAX_LSE).logical_and_(finite_lse).any()):
+            return None
     mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
@@ -587,7 +594,7 @@ def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, w
     if bad is not None or not bool(torch.isfinite(torch.linalg.vector_norm(grad_out))):
         rows, keys = _affected(q, k, v, grad_out, plan, mask)
         grad_out = _finite_or_zero(grad_out).masked_fill(rows[..., None], 0.0)
-        out, lse = _finite_or_zero(out), torch.where(finite_lse, lse, torch.zeros((), dtype=lse.dtype))
+        out, lse = _finite_or_zero(out), _finite_or_zero(lse)
     # A row that sees one key has P = 1 exactly: zero dq and dk, and its dO goes to that
     # key's dV as it is (the reference's stable softmax gives that bitwise, exp(s - lse)
     # nearly). Such rows run with dO = 0 and are added below.

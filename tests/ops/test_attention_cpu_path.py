@@ -229,3 +229,20 @@ def test_backward_kernel_choice(monkeypatch, case):
     tol = 2e-3 if dtype == F16 else 2e-5
     for got, ref in zip(grads, want):
         torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * max(1.0, float(ref.abs().max())))
+
+
+def test_one_key_rows_follow_the_rule():
+    """The rows the flash backward treats as one-key rows (P = 1 exactly), and their key,
+    are those of the mask, over every small configuration (the host-side shortcut
+    included)."""
+    for tk in range(1, 11):
+        for tq in range(1, tk + 1):
+            for fs, causal, window, sinks in [(f, True, w, s) for f in range(1, 5) for w in (None, 1, 2)
+                                              for s in ((0, 1) if w else (0,))] + [(1, False, None, 0)]:
+                fs, window, sinks = A._normalise_mask(tk, fs, causal, window, sinks)
+                rows, keys = A._one_key_rows(tq, tk, fs, causal, window, sinks, "cpu")
+                vis = df_attention_mask(tq, tk, frame_size=fs, causal=causal, window_frames=window,
+                                        sink_frames=sinks)
+                want = (vis.sum(-1) == 1).nonzero().flatten()
+                assert torch.equal(rows, want), (tq, tk, fs, causal, window, sinks)
+                assert torch.equal(keys, vis[want].int().argmax(-1))
