@@ -13,8 +13,9 @@ real key) is ANDed with that rule; a query row left without any key gives zeros 
 lse = -inf (without a padding mask every query sees at least its own key).
 
 Implementations: ``triton`` (kernels/attention.py: FA2-style forward with tile
-classification, deterministic backward) and ``torch`` (the chunked reference below, the
-CPU path). Both are one ``torch.library`` custom op, ``fastdf::df_attention``, with a fake
+classification, deterministic backward) and ``torch`` (the CPU path: blocks of query
+frames through PyTorch's CPU flash kernel on the key ranges each block sees, and the
+chunked reference below wherever that could not match it exactly). Both are one ``torch.library`` custom op, ``fastdf::df_attention``, with a fake
 and an autograd formula whose backward is the custom op ``fastdf::df_attention_backward``.
 """
 
@@ -885,8 +886,10 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
     masked with -inf, so the forward meets the 2x-torch-error rule for any inputs whose
     scaled scores ``scale * q . k`` (and, on the triton backend, the raw ``q . k``) are
     finite in float32, however negative (-3e38 works), and any finite v up to the dtype's
-    maximum. Backward: the torch backend recomputes a stable float32 softmax, so its
-    gradients are as exact as plain PyTorch's over the same range; the triton backend
+    maximum. Backward: the torch backend recomputes a stable float32 softmax wherever
+    ``|lse| > 100`` (and for fp16/bf16 or a gradient through lse), so its gradients are as
+    exact as plain PyTorch's over the same range (below that, on CPU tensors, it uses the
+    CPU flash kernel's ``exp(s - lse)``, measured within the rule there); the triton backend
     recomputes probabilities as ``exp(s - lse)`` (as FlashAttention does), whose relative
     error grows with ``|lse| * 2**-24``: it meets the rule while the scaled scores stay
     below about 1e4 in magnitude, and far beyond (|scores| ~ 1e30) its dk/dv are wrong.
