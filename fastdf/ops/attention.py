@@ -15,8 +15,9 @@ lse = -inf (without a padding mask every query sees at least its own key).
 Implementations: ``triton`` (kernels/attention.py: FA2-style forward with tile
 classification, deterministic backward) and ``torch`` (the CPU path: blocks of query
 frames through PyTorch's CPU flash kernel on the key ranges each block sees, and the
-chunked reference below wherever that could not match it exactly). Both are one ``torch.library`` custom op, ``fastdf::df_attention``, with a fake
-and an autograd formula whose backward is the custom op ``fastdf::df_attention_backward``.
+chunked reference below wherever that could not match it exactly). Both are one
+``torch.library`` custom op, ``fastdf::df_attention``, with a fake and an autograd formula
+whose backward is the custom op ``fastdf::df_attention_backward``.
 """
 
 from __future__ import annotations
