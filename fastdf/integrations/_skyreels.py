@@ -38,6 +38,18 @@ class FrameLayout:
     frame_size: int
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class CachedFrameLayout(FrameLayout):
+    """A :class:`FrameLayout` for one block of a cached call (``apply(..., cache=True)``):
+    the queries are the newest tokens; ``prefix_k`` / ``prefix_v`` ``[B, P, H, D]`` (post
+    QK-norm and rotary, or None) are the reused keys/values of the ``P`` leading tokens, and
+    the processor appends this call's full keys/values ``(k, v)`` to ``store``."""
+
+    prefix_k: torch.Tensor | None = None
+    prefix_v: torch.Tensor | None = None
+    store: list | None = None
+
+
 class FastdfSkyReelsAttnProcessor:
     """Self-attention processor for ``SkyReelsV2Attention`` (the blocks' ``attn1``) that runs
     :func:`fastdf.df_attention`.
@@ -76,7 +88,14 @@ class FastdfSkyReelsAttnProcessor:
             query = apply_rotary_emb(query, *rotary_emb)
             key = apply_rotary_emb(key, *rotary_emb)
 
-        # [B, L, H, D] storage viewed as [B, H, L, D]: df_attention reads the strides as they are.
+        if isinstance(attention_mask, CachedFrameLayout):
+            if attention_mask.prefix_k is not None:
+                key = torch.cat([attention_mask.prefix_k, key], dim=1)
+                value = torch.cat([attention_mask.prefix_v, value], dim=1)
+            attention_mask.store.append((key, value))
+
+        # [B, L, H, D] storage viewed as [B, H, L, D]: df_attention reads the strides as they are
+        # (with a cache Tq < Tk: the queries are the newest tokens, as df_attention places them).
         if attention_mask is None:
             out = df_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=False)
         else:
@@ -180,18 +199,63 @@ def _check_call(model, hidden_states, timestep, encoder_hidden_states_image, ena
                              f"(the pipeline maps 16 fps to 0, anything else to 1), got {fps!r}")
 
 
+class BlockCache:
+    """One cache context's memory of its previous call (``apply(..., cache=True)``): the
+    inputs that decide reuse, every layer's keys/values ``[B, L, H, D]`` and the output
+    tokens ``[B, L, C_out]`` of that call. Bounded by one call's K/V and output."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self, *args, **kwargs) -> None:
+        self.key = None  # everything but the latents and per-frame timesteps, compared as a whole
+        self.latents = None  # [B, C, F, H, W] of the previous call
+        self.timestep = None  # [b, F] per-frame timesteps of the previous call
+        self.kv = None  # per layer (k, v)
+        self.out = None  # [B, L, C_out] output tokens before unpatchify
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _snapshot(x):
+    return x.detach().clone() if isinstance(x, torch.Tensor) else x
+
+
+def _reusable_blocks(cache: BlockCache, key, hidden_states, timestep, frames_per_block: int, p_t: int) -> int:
+    """How many leading frame blocks of this call have exactly the inputs they had in the
+    previous call (same block index, so same positions): their K/V and outputs are reused."""
+    if cache.key is None or not _same(cache.key, key):
+        return 0
+    n = min(hidden_states.shape[2], cache.latents.shape[2]) // (frames_per_block * p_t)
+    for b in range(n):
+        lat = slice(b * frames_per_block * p_t, (b + 1) * frames_per_block * p_t)
+        if not torch.equal(cache.latents[:, :, lat], hidden_states[:, :, lat]):
+            return b
+        if timestep.dim() == 2:
+            ts = slice(b * frames_per_block, (b + 1) * frames_per_block)
+            if not torch.equal(cache.timestep[:, ts], timestep[:, ts]):
+                return b
+    return n
+
+
 def transformer_forward(model, hidden_states: torch.Tensor, timestep: torch.Tensor,
                         encoder_hidden_states: torch.Tensor, encoder_hidden_states_image: torch.Tensor | None = None,
                         enable_diffusion_forcing: bool = False, fps=None, return_dict: bool = True,
-                        attention_kwargs=None):
+                        attention_kwargs=None, *, _cache: BlockCache | None = None, _stats: dict | None = None,
+                        _cache_extra=None):
     """``SkyReelsV2Transformer3DModel.forward`` without the ``[L, L]`` mask and without the
     per-token modulation table (see the module docstring); same arguments and outputs.
 
     One difference where the stock forward fails: with ``inject_sample_info`` and
     ``enable_diffusion_forcing``, a batch of several fps values raises inside the stock
     forward (``repeat`` over frames mixes batch rows); here row b gets ``fps[b]``."""
-    from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
     enable_diffusion_forcing = bool(enable_diffusion_forcing)
     _check_call(model, hidden_states, timestep, encoder_hidden_states_image, enable_diffusion_forcing, fps)
     batch_size, num_channels, num_frames, height, width = hidden_states.shape
@@ -201,8 +265,29 @@ def transformer_forward(model, hidden_states: torch.Tensor, timestep: torch.Tens
     post_patch_width = width // p_w
     block_frames = model.config.num_frame_per_block
     layout = FrameLayout(post_patch_height * post_patch_width * block_frames) if block_frames > 1 else None
+    tokens_per_frame = post_patch_height * post_patch_width
+    total_tokens = post_patch_num_frames * tokens_per_frame
+
+    # Reuse needs frame-block causality (num_frame_per_block > 1: later blocks never change
+    # earlier ones) and no autograd (cached tensors carry no graph).
+    cache = _cache if layout is not None and not torch.is_grad_enabled() else None
+    reused_frames = 0
+    if cache is not None:
+        key = (hidden_states.shape[:2], hidden_states.shape[3:], hidden_states.dtype, hidden_states.device,
+               block_frames, enable_diffusion_forcing, timestep.shape[0], timestep.dtype,
+               None if enable_diffusion_forcing else timestep, encoder_hidden_states, encoder_hidden_states_image,
+               None if fps is None else torch.as_tensor(fps), _cache_extra)
+        reused_frames = block_frames * _reusable_blocks(cache, key, hidden_states,
+                                                        timestep if enable_diffusion_forcing else timestep[:, None],
+                                                        block_frames, p_t)
+    prefix = reused_frames * tokens_per_frame
+    if _stats is not None:
+        _stats["calls"] += 1
+        _stats["tokens_total"] += total_tokens
+        _stats["tokens_computed"] += total_tokens - prefix
 
     rotary_emb = model.rope(hidden_states)
+    raw_latents, raw_timestep = hidden_states, (timestep if enable_diffusion_forcing else timestep[:, None])
 
     hidden_states = model.patch_embedding(hidden_states)
     hidden_states = hidden_states.flatten(2).transpose(1, 2)
@@ -224,6 +309,13 @@ def transformer_forward(model, hidden_states: torch.Tensor, timestep: torch.Tens
     if enable_diffusion_forcing:
         timestep_proj = timestep_proj.transpose(1, 2)  # [b, 6, F, C]: per frame, not per token
 
+    if cache is not None:
+        output_tokens = _cached_blocks(model, cache, key, hidden_states, encoder_hidden_states, timestep,
+                                       timestep_proj, temb, rotary_emb, layout.frame_size, prefix, reused_frames,
+                                       enable_diffusion_forcing, raw_latents, raw_timestep)
+        return _unpatchify(output_tokens, batch_size, post_patch_num_frames, post_patch_height, post_patch_width,
+                           (p_t, p_h, p_w), return_dict)
+
     if torch.is_grad_enabled() and model.gradient_checkpointing:
         for block in model.blocks:
             hidden_states = model._gradient_checkpointing_func(
@@ -239,7 +331,55 @@ def transformer_forward(model, hidden_states: torch.Tensor, timestep: torch.Tens
     hidden_states = _modulate(model.norm_out, hidden_states, shift, scale)
 
     hidden_states = model.proj_out(hidden_states)
+    return _unpatchify(hidden_states, batch_size, post_patch_num_frames, post_patch_height, post_patch_width,
+                       (p_t, p_h, p_w), return_dict)
 
+
+def _output_norm(model, hidden_states, temb):
+    shift, scale = _tables(model.scale_shift_table, temb.unsqueeze(1), hidden_states.shape[0], upcast=False)
+    shift = shift.to(hidden_states.device)
+    scale = scale.to(hidden_states.device)
+    return model.proj_out(_modulate(model.norm_out, hidden_states, shift, scale))
+
+
+def _cached_blocks(model, cache, key, hidden_states, encoder_hidden_states, timestep, timestep_proj, temb,
+                   rotary_emb, frame_size, prefix, reused_frames, enable_diffusion_forcing, raw_latents,
+                   raw_timestep):
+    """The blocks and output head on the tokens after ``prefix`` only: the leading tokens'
+    per-layer K/V and output tokens come from ``cache`` (same inputs, and by frame-block
+    causality nothing after them reaches them); then ``cache`` remembers this call."""
+    total = hidden_states.shape[1]
+    new = hidden_states[:, prefix:]
+    if enable_diffusion_forcing:
+        timestep_proj = timestep_proj[:, :, reused_frames:]  # [b, 6, F, C]: per frame
+        temb = temb[:, reused_frames:]  # [b, F, C]
+    rotary_emb = tuple(r[:, prefix:] for r in rotary_emb)  # [1, L, 1, D]: absolute positions
+    kv = []
+    if prefix < total:
+        for i, block in enumerate(model.blocks):
+            prev = cache.kv[i] if prefix else (None, None)
+            layout = CachedFrameLayout(frame_size, None if prev[0] is None else prev[0][:, :prefix],
+                                       None if prev[1] is None else prev[1][:, :prefix], kv)
+            new = block(new, encoder_hidden_states, timestep_proj, rotary_emb, layout)
+        out = _output_norm(model, new, temb)
+        if prefix:
+            out = torch.cat([cache.out[:, :prefix], out], dim=1)
+    else:  # every block reused
+        kv = [(k[:, :total], v[:, :total]) for k, v in cache.kv]
+        out = cache.out[:, :total]
+    cache.key = tuple(_snapshot(x) for x in key)
+    cache.latents = raw_latents.detach().clone()
+    cache.timestep = raw_timestep.detach().clone()
+    cache.kv = kv
+    cache.out = out
+    return out
+
+
+def _unpatchify(hidden_states, batch_size, post_patch_num_frames, post_patch_height, post_patch_width, patch,
+                return_dict):
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    p_t, p_h, p_w = patch
     hidden_states = hidden_states.reshape(
         batch_size, post_patch_num_frames, post_patch_height, post_patch_width, p_t, p_h, p_w, -1
     )

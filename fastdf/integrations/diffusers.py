@@ -52,6 +52,7 @@ import torch
 try:
     import diffusers as _diffusers
     from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks.hooks import StateManager
     from diffusers.models.normalization import FP32LayerNorm
     from diffusers.models.transformers.transformer_skyreels_v2 import (
         SkyReelsV2Attention,
@@ -67,7 +68,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
 from . import _skyreels
 from ._skyreels import FastdfSkyReelsAttnProcessor, FrameLayout
 
-__all__ = ["apply", "remove", "is_applied", "FastdfSkyReelsAttnProcessor", "FrameLayout", "HOOK_NAME"]
+__all__ = ["apply", "remove", "is_applied", "cache_stats", "FastdfSkyReelsAttnProcessor", "FrameLayout", "HOOK_NAME"]
 
 HOOK_NAME = "fastdf"
 TESTED_DIFFUSERS = "0.42"
@@ -86,6 +87,29 @@ class _TransformerHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         return _lora_forward(module, *args, **kwargs)
+
+
+class _CachedTransformerHook(ModelHook):
+    """``apply(..., cache=True)``: the fastdf forward plus one :class:`_skyreels.BlockCache` per
+    cache context (diffusers' ``StateManager``; ``cache_context`` sets the name). Outside a
+    cache context, or under autograd, a call is exactly the uncached forward."""
+
+    _is_stateful = True
+
+    def __init__(self):
+        super().__init__()
+        self.state_manager = StateManager(_skyreels.BlockCache)
+        self.stats = {"calls": 0, "tokens_total": 0, "tokens_computed": 0}
+
+    def new_forward(self, module, *args, **kwargs):
+        cache = self.state_manager.get_state() if self.state_manager._context is not None else None
+        # apply_lora_scale pops the LoRA scale before the forward sees it: key on it here.
+        scale = (kwargs.get("attention_kwargs") or {}).get("scale", 1.0)
+        return _lora_forward(module, *args, _cache=cache, _stats=self.stats, _cache_extra=scale, **kwargs)
+
+    def reset_state(self, module):
+        self.state_manager.reset()
+        return module
 
 
 class _BlockHook(ModelHook):
@@ -144,14 +168,40 @@ def is_applied(transformer) -> bool:
     return getattr(transformer, _STATE, None) is not None
 
 
+def cache_stats(transformer) -> dict:
+    """Counters of an ``apply(..., cache=True)`` transformer since ``apply``: ``calls``,
+    ``tokens_total`` (tokens the calls covered) and ``tokens_computed`` (tokens the blocks
+    actually ran on). Empty dict when fastdf is applied without the cache.
+
+    Raises:
+        ValueError: fastdf is not applied to ``transformer``.
+    """
+    if not is_applied(transformer):
+        raise ValueError("transformer: fastdf is not applied to it")
+    hook = transformer._diffusers_hook.get_hook(HOOK_NAME)
+    return dict(hook.stats) if isinstance(hook, _CachedTransformerHook) else {}
+
+
 def apply(transformer, *, cache: bool = False):
     """Switch ``transformer`` (a diffusers ``SkyReelsV2Transformer3DModel``) to fastdf, in
     place, and return it. See the module docstring for what changes and what is refused.
 
     Args:
         transformer: the model (e.g. ``pipe.transformer``).
-        cache: reuse of unchanged leading frame blocks across calls; not implemented yet
-            (True raises ValueError).
+        cache: reuse of unchanged leading frame blocks across calls. Within one
+            ``transformer.cache_context(name)`` (the pipelines use "cond" / "uncond"), a call
+            whose leading frame blocks have exactly (``torch.equal``) the latents and per-frame
+            timesteps of the previous call in that context, with the same text/image
+            embeddings, fps, LoRA scale, batch, spatial size, dtype and ``num_frame_per_block``,
+            reuses those blocks' per-layer K/V and output tokens and runs the blocks on the
+            remaining frames only (``df_attention`` with ``Tq < Tk``). The first differing
+            block and everything after it are recomputed. Only with ``num_frame_per_block > 1``
+            (frame-block causal) and outside autograd; otherwise, and outside a cache context,
+            calls are exactly the uncached forward. Memory: one call's K/V (all layers) and
+            output per context, freed when the hooks' state is reset (the pipelines do it at the
+            end of ``__call__`` through ``maybe_free_model_hooks``;
+            ``transformer._diffusers_hook.reset_stateful_hooks()`` does it by hand) and by :func:`remove`. The weights must not change
+            between calls within a context (reset the hooks after changing them).
 
     Raises:
         TypeError: ``transformer`` is not a ``SkyReelsV2Transformer3DModel`` or ``cache`` is
@@ -164,9 +214,6 @@ def apply(transformer, *, cache: bool = False):
                         f"{type(transformer).__name__}")
     if not isinstance(cache, bool):
         raise TypeError(f"cache must be a bool, got {type(cache).__name__}")
-    if cache:
-        raise ValueError("cache=True (reuse of unchanged leading frame blocks) is not implemented yet; "
-                         "use apply(transformer) without it")
     reason = _refusal(transformer)
     if reason is not None:
         raise ValueError(f"transformer: {reason}")
@@ -179,7 +226,7 @@ def apply(transformer, *, cache: bool = False):
     for block in transformer.blocks:
         HookRegistry.check_if_exists_or_initialize(block).register_hook(_BlockHook(), HOOK_NAME)
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    registry.register_hook(_TransformerHook(), HOOK_NAME)
+    registry.register_hook(_CachedTransformerHook() if cache else _TransformerHook(), HOOK_NAME)
     registry.invalidate_child_registries_cache()
     setattr(transformer, _STATE, _State(processors=saved, new_registries=new_registries))
     return transformer
@@ -200,6 +247,9 @@ def remove(transformer) -> None:
     if state is None:
         raise ValueError("transformer: fastdf is not applied to it")
 
+    hook = transformer._diffusers_hook.get_hook(HOOK_NAME)
+    if isinstance(hook, _CachedTransformerHook):
+        hook.reset_state(transformer)  # free the cached K/V now, not when the hook is collected
     transformer._diffusers_hook.remove_hook(HOOK_NAME, recurse=True)
     for module in (transformer, *transformer.blocks):
         # remove_hook leaves the stock bound method as an instance attribute; drop it so the
