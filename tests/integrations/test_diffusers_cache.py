@@ -161,3 +161,17 @@ def test_pipeline_async_cache_matches_uncached_and_skips():
     assert transformer._diffusers_hook.get_hook(fdd.HOOK_NAME).state_manager._state_cache == {}
     print(f"pipeline async: tokens computed {stats['tokens_computed']}/{stats['tokens_total']}, "
           f"time {t_cached:.3f}s cached vs {t_plain:.3f}s")
+
+
+def test_triton_backend_cached_matches_uncached():
+    """The cached call's Tq < Tk attention through the Triton kernels (interpreted on CPU)."""
+    import fastdf
+
+    model = _model(num_frame_per_block=BLOCK, num_layers=1)
+    plain, cached = fdd.apply(copy.deepcopy(model)), fdd.apply(model, cache=True)
+    kw = _inputs(plain, frames=4, height=4, width=4)
+    with fastdf.backend("triton"):
+        calls = _schedule(kw, steps=2)
+        for c in calls:
+            torch.testing.assert_close(_call(cached, c), _call(plain, c, None), rtol=1e-5, atol=1e-5)
+    assert fdd.cache_stats(cached)["tokens_computed"] < fdd.cache_stats(cached)["tokens_total"]
