@@ -175,3 +175,17 @@ def test_triton_backend_cached_matches_uncached():
         for c in calls:
             torch.testing.assert_close(_call(cached, c), _call(plain, c, None), rtol=1e-5, atol=1e-5)
     assert fdd.cache_stats(cached)["tokens_computed"] < fdd.cache_stats(cached)["tokens_total"]
+
+
+def test_image_conditioning_and_lora_scale_are_part_of_the_key():
+    plain, cached = _pair(image_dim=8, added_kv_proj_dim=24)
+    kw = _inputs(plain, frames=4, height=4, width=4, image=True)
+    torch.testing.assert_close(_call(cached, kw), _call(plain, kw, None), rtol=1e-6, atol=1e-6)
+    other = dict(kw, encoder_hidden_states_image=kw["encoder_hidden_states_image"] + 1)
+    before = fdd.cache_stats(cached)["tokens_computed"]
+    torch.testing.assert_close(_call(cached, other), _call(plain, other, None), rtol=1e-6, atol=1e-6)
+    assert fdd.cache_stats(cached)["tokens_computed"] - before == 4 * 4  # image differs: all recomputed
+    scaled = dict(other, attention_kwargs={"scale": 0.5})
+    before = fdd.cache_stats(cached)["tokens_computed"]
+    _call(cached, scaled)
+    assert fdd.cache_stats(cached)["tokens_computed"] - before == 4 * 4  # LoRA scale differs: all recomputed
