@@ -18,6 +18,8 @@ frames through PyTorch's CPU flash kernel on the key ranges each block sees, and
 chunked reference below wherever that could not match it exactly). Both are one
 ``torch.library`` custom op, ``fastdf::df_attention``, with a fake and an autograd formula
 whose backward is the custom op ``fastdf::df_attention_backward``.
+On the torch backend outside any compiler or tracer, :func:`df_attention` calls the torch
+implementation directly, without the op's dispatch (see _eager.py); same results bitwise.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch import Tensor
 
 from . import _alloc, _checks
 from ._backend import Op
+from ._eager import plain_tensors, torch_backend_eager
 from ._library import custom_op
 
 ATTENTION = Op("df_attention", prefer=("triton", "torch"))
@@ -766,6 +769,48 @@ def _backward(ctx, grad_out, grad_lse):
 _attention_op.register_autograd(_backward, setup_context=_setup)
 
 
+# ---------------------------------------------------------------------------- eager path
+# The custom op's Python dispatch (schema handling, its autograd wrapper, backend
+# selection) costs about 50-70 us a call on the CPU, as much as a whole small SDPA call
+# (issue 11). Where the torch backend would run and nothing traces, df_attention calls the
+# torch backend's forward directly, and the same backward functions through a plain
+# autograd.Function: the same numbers bitwise, without the dispatch.
+
+
+class _AttentionEager(torch.autograd.Function):
+    # grads stay materialised (zeros for an unused lse), as the custom op's wrapper gives
+    # them, so the backward sees the same arguments either way
+
+    @staticmethod
+    def forward(ctx, q, k, v, key_padding_mask, *mask):
+        out, lse = _attention_torch(q, k, v, key_padding_mask, *mask)
+        ctx.mask = mask
+        ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
+        return out, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the custom op has no double backward either
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+        args = (grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, *ctx.mask)
+        # the backend is read when the backward runs, as the custom op's backward does
+        if torch_backend_eager(q.device) and plain_tensors(grad_out, grad_lse):
+            dq, dk, dv = _attention_backward_torch(*args)
+        else:
+            dq, dk, dv = _attention_backward_op(*args)
+        return (dq, dk, dv) + (None,) * (1 + len(ctx.mask))
+
+
+def _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale):
+    """``(out, lse)`` of checked arguments: the eager path where it may run, else the op."""
+    args = (q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
+    if not (torch_backend_eager(q.device) and plain_tensors(q, k, v, key_padding_mask)):
+        return _attention_op(*args)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _AttentionEager.apply(*args)
+    return _attention_torch(*args)
+
+
 # ---------------------------------------------------------------------------- public
 
 
@@ -905,7 +950,7 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
     frame_size, window_frames, sink_frames, scale = _check(q, k, v, frame_size, causal, window_frames, sink_frames,
                                                            scale, return_lse)
     key_padding_mask = _check_key_padding_mask(key_padding_mask, q, k)
-    out, lse = _attention_op(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
+    out, lse = _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
     return (out, lse) if return_lse else out
 
 
@@ -927,5 +972,5 @@ def df_attention_padded(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, *, f
     # clamped in its own dtype before the int32 cast, so 2**32 + 1 cannot wrap to 1
     key_start = key_start.clamp(0, k.shape[2])
     key_padding_mask = torch.arange(k.shape[2], device=key_start.device) >= key_start[:, None]
-    out, lse = _attention_op(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
+    out, lse = _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
     return (out, lse) if return_lse else out

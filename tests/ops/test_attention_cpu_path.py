@@ -246,3 +246,129 @@ def test_one_key_rows_follow_the_rule():
                 want = (vis.sum(-1) == 1).nonzero().flatten()
                 assert torch.equal(rows, want), (tq, tk, fs, causal, window, sinks)
                 assert torch.equal(keys, vis[want].int().argmax(-1))
+
+
+# ---------------------------------------------------------------------------- eager path
+
+
+@pytest.fixture
+def spy_eager(monkeypatch):
+    """Counts calls of the torch forward made by the eager path (the custom op reaches the
+    same function through the backend registry, which this does not patch)."""
+    calls = []
+    real = A._attention_torch
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(A, "_attention_torch", spy)
+    return calls
+
+
+EAGER_CASES = {
+    "frames-gqa": (2, 4, 2, 9, 20, 8, dict(frame_size=3), False),
+    "window-sink": (1, 2, 2, 24, 24, 8, dict(frame_size=4, window_frames=2, sink_frames=1), False),
+    "padding": (2, 2, 1, 6, 10, 8, dict(frame_size=2), True),
+    "bidirectional": (1, 2, 2, 5, 7, 8, dict(causal=False), False),
+}
+
+
+def _through(fn, q, k, v, with_lse, kpm, mask, grad_seed):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    res = fn(q, k, v, kpm, mask)
+    out, lse = res if with_lse else (res, None)
+    g = _rand(*out.shape, seed=grad_seed, dtype=out.dtype)
+    loss = (out * g).sum() + (lse.nan_to_num(0.0, 0.0, 0.0).sum() if with_lse else 0)
+    loss.backward()
+    return out.detach(), lse, q.grad, k.grad, v.grad
+
+
+def _public(q, k, v, kpm, mask, with_lse):
+    return A.df_attention(q, k, v, key_padding_mask=kpm, return_lse=with_lse, **mask)
+
+
+def _custom_op(q, k, v, kpm, mask, with_lse):
+    fs, window, sinks, scale = A._check(q, k, v, mask.get("frame_size", 1), mask.get("causal", True),
+                                        mask.get("window_frames"), mask.get("sink_frames", 0), None, with_lse)
+    out, lse = torch.ops.fastdf.df_attention(q, k, v, kpm, fs, mask.get("causal", True), window, sinks, scale)
+    return (out, lse) if with_lse else out
+
+
+@pytest.mark.parametrize("with_lse", [False, True], ids=["out", "lse"])
+@pytest.mark.parametrize("name", list(EAGER_CASES))
+def test_eager_path_is_bitwise_the_custom_op(spy_eager, name, with_lse):
+    """On CPU tensors df_attention skips the custom op (the spy sees the call) and gives
+    bitwise the op's out, lse, layout and gradients, NaN causality included."""
+    B, Hq, Hkv, Tq, Tk, D, mask, padded = EAGER_CASES[name]
+    q, k, v = _inputs(B, Hq, Hkv, Tq, Tk, D, seed=3)
+    v[:, :, -1, 0] = float("nan")  # only the last key's viewers (and its dv) may see it
+    kpm = torch.arange(Tk)[None, :] >= torch.tensor([[0], [3]])[:B] if padded else None
+    results = []
+    for fn in (_public, _custom_op):
+        spy_eager.clear()
+        results.append(_through(lambda *a: fn(*a, with_lse), q, k, v, with_lse, kpm, mask, grad_seed=7))
+        assert len(spy_eager) == (1 if fn is _public else 0)
+    for got, want in zip(*results):
+        if want is None:
+            assert got is None
+            continue
+        assert got.dtype == want.dtype and got.stride() == want.stride()
+        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    nan = results[0][0].isnan()
+    assert nan.any() and (nan.all() if mask.get("causal") is False else not nan.all())
+
+
+def test_eager_path_without_grad_and_for_padded(spy_eager):
+    """No autograd node without grad; df_attention_padded takes the same path."""
+    q, k, v = _inputs(1, 2, 2, 6, 9, 8, seed=5)
+    with torch.no_grad():
+        out = A.df_attention(q.requires_grad_(), k, v, frame_size=2)
+    assert out.grad_fn is None and len(spy_eager) == 1
+    key_start = torch.tensor([2])
+    got = A.df_attention_padded(q, k, v, key_start, frame_size=2, return_lse=True)
+    want = torch.ops.fastdf.df_attention(q, k, v, torch.arange(9)[None] >= 2, 2, True, None, 0, 8 ** -0.5)
+    assert len(spy_eager) == 2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+def test_other_backends_and_tracing_keep_the_custom_op(spy_eager):
+    """A named non-torch backend, make_fx and FakeTensorMode go through the custom op."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = _inputs(1, 2, 2, 4, 6, 8, seed=9)
+    with fastdf.backend("cuda"), pytest.raises(fastdf.BackendUnavailableError):
+        A.df_attention(q, k, v)
+    gm = make_fx(lambda q, k, v: A.df_attention(q, k, v, frame_size=2))(q, k, v)
+    assert torch.ops.fastdf.df_attention.default in [n.target for n in gm.graph.nodes]
+    with FakeTensorMode() as mode:
+        fq, fk, fv = (mode.from_tensor(t) for t in (q, k, v))
+        out = A.df_attention(fq, fk, fv, frame_size=2)
+    assert out.shape == q.shape
+    assert not spy_eager
+
+
+def test_compile_fullgraph_keeps_the_custom_op(spy_eager):
+    """Under torch.compile(fullgraph=True) the graph holds the one opaque op node (the
+    eager forward never runs) and gives the eager path's values; the backward is the op's."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    q, k, v = _inputs(1, 2, 1, 5, 8, 8, seed=11)
+    fn = torch.compile(lambda q, k, v: A.df_attention(q, k, v, frame_size=2, return_lse=True), fullgraph=True,
+                       backend=backend)
+    qc, kc, vc = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = fn(qc, kc, vc)
+    (out.sum() + lse.sum()).backward()
+    assert not spy_eager
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes]
+    assert any("fastdf.df_attention" in t for t in targets), targets
+    eager = _through(lambda q, k, v, kpm, mask: A.df_attention(q, k, v, return_lse=True, frame_size=2), q, k, v,
+                     True, None, {}, grad_seed=0)
+    torch.testing.assert_close(out, eager[0], rtol=0, atol=0)
+    torch.testing.assert_close(lse, eager[1], rtol=0, atol=0)
