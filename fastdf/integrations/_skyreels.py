@@ -14,6 +14,13 @@ not need:
   the blocks receive the per-frame table and read it through
   :func:`fastdf.adaln_modulate` / :func:`fastdf.gated_residual`.
 
+With ``apply(..., cache=True)`` the forward also takes a :class:`BlockCache` (one per
+cache context): leading frame blocks whose inputs equal the previous call's keep their
+per-layer K/V and output tokens, and the blocks run on the remaining tokens only (the
+processor receives a :class:`CachedFrameLayout` carrying the reused K/V; the rotary
+embedding and the per-frame tables are sliced to the new tokens' absolute positions).
+Exact by frame-block causality: nothing after a block reaches its K/V or its output.
+
 The fp32 semantics of the stock model are kept: the norm and the modulation run in fp32
 on ``hidden_states.float()`` and are cast back to the stream's dtype; the gated residuals
 are computed in fp32 (``x.float() + y * gate``) and cast back.

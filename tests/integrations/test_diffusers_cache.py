@@ -136,10 +136,17 @@ def test_autograd_and_single_frame_blocks_bypass_the_cache():
     assert fdd.cache_stats(fdd.apply(_model())) == {}
 
 
-def test_pipeline_async_cache_matches_uncached_and_skips():
+PIPELINE_CASES = {
+    "async": dict(num_frames=17, causal_block_size=2, ar_step=2),
+    "async-long-overlap": dict(num_frames=25, base_num_frames=17, overlap_history=5, causal_block_size=2, ar_step=2),
+}
+
+
+@pytest.mark.parametrize("case", list(PIPELINE_CASES))
+def test_pipeline_async_cache_matches_uncached_and_skips(case):
     import time
 
-    options = dict(num_frames=17, causal_block_size=2, ar_step=2)
+    options = PIPELINE_CASES[case]
     transformer = _model(inject_sample_info=True)
     pipe, prompt, negative = _tiny_pipeline(transformer)
 
@@ -159,7 +166,7 @@ def test_pipeline_async_cache_matches_uncached_and_skips():
     assert stats["tokens_computed"] < stats["tokens_total"]
     # the pipeline's maybe_free_model_hooks reset the stateful hooks: the cache is freed
     assert transformer._diffusers_hook.get_hook(fdd.HOOK_NAME).state_manager._state_cache == {}
-    print(f"pipeline async: tokens computed {stats['tokens_computed']}/{stats['tokens_total']}, "
+    print(f"pipeline {case}: tokens computed {stats['tokens_computed']}/{stats['tokens_total']}, "
           f"time {t_cached:.3f}s cached vs {t_plain:.3f}s")
 
 
