@@ -200,8 +200,9 @@ def apply(transformer, *, cache: bool = False):
             calls are exactly the uncached forward. Memory: one call's K/V (all layers) and
             output per context, freed when the hooks' state is reset (the pipelines do it at the
             end of ``__call__`` through ``maybe_free_model_hooks``;
-            ``transformer._diffusers_hook.reset_stateful_hooks()`` does it by hand) and by :func:`remove`. The weights must not change
-            between calls within a context (reset the hooks after changing them).
+            ``transformer._diffusers_hook.reset_stateful_hooks()`` does it by hand) and by
+            :func:`remove`. The weights must not change between calls within a context
+            (reset the hooks after changing them).
 
     Raises:
         TypeError: ``transformer`` is not a ``SkyReelsV2Transformer3DModel`` or ``cache`` is
