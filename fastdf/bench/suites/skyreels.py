@@ -1,5 +1,8 @@
 """Suite ``skyreels``: one SkyReels-V2 DF transformer call, stock diffusers vs
-``fastdf.integrations.diffusers.apply`` (diffusion forcing, ``causal_block_size=5``).
+``fastdf.integrations.diffusers.apply`` (diffusion forcing, ``causal_block_size=5``); in the
+full set also the whole tiny pipeline (``fastdf.examples.skyreels_df``) stock vs ``apply`` vs
+``apply(cache=True)`` for ``ar_step`` 0 and 5, the case name giving the fraction of
+frame-block tokens the cache skipped.
 
 The stock forward builds a dense [L, L] boolean mask (SDPA turns it into a bias) and
 repeats the per-frame AdaLN table to an fp32 [B, 6, L, C] tensor; fastdf does neither
@@ -11,6 +14,8 @@ Needs diffusers (``pip install fastdf[diffusers]``); without it the cases are sk
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
@@ -66,8 +71,50 @@ def _case(name, shape, device, quick):
     return Case(f"transformer call {name} L{tokens} layers{layers} {heads}x{head_dim} {dt}", setup, timer=time_once)
 
 
+# The tiny pipeline of the example, 17 frames 32x32 (5 latent frames of 4 tokens), two-frame
+# blocks; the window is the whole video so ar_step > 0 leaves finished blocks in it.
+PIPELINE = dict(num_frames=17, base_num_frames=17, causal_block_size=2, steps=4, size=32)
+
+
+def _pipeline_case(ar_step):
+    def setup(device):
+        try:
+            import fastdf.integrations.diffusers as fdd
+            from fastdf.examples.skyreels_df import build_pipeline
+        except ImportError as exc:
+            raise Skip(f"diffusers is not installed ({exc})") from exc
+        pipe, prompt, negative = build_pipeline(device)
+        stock = pipe.transformer
+        models = {"fastdf cache": fdd.apply(copy.deepcopy(stock), cache=True),
+                  "fastdf": fdd.apply(copy.deepcopy(stock)), "stock": stock}
+        options = {k: v for k, v in PIPELINE.items() if k not in ("steps", "size")}
+
+        def call(model):
+            def fn():
+                pipe.transformer = model
+                with torch.no_grad():
+                    return pipe(None, prompt_embeds=prompt, negative_prompt_embeds=negative, height=PIPELINE["size"],
+                                width=PIPELINE["size"], num_inference_steps=PIPELINE["steps"], guidance_scale=3.0,
+                                max_sequence_length=8, output_type="latent", ar_step=ar_step,
+                                generator=torch.Generator(device).manual_seed(0), **options).frames
+            return fn
+
+        providers = {name: call(model) for name, model in models.items()}
+        providers["fastdf cache"]()  # the skipped fraction is a property of the schedule: one run gives it
+        stats = fdd.cache_stats(models["fastdf cache"])
+        # the name is read after setup; the fraction is only known once the pipeline has run
+        case.name += f" cache skipped {1 - stats['tokens_computed'] / stats['tokens_total']:.0%}"
+        return providers
+
+    case = Case(f"tiny pipeline ar_step{ar_step} 17f 32x32 block2 steps{PIPELINE['steps']}", setup, timer=time_once)
+    return case
+
+
 @suite("skyreels", help="SkyReels-V2 DF transformer call: stock diffusers vs fastdf.integrations.diffusers")
 def cases(device, quick):
     shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     names = list(shapes)[-1:] if quick else list(shapes)
-    return [_case(name, shapes[name], device, quick) for name in names]
+    cases = [_case(name, shapes[name], device, quick) for name in names]
+    if not quick and device.type == "cpu":  # seconds per case: the full set only
+        cases += [_pipeline_case(ar_step) for ar_step in (0, 5)]
+    return cases
