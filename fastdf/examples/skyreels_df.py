@@ -35,22 +35,15 @@ import torch
 TOLERANCE = 1e-4
 
 
-def build_pipeline(device="cpu", seed=0):
-    """``(pipe, prompt_embeds, negative_prompt_embeds)``: a tiny random SkyReels-V2 DF
-    pipeline built from configs (no download, no ``ftfy``: the prompts are encoded here)."""
-    from diffusers import (AutoencoderKLWan, SkyReelsV2DiffusionForcingPipeline, SkyReelsV2Transformer3DModel,
-                           UniPCMultistepScheduler)
+def tiny_pipeline(transformer, device="cpu"):
+    """``(pipe, prompt_embeds, negative_prompt_embeds)``: ``transformer`` in a
+    SkyReelsV2DiffusionForcingPipeline with a tiny Wan VAE, a UniPC flow scheduler, a tiny
+    UMT5 encoder and a word-level tokenizer, all built from configs (no download). The
+    pipeline's own prompt path needs ``ftfy``, so the prompts are encoded here."""
+    from diffusers import AutoencoderKLWan, SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
-    torch.manual_seed(seed)
-    transformer = SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=64,
-        inject_sample_info=True, num_frame_per_block=1).eval()
-    with torch.no_grad():  # random AdaLN / gate tables, so every path contributes to the output
-        for p in transformer.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
     words = "a cat dog runs on the beach red blue".split()
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -73,6 +66,21 @@ def build_pipeline(device="cpu", seed=0):
             return text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state
 
     return pipe, embed("a cat runs on the beach"), embed("blue dog")
+
+
+def build_pipeline(device="cpu", seed=0):
+    """:func:`tiny_pipeline` around a tiny random SkyReels-V2 transformer."""
+    from diffusers import SkyReelsV2Transformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, eps=1e-6, rope_max_seq_len=64,
+        inject_sample_info=True, num_frame_per_block=1).eval()
+    with torch.no_grad():  # random AdaLN / gate tables, so every path contributes to the output
+        for p in transformer.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return tiny_pipeline(transformer, device)
 
 
 def parse_args(argv=None):

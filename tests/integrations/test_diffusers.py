@@ -361,37 +361,12 @@ def test_float64_matches_stock():
 
 
 def _tiny_pipeline(transformer):
-    """SkyReelsV2DiffusionForcingPipeline from configs: tiny Wan VAE, UniPC flow scheduler,
-    tiny UMT5 encoder and a word-level tokenizer built in code. The pipeline's own prompt
-    path needs ``ftfy`` (not installed), so the test encodes the prompts itself and passes
-    ``prompt_embeds``."""
-    from diffusers import AutoencoderKLWan, SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
+    """The example's tiny pipeline (tiny Wan VAE, UniPC, tiny UMT5, word-level tokenizer;
+    prompts encoded here since the pipeline's prompt path needs ``ftfy``)."""
+    from fastdf.examples.skyreels_df import tiny_pipeline
 
     torch.manual_seed(3)
-    words = "a cat dog runs on the beach red blue".split()
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>",
-                                        unk_token="<unk>")
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=16, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
-                                               relative_attention_num_buckets=8)).eval()
-    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
-                           latents_std=[1.0] * 4).eval()
-    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
-    pipe = SkyReelsV2DiffusionForcingPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
-                                              transformer=transformer, vae=vae, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-
-    def embed(text):
-        ids = tokenizer([text], padding="max_length", max_length=8, return_tensors="pt")
-        with torch.no_grad():
-            return text_encoder(ids.input_ids, ids.attention_mask).last_hidden_state
-
-    return pipe, embed("a cat runs on the beach"), embed("blue dog")
+    return tiny_pipeline(transformer)
 
 
 PIPELINE_CASES = {
