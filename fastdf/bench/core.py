@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import importlib
 import json
 import os
@@ -84,26 +85,72 @@ def time_gpu(fn, quick: bool) -> float:
 
 
 def time_cpu(fn, quick: bool) -> float:
-    """Median wall-clock milliseconds (CPU numbers show algorithmic wins only).
+    """Median wall-clock milliseconds of one callable (CPU numbers show algorithmic wins
+    only); :func:`time_cpu_interleaved` with a single provider."""
+    return time_cpu_interleaved({"fn": fn}, quick)["fn"]
 
-    Warms up until two calls in a row agree within 10% (at most 5 calls or 0.5 s): the
-    first provider of a case otherwise pays for the allocator's first large blocks, which
-    biased the ratio against whichever provider ran first."""
-    last, start = None, time.perf_counter()
+
+def time_cpu_interleaved(fns: dict[str, Callable[[], object]], quick: bool) -> dict[str, float | Exception]:
+    """Median wall-clock milliseconds of each callable, timed in round-robin rounds.
+
+    Timing providers one after another biased every CPU ratio: the first one timed paid
+    for the allocator's first large blocks (glibc's adaptive mmap threshold moves while a
+    process allocates) and for whatever the machine's load did during its turn. Here all
+    providers share one warm-up and every round calls each once, in an order reversed
+    every other round (so none always runs right after the same neighbour); each gets the
+    median of its own samples. The garbage collector is paused while sampling. A provider
+    that raises is dropped from later rounds and its exception returned in place of a time.
+    """
+    out: dict[str, float | Exception] = {}
+    live = dict(fns)
+
+    def call(name):
+        t0 = time.perf_counter()
+        try:
+            live[name]()
+        except Exception as err:  # reported per provider; the others keep running
+            out[name] = err
+            del live[name]
+            return None
+        return time.perf_counter() - t0
+
+    # Warm-up: whole rounds until each provider's last two calls agree within 10% (at most
+    # 5 rounds or 0.5 s after the first).
+    last: dict[str, float] = {}
+    start = time.perf_counter()
     for _ in range(5):
-        t0 = time.perf_counter()
-        fn()
-        now = time.perf_counter() - t0
-        if last is not None and abs(now - last) <= 0.1 * last or time.perf_counter() - start > 0.5:
+        settled = True
+        for name in list(live):
+            now = call(name)
+            if now is None:
+                continue
+            settled &= name in last and abs(now - last[name]) <= 0.1 * last[name]
+            last[name] = now
+        if settled or time.perf_counter() - start > 0.5:
             break
-        last = now
-    budget = 0.5 if quick else 2.0
-    samples, start = [], time.perf_counter()
-    while len(samples) < 3 or (time.perf_counter() - start < budget and len(samples) < 50):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
+    # Sampling: at least 3 rounds, then rounds until the budget (per provider, as when they
+    # were timed one by one) or 50 rounds.
+    samples: dict[str, list[float]] = {name: [] for name in live}
+    budget = (0.5 if quick else 2.0) * max(len(live), 1)
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        rounds, start = 0, time.perf_counter()
+        while live and (rounds < 3 or (time.perf_counter() - start < budget and rounds < 50)):
+            order = list(live) if rounds % 2 == 0 else list(reversed(live))
+            for name in order:
+                now = call(name)
+                if now is not None:
+                    samples[name].append(now * 1e3)
+            rounds += 1
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    for name in fns:
+        if name not in out:
+            out[name] = statistics.median(samples[name])
+    return {name: out[name] for name in fns}
 
 
 def time_once(fn, quick: bool) -> float:
@@ -207,10 +254,16 @@ def run_case(suite_name: str, case: Case, device, quick: bool, memory: bool = Tr
         providers = case.setup(device)
     except Skip as why:
         return [dict(suite=suite_name, case=case.name, provider="*", error=f"skipped: {why}")]
+    # On the CPU the default timer runs every provider in the same rounds (a fair share of
+    # the allocator's and the machine's state); a case's own timer or a GPU times each alone.
+    together = time_cpu_interleaved(providers, quick) if case.timer is None and device.type != "cuda" else {}
     for provider, fn in providers.items():
         row = dict(suite=suite_name, case=case.name, provider=provider)
         try:
-            row["ms"] = timer(fn, quick)
+            ms = together[provider] if together else timer(fn, quick)
+            if isinstance(ms, Exception):
+                raise ms
+            row["ms"] = ms
             if memory:
                 row["peak_MB"] = peak_memory_mb(fn, device)
         except Skip as why:

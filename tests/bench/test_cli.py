@@ -147,3 +147,31 @@ def test_compile_flag_runs_the_compile_report_without_the_interpreter(monkeypatc
     with pytest.raises(SystemExit):
         cli.main(["--compile", "--suite", "cascade"])
     assert "--compile takes only --json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- issue 11: a fair CPU timer
+
+def test_cpu_timer_interleaves_providers_and_survives_a_failing_one():
+    """Every provider is called in the same rounds (none is timed alone while the allocator
+    or the machine is in another state), and one that fails mid-run is reported while the
+    others keep their medians."""
+    calls = []
+
+    def provider(name, fail_at=None):
+        def fn():
+            calls.append(name)
+            if fail_at is not None and calls.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+        return fn
+
+    out = core.time_cpu_interleaved({"a": provider("a"), "b": provider("b"), "c": provider("c", fail_at=4)},
+                                    quick=True)
+    assert isinstance(out["c"], RuntimeError) and "c broke" in str(out["c"])
+    assert out["a"] > 0 and out["b"] > 0
+    assert calls.count("c") == 4
+    # Rounds alternate their order (a b c, c b a, ...): never three calls of one provider
+    # in a row, and a and b are called equally often.
+    assert calls.count("a") == calls.count("b") >= 3
+    assert all(len(set(calls[i:i + 3])) > 1 for i in range(len(calls) - 2))
+    last_c = len(calls) - 1 - calls[::-1].index("c")
+    assert len(calls) - last_c > 3 and set(calls[last_c + 1:]) == {"a", "b"}
