@@ -35,12 +35,23 @@ import torch
 TOLERANCE = 1e-4
 
 
-def tiny_pipeline(transformer, device="cpu"):
-    """``(pipe, prompt_embeds, negative_prompt_embeds)``: ``transformer`` in a
-    SkyReelsV2DiffusionForcingPipeline with a tiny Wan VAE, a UniPC flow scheduler, a tiny
-    UMT5 encoder and a word-level tokenizer, all built from configs (no download). The
-    pipeline's own prompt path needs ``ftfy``, so the prompts are encoded here."""
-    from diffusers import AutoencoderKLWan, SkyReelsV2DiffusionForcingPipeline, UniPCMultistepScheduler
+# kind -> the diffusers pipeline class tiny_pipeline builds
+PIPELINES = {"t2v": "SkyReelsV2DiffusionForcingPipeline", "i2v": "SkyReelsV2DiffusionForcingImageToVideoPipeline",
+             "v2v": "SkyReelsV2DiffusionForcingVideoToVideoPipeline"}
+
+
+def tiny_pipeline(transformer, device="cpu", kind="t2v"):
+    """``(pipe, prompt_embeds, negative_prompt_embeds)``: ``transformer`` in a SkyReels-V2
+    Diffusion Forcing pipeline (``kind``: "t2v" ``SkyReelsV2DiffusionForcingPipeline``, "i2v"
+    ``...ImageToVideoPipeline``, "v2v" ``...VideoToVideoPipeline``; all three take the same
+    components: the DF I2V pipeline conditions through VAE latents, not an image encoder)
+    with a tiny Wan VAE, a UniPC flow scheduler, a tiny UMT5 encoder and a word-level
+    tokenizer, all built from configs (no download). The pipelines' own prompt path needs
+    ``ftfy``, so the prompts are encoded here."""
+    if kind not in PIPELINES:
+        raise ValueError(f"kind must be one of {sorted(PIPELINES)}, got {kind!r}")
+    import diffusers
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
@@ -56,8 +67,9 @@ def tiny_pipeline(transformer, device="cpu"):
                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
                            latents_std=[1.0] * 4).eval()
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
-    pipe = SkyReelsV2DiffusionForcingPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
-                                              transformer=transformer, vae=vae, scheduler=scheduler).to(device)
+    pipeline_cls = getattr(diffusers, PIPELINES[kind])
+    pipe = pipeline_cls(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                        scheduler=scheduler).to(device)
     pipe.set_progress_bar_config(disable=True)
 
     def embed(text):
