@@ -11,9 +11,15 @@ math as the custom op's torch implementation). Under ``torch.compile`` the custo
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from ._backend import requested_backend
+from ._backend import _check_choice, _requests
+
+# FASTDF_BACKEND values already parsed as requested_backend parses them (~1 us a call, a
+# few percent of a small CPU op); a new value is parsed (and refused) the same way.
+_ENV_CHOICES: dict[str, str] = {}
 
 
 def torch_backend_eager(device: torch.device) -> bool:
@@ -21,7 +27,13 @@ def torch_backend_eager(device: torch.device) -> bool:
     exporter is tracing (so plain torch code may stand in for the custom op)."""
     if torch.compiler.is_compiling():
         return False
-    request = requested_backend()
+    if _requests:  # the innermost fastdf.backend(...) block (requested_backend's rule)
+        request = _requests[-1]
+    else:
+        raw = os.environ.get("FASTDF_BACKEND", "auto")
+        request = _ENV_CHOICES.get(raw)
+        if request is None:
+            request = _ENV_CHOICES[raw] = _check_choice(raw or "auto", "FASTDF_BACKEND")
     return request == "torch" or (request == "auto" and device.type == "cpu")
 
 

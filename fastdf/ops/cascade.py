@@ -73,9 +73,13 @@ def _merge_finite(o_a, lse_a, o_b, lse_b):
     acc = torch.float64 if o_a.dtype == torch.float64 else torch.float32
     w_a = torch.sigmoid(d).unsqueeze(-1)
     w_b = torch.sigmoid(d.neg_()).unsqueeze(-1)
-    out = torch.mul(o_a, w_a.to(acc))  # o_a's dtype promotes to acc: a fresh acc tensor
-    out = torch.addcmul(out, o_b, w_b.to(acc), out=out) if not torch.is_grad_enabled() else torch.addcmul(out, o_b, w_b)
-    return out.to(o_a.dtype), lse
+    if o_a.dtype != acc:  # 16-bit o: the products in fp32, one rounding at the end
+        out = torch.mul(o_a, w_a.to(acc))  # o_a's dtype promotes to acc: a fresh acc tensor
+        out = torch.addcmul(out, o_b, w_b.to(acc), out=out) if not torch.is_grad_enabled() else torch.addcmul(out, o_b, w_b)
+        return out.to(o_a.dtype), lse
+    # fp32/fp64 o (the CPU's dtypes): no casts, ~1 us each on a 20 us merge. The in-place
+    # addcmul_ is fine under autograd too: mul's backward keeps o_a and w_a, not out.
+    return torch.mul(o_a, w_a).addcmul_(o_b, w_b), lse
 
 
 @MERGE.register("torch")
@@ -158,6 +162,23 @@ def _merge_backward(ctx, grad_o, grad_lse):
 _merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
 
 
+_MERGE_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
+
+
+def _merge_args_ok(o_a, lse_a, o_b, lse_b) -> bool:
+    """Whether the arguments pass every check of merge_attention_states, in one expression
+    (~1 us instead of ~15 us for the sequence of named checks, which then runs only to
+    say what is wrong; a 256-row merge on the CPU takes ~20 us in all)."""
+    T = torch.Tensor
+    if not (isinstance(o_a, T) and isinstance(o_b, T) and isinstance(lse_a, T) and isinstance(lse_b, T)):
+        return False
+    dtype, shape, device = o_a.dtype, o_a.shape, o_a.device
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return (dtype in _MERGE_DTYPES and o_b.dtype == dtype and lse_a.dtype == lse_dtype and lse_b.dtype == lse_dtype
+            and len(shape) >= 1 and o_b.shape == shape and lse_a.shape == shape[:-1] and lse_b.shape == shape[:-1]
+            and o_b.device == device and lse_a.device == device and lse_b.device == device)
+
+
 def merge_attention_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
     """Combine two partial attention results over disjoint key sets.
 
@@ -171,17 +192,18 @@ def merge_attention_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tenso
         ``(o, lse)``: ``o`` ``[*, D]`` in ``o_a``'s dtype, ``lse`` ``[*]`` float32, as if
         one attention had seen both key sets. Differentiable in all four inputs.
     """
-    _checks.tensor("o_a", o_a, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
-    _checks.tensor("o_b", o_b)
-    _checks.tensor("lse_a", lse_a, dtypes=(torch.float32,) if o_a.dtype != torch.float64 else (torch.float64,))
-    _checks.tensor("lse_b", lse_b, dtypes=(lse_a.dtype,))
-    if o_a.dim() < 1:
-        raise ValueError(f"o_a must have at least 1 dim ([*, D]), got shape {tuple(o_a.shape)}")
-    _checks.same_dtype(o_a=o_a, o_b=o_b)
-    _checks.same_device(o_a=o_a, lse_a=lse_a, o_b=o_b, lse_b=lse_b)
-    _checks.shape("o_b", o_b, tuple(o_a.shape), what="(the shape of o_a)")
-    _checks.shape("lse_a", lse_a, tuple(o_a.shape[:-1]), what="(o_a's shape without its last dim)")
-    _checks.shape("lse_b", lse_b, tuple(o_a.shape[:-1]), what="(o_a's shape without its last dim)")
+    if not _merge_args_ok(o_a, lse_a, o_b, lse_b):  # the checks below, one by one, name what is wrong
+        _checks.tensor("o_a", o_a, dtypes=_MERGE_DTYPES)
+        _checks.tensor("o_b", o_b)
+        _checks.tensor("lse_a", lse_a, dtypes=(torch.float32,) if o_a.dtype != torch.float64 else (torch.float64,))
+        _checks.tensor("lse_b", lse_b, dtypes=(lse_a.dtype,))
+        if o_a.dim() < 1:
+            raise ValueError(f"o_a must have at least 1 dim ([*, D]), got shape {tuple(o_a.shape)}")
+        _checks.same_dtype(o_a=o_a, o_b=o_b)
+        _checks.same_device(o_a=o_a, lse_a=lse_a, o_b=o_b, lse_b=lse_b)
+        _checks.shape("o_b", o_b, tuple(o_a.shape), what="(the shape of o_a)")
+        _checks.shape("lse_a", lse_a, tuple(o_a.shape[:-1]), what="(o_a's shape without its last dim)")
+        _checks.shape("lse_b", lse_b, tuple(o_a.shape[:-1]), what="(o_a's shape without its last dim)")
     if o_a.numel() and torch_backend_eager(o_a.device):
         # Finite states: plain torch with native autograd (the same math as the custom op's
         # backward there); any -inf/+inf/NaN lse takes the custom op and its semantics.
