@@ -133,3 +133,72 @@ def test_grouped_mm_loop_is_bitwise_the_reference():
     tw, tids = torch.randn(1, 24, 32, generator=g), torch.tensor([2])
     for kw in ({}, dict(trainable_w=tw, trainable_ids=tids)):
         assert torch.equal(grouped_mm_loop(x, w, offs, **kw), grouped_mm_reference(x, w, offs, **kw))
+
+
+def _named_checks_pass(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _variants(good: dict, bad_values: dict):
+    """``good`` and every copy of it with one argument replaced by one of its bad values."""
+    yield good
+    for name, values in bad_values.items():
+        for value in values:
+            yield {**good, name: value}
+
+
+def test_one_expression_accept_agrees_with_the_named_checks():
+    """The public ops accept valid arguments in one expression and run the named checks
+    only otherwise: that expression must never accept what a named check refuses (nor
+    refuse valid input, which would only cost time; checked too)."""
+    B, T, F, C = 2, 6, 3, 4
+    x, tab = torch.randn(B, T, C), torch.randn(B, F, C)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    tables = [torch.randn(B, 4, C), torch.randn(B, 0, C), torch.randn(1, F, C), torch.randn(B, F, C + 1),
+              torch.randn(B, F, C, 1), tab.long(), meta(tab), tab.double(), tab.half(), "t", None]
+    xs = [x.long(), x[0], meta(x), x.double(), x.half(), 1.0]
+    for kw in _variants(dict(x=x, shift=tab, scale=tab, norm="layer", weight=None, bias=None),
+                        dict(x=xs, shift=tables, scale=tables, norm=["rms", "batch", 3],
+                             weight=[torch.randn(C), torch.randn(C + 1), torch.randn(1, C), meta(torch.randn(C)), "w"],
+                             bias=[torch.randn(C), torch.randn(C).long(), torch.randn(C + 1)])):
+        assert adaln._modulate_args_ok(*kw.values()) == _named_checks_pass(_modulate_named_checks, **kw), kw
+    for kw in _variants(dict(x=x, y=x, gate=tab), dict(x=xs, y=xs + [torch.randn(B, T, C + 1)], gate=tables)):
+        assert adaln._gated_args_ok(**kw) == _named_checks_pass(_gated_named_checks, **kw), kw
+    o, lse = torch.randn(3, 5, 8), torch.randn(3, 5)
+    os_ = [o.double(), o.long(), o[..., :4], meta(o), torch.randn(()), "o"]
+    lses = [lse.double(), lse.half(), lse[:, :4], meta(lse), lse[..., None], 0.0]
+    for kw in _variants(dict(o_a=o, lse_a=lse, o_b=o, lse_b=lse), dict(o_a=os_, lse_a=lses, o_b=os_, lse_b=lses)):
+        assert cascade._merge_args_ok(**kw) == _named_checks_pass(_merge_named_checks, **kw), kw
+    assert cascade._merge_args_ok(o.double(), lse.double(), o.double(), lse.double())
+
+
+def _modulate_named_checks(x, shift, scale, norm, weight, bias):
+    """adaln_modulate's named checks on their own (monkeypatching the accept to False)."""
+    import unittest.mock
+
+    with unittest.mock.patch.object(adaln, "_modulate_args_ok", lambda *a: False), \
+            unittest.mock.patch.object(adaln, "_modulate_eager", lambda *a: None), \
+            unittest.mock.patch.object(adaln, "_modulate_op", lambda *a: (None, None, None)):
+        adaln.adaln_modulate(x, shift, scale, norm=norm, weight=weight, bias=bias)
+
+
+def _gated_named_checks(x, y, gate):
+    import unittest.mock
+
+    with unittest.mock.patch.object(adaln, "_gated_args_ok", lambda *a: False), \
+            unittest.mock.patch.object(adaln, "_gated_eager", lambda *a: None), \
+            unittest.mock.patch.object(adaln, "_gated_op", lambda *a: None):
+        adaln.gated_residual(x, y, gate)
+
+
+def _merge_named_checks(o_a, lse_a, o_b, lse_b):
+    import unittest.mock
+
+    with unittest.mock.patch.object(cascade, "_merge_args_ok", lambda *a: False), \
+            unittest.mock.patch.object(cascade, "_merge_finite", lambda *a: (None, None)), \
+            unittest.mock.patch.object(cascade, "_merge_op", lambda *a: None):
+        cascade.merge_attention_states(o_a, lse_a, o_b, lse_b)
