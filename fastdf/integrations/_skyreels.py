@@ -48,13 +48,29 @@ class FrameLayout:
 @dataclasses.dataclass(frozen=True, eq=False)
 class CachedFrameLayout(FrameLayout):
     """A :class:`FrameLayout` for one block of a cached call (``apply(..., cache=True)``):
-    the queries are the newest tokens; ``prefix_k`` / ``prefix_v`` ``[B, P, H, D]`` (post
-    QK-norm and rotary, or None) are the reused keys/values of the ``P`` leading tokens, and
-    the processor appends this call's full keys/values ``(k, v)`` to ``store``."""
+    the queries are the newest tokens, at positions ``prefix ..``. ``buffers`` is the layer's
+    ``(k, v)`` ``[B, capacity, H, D]`` from the previous call (post QK-norm and rotary; or
+    None), whose first ``prefix`` tokens are reused; the processor writes this call's new
+    keys/values after them (in place: the cache owns the buffers, and tokens after the
+    prefix are stale anyway), allocating larger buffers when the call has more tokens than
+    ``capacity``, and appends the buffers to ``store``."""
 
-    prefix_k: torch.Tensor | None = None
-    prefix_v: torch.Tensor | None = None
+    prefix: int = 0
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None
     store: list | None = None
+
+    def kv_buffers(self, key: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's buffers with room for ``total`` tokens (``key`` gives batch, heads,
+        head dim, dtype and device); a larger allocation keeps the reused prefix."""
+        if self.buffers is not None and self.buffers[0].shape[1] >= total:
+            return self.buffers
+        shape = (key.shape[0], total, *key.shape[2:])
+        k_buf = torch.empty(shape, dtype=key.dtype, device=key.device)
+        v_buf = torch.empty(shape, dtype=key.dtype, device=key.device)
+        if self.prefix:
+            k_buf[:, :self.prefix] = self.buffers[0][:, :self.prefix]
+            v_buf[:, :self.prefix] = self.buffers[1][:, :self.prefix]
+        return k_buf, v_buf
 
 
 class FastdfSkyReelsAttnProcessor:
@@ -91,15 +107,22 @@ class FastdfSkyReelsAttnProcessor:
         key = key.unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
 
-        if rotary_emb is not None:
+        if isinstance(attention_mask, CachedFrameLayout):
+            # The new tokens' K/V go straight into the cache's buffers after the reused
+            # prefix (rotary written there), so no prefix copy and one K/V set per layer.
+            prefix, total = attention_mask.prefix, attention_mask.prefix + key.shape[1]
+            k_buf, v_buf = attention_mask.kv_buffers(key, total)
+            if rotary_emb is not None:
+                query = apply_rotary_emb(query, *rotary_emb)
+                apply_rotary_emb(key, *rotary_emb, out=k_buf[:, prefix:total])
+            else:
+                k_buf[:, prefix:total] = key
+            v_buf[:, prefix:total] = value
+            attention_mask.store.append((k_buf, v_buf))
+            key, value = k_buf[:, :total], v_buf[:, :total]
+        elif rotary_emb is not None:
             query = apply_rotary_emb(query, *rotary_emb)
             key = apply_rotary_emb(key, *rotary_emb)
-
-        if isinstance(attention_mask, CachedFrameLayout):
-            if attention_mask.prefix_k is not None:
-                key = torch.cat([attention_mask.prefix_k, key], dim=1)
-                value = torch.cat([attention_mask.prefix_v, value], dim=1)
-            attention_mask.store.append((key, value))
 
         # [B, L, H, D] storage viewed as [B, H, L, D]: df_attention reads the strides as they are
         # (with a cache Tq < Tk: the queries are the newest tokens, as df_attention places them).
@@ -115,13 +138,16 @@ class FastdfSkyReelsAttnProcessor:
         return hidden_states
 
 
-def apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary_emb(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """The stock processor's rotary embedding (interleaved pairs), unchanged: same dtype
-    promotion (products in the frequencies' dtype, stored in the input's)."""
+    promotion (products in the frequencies' dtype, stored in the input's). ``out`` (the
+    input's shape and dtype) receives the result instead of a new tensor."""
     x1, x2 = hidden_states.unflatten(-1, (-1, 2)).unbind(-1)
     cos = freqs_cos[..., 0::2]
     sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(hidden_states)
+    if out is None:
+        out = torch.empty_like(hidden_states)
     out[..., 0::2] = x1 * cos - x2 * sin
     out[..., 1::2] = x1 * sin + x2 * cos
     return out.type_as(hidden_states)
@@ -208,17 +234,19 @@ def _check_call(model, hidden_states, timestep, encoder_hidden_states_image, ena
 
 class BlockCache:
     """One cache context's memory of its previous call (``apply(..., cache=True)``): the
-    inputs that decide reuse, every layer's keys/values ``[B, L, H, D]`` and the output
-    tokens ``[B, L, C_out]`` of that call. Bounded by one call's K/V and output."""
+    inputs that decide reuse, every layer's key/value buffers ``[B, >= L, H, D]`` and the
+    output tokens ``[B, L, C_out]`` of that call. Bounded by one call's K/V (the buffers
+    are rewritten in place, never duplicated) and output."""
 
     def __init__(self):
         self.reset()
 
     def reset(self, *args, **kwargs) -> None:
-        self.key = None  # everything but the latents and per-frame timesteps, compared as a whole
+        self.key = None  # everything but the latents and per-frame timesteps (tensors as snapshots)
+        self.seen = None  # per key entry: (the caller's tensor, its version) when it last matched
         self.latents = None  # [B, C, F, H, W] of the previous call
         self.timestep = None  # [b, F] per-frame timesteps of the previous call
-        self.kv = None  # per layer (k, v)
+        self.kv = None  # per layer (k, v) buffers
         self.out = None  # [B, L, C_out] output tokens before unpatchify
 
 
@@ -235,21 +263,51 @@ def _snapshot(x):
     return x.detach().clone() if isinstance(x, torch.Tensor) else x
 
 
-def _reusable_blocks(cache: BlockCache, key, hidden_states, timestep, frames_per_block: int, p_t: int) -> int:
-    """How many leading frame blocks of this call have exactly the inputs they had in the
-    previous call (same block index, so same positions): their K/V and outputs are reused."""
-    if cache.key is None or not _same(cache.key, key):
-        return 0
+def _version(t: torch.Tensor):
+    """Autograd's in-place write counter of ``t`` (None for inference tensors, which have none)."""
+    return None if t.is_inference() else t._version
+
+
+def _key_matches(cache: BlockCache, key: tuple) -> bool:
+    """Whether ``key`` equals the previous call's. Fast path per tensor: the very tensor that
+    matched last time, not written in place since (same version counter: the check autograd
+    uses for saved tensors), is equal without reading it; otherwise ``torch.equal`` against
+    the snapshot. The pipelines pass the same prompt embeddings every step, so after the
+    first step nothing is read."""
+    if cache.key is None or len(cache.key) != len(key):
+        return False
+    for i, (old, new) in enumerate(zip(cache.key, key)):
+        if isinstance(new, torch.Tensor):
+            seen = cache.seen[i]
+            if seen is not None and seen[0] is new and seen[1] is not None and seen[1] == _version(new):
+                continue
+            if not _same(old, new):
+                return False
+            cache.seen[i] = (new, _version(new))
+        elif not _same(old, new):
+            return False
+    return True
+
+
+def _remember_key(cache: BlockCache, key: tuple) -> None:
+    cache.key = tuple(_snapshot(x) for x in key)
+    cache.seen = [(x, _version(x)) if isinstance(x, torch.Tensor) else None for x in key]
+
+
+def _reusable_blocks(cache: BlockCache, hidden_states, timestep, frames_per_block: int, p_t: int) -> int:
+    """How many leading frame blocks of this call have exactly the latents and timesteps
+    they had in the previous call (same block index, so same positions; the rest of the key
+    already matched): their K/V and outputs are reused. One elementwise comparison and one
+    host read for all blocks (``!=`` is ``torch.equal``'s equality: NaN differs, -0 == 0)."""
     n = min(hidden_states.shape[2], cache.latents.shape[2]) // (frames_per_block * p_t)
-    for b in range(n):
-        lat = slice(b * frames_per_block * p_t, (b + 1) * frames_per_block * p_t)
-        if not torch.equal(cache.latents[:, :, lat], hidden_states[:, :, lat]):
-            return b
-        if timestep.dim() == 2:
-            ts = slice(b * frames_per_block, (b + 1) * frames_per_block)
-            if not torch.equal(cache.timestep[:, ts], timestep[:, ts]):
-                return b
-    return n
+    if n == 0:
+        return 0
+    frames = n * frames_per_block * p_t
+    changed = cache.latents[:, :, :frames].ne(hidden_states[:, :, :frames]).transpose(0, 2).reshape(n, -1).any(1)
+    if timestep.dim() == 2:
+        ts = n * frames_per_block
+        changed = changed | cache.timestep[:, :ts].ne(timestep[:, :ts]).any(0).view(n, frames_per_block).any(1)
+    return next((b for b, c in enumerate(changed.tolist()) if c), n)
 
 
 def transformer_forward(model, hidden_states: torch.Tensor, timestep: torch.Tensor,
@@ -283,10 +341,11 @@ def transformer_forward(model, hidden_states: torch.Tensor, timestep: torch.Tens
         key = (hidden_states.shape[:2], hidden_states.shape[3:], hidden_states.dtype, hidden_states.device,
                block_frames, enable_diffusion_forcing, timestep.shape[0], timestep.dtype,
                None if enable_diffusion_forcing else timestep, encoder_hidden_states, encoder_hidden_states_image,
-               None if fps is None else torch.as_tensor(fps), _cache_extra)
-        reused_frames = block_frames * _reusable_blocks(cache, key, hidden_states,
-                                                        timestep if enable_diffusion_forcing else timestep[:, None],
-                                                        block_frames, p_t)
+               None if fps is None else tuple(torch.as_tensor(fps).tolist()), _cache_extra)
+        key_matches = cache.latents is not None and _key_matches(cache, key)
+        if key_matches:
+            reused_frames = block_frames * _reusable_blocks(
+                cache, hidden_states, timestep if enable_diffusion_forcing else timestep[:, None], block_frames, p_t)
     prefix = reused_frames * tokens_per_frame
     if _stats is not None:
         _stats["calls"] += 1
@@ -317,7 +376,7 @@ def transformer_forward(model, hidden_states: torch.Tensor, timestep: torch.Tens
         timestep_proj = timestep_proj.transpose(1, 2)  # [b, 6, F, C]: per frame, not per token
 
     if cache is not None:
-        output_tokens = _cached_blocks(model, cache, key, hidden_states, encoder_hidden_states, timestep,
+        output_tokens = _cached_blocks(model, cache, None if key_matches else key, hidden_states, encoder_hidden_states, timestep,
                                        timestep_proj, temb, rotary_emb, layout.frame_size, prefix, reused_frames,
                                        enable_diffusion_forcing, raw_latents, raw_timestep)
         return _unpatchify(output_tokens, batch_size, post_patch_num_frames, post_patch_height, post_patch_width,
@@ -361,20 +420,23 @@ def _cached_blocks(model, cache, key, hidden_states, encoder_hidden_states, time
         timestep_proj = timestep_proj[:, :, reused_frames:]  # [b, 6, F, C]: per frame
         temb = temb[:, reused_frames:]  # [b, F, C]
     rotary_emb = tuple(r[:, prefix:] for r in rotary_emb)  # [1, L, 1, D]: absolute positions
-    kv = []
     if prefix < total:
-        for i, block in enumerate(model.blocks):
-            prev = cache.kv[i] if prefix else (None, None)
-            layout = CachedFrameLayout(frame_size, None if prev[0] is None else prev[0][:, :prefix],
-                                       None if prev[1] is None else prev[1][:, :prefix], kv)
+        # The buffers are reused whenever the shapes allow (the key matched: same batch,
+        # spatial size and dtype), even with nothing to reuse: no per-call allocation.
+        old = cache.kv if key is None and cache.kv is not None else [None] * len(model.blocks)
+        kv = []
+        cache.kv = cache.latents = None  # being overwritten: nothing reusable if this call fails midway
+        for block, buffers in zip(model.blocks, old):
+            layout = CachedFrameLayout(frame_size, prefix=prefix, buffers=buffers, store=kv)
             new = block(new, encoder_hidden_states, timestep_proj, rotary_emb, layout)
         out = _output_norm(model, new, temb)
         if prefix:
             out = torch.cat([cache.out[:, :prefix], out], dim=1)
     else:  # every block reused
-        kv = [(k[:, :total], v[:, :total]) for k, v in cache.kv]
+        kv = cache.kv
         out = cache.out[:, :total]
-    cache.key = tuple(_snapshot(x) for x in key)
+    if key is not None:  # the key changed (or first call): remember the new one
+        _remember_key(cache, key)
     cache.latents = raw_latents.detach().clone()
     cache.timestep = raw_timestep.detach().clone()
     cache.kv = kv
