@@ -36,7 +36,7 @@ Refused with ValueError, nothing changed: a model that is not the stock class (a
 overriding a forward, blocks or norms replaced), diffusers hooks already on the transformer
 or its blocks (a ``new_forward`` would bypass them: apply fastdf first), a self-attention
 processor other than diffusers' ``SkyReelsV2AttnProcessor`` (custom processors, context
-parallelism), a model already applied, and ``cache=True`` (not implemented yet).
+parallelism) and a model already applied.
 At call time, inputs the stock forward cannot serve either (timestep shapes that do not
 match the latent frames, frames not a multiple of ``num_frame_per_block``, a missing fps)
 raise ValueError naming the argument.
@@ -197,8 +197,13 @@ def apply(transformer, *, cache: bool = False):
             remaining frames only (``df_attention`` with ``Tq < Tk``). The first differing
             block and everything after it are recomputed. Only with ``num_frame_per_block > 1``
             (frame-block causal) and outside autograd; otherwise, and outside a cache context,
-            calls are exactly the uncached forward. Memory: one call's K/V (all layers) and
-            output per context, freed when the hooks' state is reset (the pipelines do it at the
+            calls are exactly the uncached forward. Comparing costs one elementwise pass over
+            the latents and timesteps and one host read per call; an embedding tensor that is
+            the very object of the previous call, with an unchanged version counter (autograd's
+            in-place check), is not read again, so in-place writes that bypass that counter
+            (``.data``, NumPy views) must be followed by a hooks reset. Memory: one call's K/V
+            (all layers, rewritten in place by the next call) and output per context, freed
+            when the hooks' state is reset (the pipelines do it at the
             end of ``__call__`` through ``maybe_free_model_hooks``;
             ``transformer._diffusers_hook.reset_stateful_hooks()`` does it by hand) and by
             :func:`remove`. The weights must not change between calls within a context
