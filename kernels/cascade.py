@@ -219,10 +219,64 @@ def _pow2(x, low=16):
     return max(low, triton.next_power_of_2(int(x)))
 
 
+def _sm_resources(device):
+    """(SM count, shared memory per SM in bytes) of ``device``. fastdf.bench.compile
+    replaces this with the compile target's numbers, so its report shows the grid the
+    launcher would pick on that GPU."""
+    from .grouped_mm import num_sms
+
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    return num_sms(device), getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+
+
+MIN_SPLIT_KEYS = 256  # fewer keys per split: the partial state (fp32 o per row) costs more than it spreads
+
+
+def _prefix_ctas_per_sm(block_m, block_n, block_d, elem_bytes, warps, stages, smem_per_sm):
+    """CTAs of _prefix_kernel resident per SM, from its tile: shared memory is the q tile plus
+    ``stages`` K and V tiles (Triton's software pipeline; this matches the compiled kernel's
+    allocation on sm_90a exactly), plus the 1 KB the runtime reserves per CTA; registers are
+    taken at the 255-per-thread ceiling (the fp32 accumulator and the score tile keep the
+    kernel above 128, so the bound is exact for 4 and 8 warps)."""
+    smem = elem_bytes * (block_m * block_d + stages * 2 * block_n * block_d) + 1024
+    by_regs = 65536 // (256 * 32 * warps)
+    return max(1, min(smem_per_sm // smem, by_regs))
+
+
+def _split_count(keys, splits, block):
+    """Splits actually launched for ``splits`` requested: whole key blocks per split."""
+    split_len = triton.cdiv(triton.cdiv(max(keys, 1), splits), block) * block
+    return split_len, triton.cdiv(max(keys, 1), split_len)
+
+
+def prefix_splits(programs, keys, slots, block=64, min_keys=MIN_SPLIT_KEYS, max_splits=64):
+    """Key splits of the prefix for ``programs`` CTAs per split on ``slots`` resident CTAs (SMs
+    x CTAs per SM): the fewest splits whose grid fills >= 90% of its last wave, else the
+    fullest last wave reachable, never more splits than ``keys / min_keys`` allows (at least
+    one; splits hold whole blocks of ``block`` keys). A grid that already covers the GPU stays
+    unsplit: splitting it would only add partial states."""
+    if programs >= slots:
+        return 1
+    limit = max(1, min(triton.cdiv(max(keys, 1), min_keys), max_splits))
+    best, best_fill = 1, 0.0
+    for want in range(1, limit + 1):
+        s = _split_count(keys, want, block)[1]
+        waves = programs * s / slots
+        fill = waves / -(-waves // 1)
+        if fill >= 0.9:
+            return s
+        if fill > best_fill:
+            best, best_fill = s, fill
+    return best
+
+
 def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix_lens, scale, o, lse, splits=None):
     """Launch both kernels. prefix_lens int32 [G], suffix_lens int32 [G, N] (contiguous);
     o [G, N, Hq, D] and lse [G, N, Hq] (contiguous) are written. ``splits`` overrides the
-    number of key splits of the prefix (default: enough programs for about one wave)."""
+    number of key splits of the prefix (default on a GPU: whole waves, see prefix_splits;
+    on the CPU interpreter: one)."""
     import torch
 
     G, N, Hq, D = q.shape
@@ -236,17 +290,18 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix
     # Tiles: the larger the head dim, the smaller the query tile (registers).
     block_m = min(128 if D <= 128 else 64, _pow2(M))
     block_n = 64 if D <= 128 else 32
+    warps = 4 if block_m * block_d <= 64 * 128 else 8
+    stages = 3
     m_tiles = triton.cdiv(M, block_m)
     programs = G * Hkv * m_tiles
     if splits is None:
-        if q.is_cuda:
-            sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-            # One wave: more splits only add partial-state traffic (fp32 o per split).
-            splits = max(1, min(triton.cdiv(max(P, 1), 256), triton.cdiv(sms, programs)))
-        else:
+        if q.device.type == "cpu":
             splits = 1
-    split_len = triton.cdiv(triton.cdiv(max(P, 1), splits), block_n) * block_n
-    splits = triton.cdiv(max(P, 1), split_len)
+        else:  # a GPU, or meta tensors in fastdf.bench.compile (which supplies _sm_resources)
+            sms, smem_per_sm = _sm_resources(q.device)
+            per_sm = _prefix_ctas_per_sm(block_m, block_n, block_d, q.element_size(), warps, stages, smem_per_sm)
+            splits = prefix_splits(programs, P, sms * per_sm, block_n)
+    split_len, splits = _split_count(P, splits, block_n)
     part_o = torch.empty((splits, G * Hkv, M, D), device=q.device, dtype=torch.float32)
     part_m = torch.empty((splits, G * Hkv, M), device=q.device, dtype=torch.float32)
     part_l = torch.empty((splits, G * Hkv, M), device=q.device, dtype=torch.float32)
@@ -254,14 +309,13 @@ def shared_prefix(q, k_prefix, v_prefix, k_suffix, v_suffix, prefix_lens, suffix
     wide = q.dtype != torch.float16
     bias_p = (split_len - 1).bit_length() if wide else 0
     bias_s = (max(S, 1) - 1).bit_length() if wide else 0
-    warps = 4 if block_m * block_d <= 64 * 128 else 8
     _prefix_kernel[(m_tiles, G * Hkv, splits)](
         q, k_prefix, v_prefix, prefix_lens, part_o, part_m, part_l,
         M, gs, Hkv, P, D, split_len,
         *q.stride(), *k_prefix.stride(), *v_prefix.stride(),
         qk_scale, bias_p,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision,
-        num_warps=warps, num_stages=3,
+        num_warps=warps, num_stages=stages,
     )
     _suffix_merge_kernel[(G * N, Hkv)](
         q, k_suffix, v_suffix, suffix_lens, part_o, part_m, part_l, o, lse,

@@ -280,18 +280,21 @@ class _Capture:
         from triton.runtime.autotuner import Autotuner
         from triton.runtime.jit import JITFunction
 
-        from fastdf.kernels import grouped_mm
+        from fastdf.kernels import cascade, grouped_mm
 
         global _ACTIVE
-        saved = JITFunction.run, Autotuner.run, grouped_mm.num_sms
+        saved = JITFunction.run, Autotuner.run, grouped_mm.num_sms, cascade._sm_resources
         capture = _ACTIVE = self
+        lim = LIMITS[capture.target.arch]
         JITFunction.run = lambda fn, *args, **kwargs: capture.jit_run(fn, args, kwargs)
         Autotuner.run = lambda tuner, *args, **kwargs: capture.tune_run(tuner, args, kwargs)
-        grouped_mm.num_sms = lambda device: LIMITS[capture.target.arch]["sms"]
+        # Launchers that size grids from the device see the target's SMs (meta tensors have none).
+        grouped_mm.num_sms = lambda device: lim["sms"]
+        cascade._sm_resources = lambda device: (lim["sms"], lim["smem"])
         try:
             yield
         finally:
-            JITFunction.run, Autotuner.run, grouped_mm.num_sms = saved
+            JITFunction.run, Autotuner.run, grouped_mm.num_sms, cascade._sm_resources = saved
             _ACTIVE = None
 
 
@@ -469,7 +472,6 @@ def _cascade_jobs(ci: bool):
     from fastdf.kernels import cascade as K
 
     import torch
-    import triton
 
     jobs = []
     for g, n, h, d in [(8, 128, 32, 128)] if ci else [(8, 128, 32, 128), (4, 64, 32, 256), (64, 64, 8, 128)]:
@@ -489,13 +491,9 @@ def _cascade_jobs(ci: bool):
             q = _meta(1, n, hq, d)
             kp, vp = _meta(1, hkv, p, d), _meta(1, hkv, p, d)
             ks, vs = _meta(1, n, hkv, s, d), _meta(1, n, hkv, s, d)
-            # The launcher sizes the split count from the CUDA device's SM count, which meta
-            # tensors lack: the same rule with the target's SMs.
-            M = n * (hq // hkv)
-            programs = hkv * triton.cdiv(M, min(128, triton.next_power_of_2(M)))
-            splits = max(1, min(triton.cdiv(p, 256), triton.cdiv(LIMITS[90]["sms"], programs)))
+            # The launcher sizes the key splits itself (from the target's SMs: see patched()).
             K.shared_prefix(q, kp, vp, ks, vs, _meta(1, dtype=torch.int32), _meta(1, n, dtype=torch.int32), d ** -0.5,
-                            _meta(1, n, hq, d), _meta(1, n, hq, dtype=torch.float32), splits=splits)
+                            _meta(1, n, hq, d), _meta(1, n, hq, dtype=torch.float32))
         jobs.append((f"shared-prefix N{n} P{p} S{s} Hq{hq} Hkv{hkv} D{d}", job))
     return jobs
 
