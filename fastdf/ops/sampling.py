@@ -96,11 +96,23 @@ def sample_reference(logits: Tensor, uniforms: Tensor, temperature: Tensor, top_
     tau_min = torch.where(min_p > 0, m + t * torch.log(min_p), -inf)
     tau = torch.maximum(torch.maximum(kth, tau_p), tau_min)
 
-    w = torch.where(x >= tau[:, None], e, torch.zeros_like(e))
-    cw = torch.cumsum(w, -1).cummax(-1).values  # cummax: a parallel cumsum need not be monotone
-    last = torch.where(w > 0, torch.arange(vocab, device=x.device), -1).amax(-1)  # last token with weight
     status = torch.where(non_finite, STATUS_NON_FINITE, torch.where(no_finite, STATUS_NO_FINITE, STATUS_OK))
-    greedy_ids = x.argmax(-1)
+    return _draw(x, e, tau, greedy, uniforms, inverse, status)
+
+
+def _draw(x: Tensor, e: Tensor, tau: Tensor, greedy: Tensor, uniforms: Tensor, inverse: Tensor | None,
+          status: Tensor) -> tuple[Tensor, Tensor]:
+    """Step 5 for rows with kept set ``{x >= tau}`` and weights ``e``: inverse CDF in
+    vocabulary order, one uniform per output (output i reads row ``inverse[i]``), argmax
+    for greedy rows, -1 where ``status`` is not OK. Returns ``(ids, status int32)``."""
+    acc, vocab = x.dtype, x.shape[-1]
+    w = torch.where(x >= tau[:, None], e, 0.0)
+    cw = torch.cumsum(w, -1)
+    if cw.device.type != "cpu":
+        # A parallel cumsum need not be monotone. The CPU's runs along each row in order
+        # (accumulating in float64 for float32), so its sums of w >= 0 never decrease and
+        # the cummax (7x the cost of the cumsum there) would change nothing.
+        cw = cw.cummax(-1).values
 
     if inverse is None:
         targets = uniforms.to(acc)[:, None] * cw[:, -1:]
@@ -118,11 +130,104 @@ def sample_reference(logits: Tensor, uniforms: Tensor, temperature: Tensor, top_
         pick = torch.empty_like(inverse)
         pick[by_row] = found[inverse[by_row], slot]
         row_of = inverse
-    pick = torch.where(pick >= vocab, last[row_of], pick)
-    ids = torch.where(greedy[row_of], greedy_ids[row_of], pick)
+    over = pick >= vocab  # a target at the row's total (rounding): the last token with weight
+    if bool(over.any()):
+        last = torch.where(w > 0, torch.arange(vocab, device=x.device), -1).amax(-1)
+        pick = torch.where(over, last[row_of], pick)
+    ids = torch.where(greedy[row_of], x.argmax(-1)[row_of], pick) if bool(greedy.any()) else pick
     status = status[row_of]
     ids = torch.where(status != STATUS_OK, torch.full_like(ids, -1), ids)
     return ids, status.to(torch.int32)
+
+
+# Candidates the sorting-free path selects first (the largest logits of each row); grown
+# 8x while a row's threshold is not decided inside them.
+TORCH_CANDIDATES = 64
+
+
+def _thresholds_from_candidates(x, e, k, top_p, count):
+    """``(kth, tau_p, decided)`` from the ``count`` largest logits of each row, or None for
+    a row (``decided`` False) whose cut is not inside them.
+
+    ``torch.topk`` returns the first ``count`` values of the reference's descending sort
+    (ties may come in another order, but tied logits have equal weights, so every running
+    sum below is the reference's, bit for bit: the same values added in the same order).
+    Only positions whose tie group ends inside the candidates are trusted."""
+    vocab = x.shape[-1]
+    vals, idx = torch.topk(x, count, -1)
+    everything = count == vocab
+    cuts_k = k < vocab
+    kth = vals.gather(-1, (k.clamp(max=count) - 1)[:, None]).squeeze(-1)
+    kth = torch.where(cuts_k, kth, torch.full_like(kth, float("-inf")))
+    # A position is known when its tie group ends inside the candidates.
+    known = torch.ones_like(vals, dtype=torch.bool) if everything else vals > vals[:, -1:]
+    in_k = vals >= kth[:, None]
+    cum = torch.cumsum(e.gather(-1, idx) * in_k, -1)
+    # The mass top-k keeps: the running sum at its last position when that is known (the
+    # reference's cum[-1], exactly); without a top-k cut, the whole row's sum (in float64,
+    # so it rounds to the reference's sequential sum but at a rounding tie).
+    k_known = everything | ~cuts_k | ~in_k[:, -1]
+    mass_k = torch.where(cuts_k | everything, cum[:, -1], e.sum(-1, dtype=torch.float64).to(e.dtype))
+    group_last = torch.ones_like(known)
+    group_last[:, :-1] = vals[:, :-1] != vals[:, 1:]
+    group_last[:, -1] = everything
+    ends = torch.where(group_last, cum, torch.full_like(cum, float("inf")))
+    upper = ends.flip(-1).cummin(-1).values.flip(-1)
+    ok = known & in_k & (upper >= top_p[:, None] * mass_k[:, None])
+    found = ok.any(-1)
+    tau_p = vals.gather(-1, ok.to(torch.int8).argmax(-1)[:, None]).squeeze(-1)
+    tau_p = torch.where(found & (top_p < 1), tau_p, torch.full_like(tau_p, float("-inf")))
+    # With every logit a candidate this is the reference's computation: always decided
+    # (also for knob tensors that check_nan=False let through, e.g. a NaN top_p).
+    decided = torch.ones_like(found) if everything else k_known & (found | (top_p >= 1))
+    return kth, tau_p, decided
+
+
+def _sample_sort_free(logits, uniforms, temperature, top_k, top_p, min_p, indices):
+    """The reference's draws without sorting the vocabulary (the CPU's torch backend), or
+    None for inputs it leaves to the reference (a row with NaN/+inf logits or none finite).
+
+    Steps as in :func:`sample_reference` (same operations, so the same weights and the same
+    inverse-CDF draw), but the top-k and top-p thresholds come from the largest
+    ``TORCH_CANDIDATES`` logits of each row (``torch.topk``, O(V)), 8x more while a row's
+    cut is not inside them: an LLM's top-p head is a few dozen tokens of 32k-150k."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(acc)
+    knobs = [temperature.to(acc), top_k.long(), top_p.to(acc), min_p.to(acc)]
+    inverse = None
+    if indices is not None:
+        rows, inverse = torch.unique(indices, return_inverse=True)
+        x = x.index_select(0, rows)
+        knobs = [t.index_select(0, rows) for t in knobs]
+    temperature, top_k, top_p, min_p = knobs
+    vocab = x.shape[-1]
+    m = x.amax(-1)  # NaN wins amax, so one pass finds NaN, +inf and all -inf rows
+    if not bool(torch.isfinite(m).all()):
+        return None
+    greedy = temperature == 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    e = torch.sub(x, m[:, None]).div_(t[:, None]).exp_()  # the reference's e, in one buffer
+    k = torch.where((top_k <= 0) | (top_k >= vocab), torch.full_like(top_k, vocab), top_k)
+    inf = torch.tensor(float("-inf"), dtype=acc, device=x.device)
+    kth = torch.full_like(m, float("-inf"))
+    tau_p = torch.full_like(m, float("-inf"))
+    todo = (k < vocab) | (top_p < 1)
+    count = min(max(TORCH_CANDIDATES, int(torch.where(k < vocab, k, 0).max()) if x.shape[0] else 0), vocab)
+    while x.shape[0] and bool(todo.any()):
+        if bool(todo.all()):  # the first round, usually: no row copies
+            rows, sub = torch.arange(x.shape[0], device=x.device), (x, e, k, top_p)
+        else:
+            rows = todo.nonzero()[:, 0]
+            sub = (x[rows], e[rows], k[rows], top_p[rows])
+        got_k, got_p, decided = _thresholds_from_candidates(*sub, count)
+        done = rows[decided]
+        kth[done], tau_p[done] = got_k[decided], got_p[decided]
+        todo[done] = False
+        count = min(count * 8, vocab)
+    tau_min = torch.where(min_p > 0, m + t * torch.log(min_p), inf)
+    tau = torch.maximum(torch.maximum(kth, tau_p), tau_min)
+    status = torch.zeros(x.shape[0], dtype=torch.int32, device=x.device)
+    return _draw(x, e, tau, greedy, uniforms, inverse, status)
 
 
 @SAMPLE.register("torch")
@@ -133,10 +238,13 @@ def _sample_torch(logits, uniforms, indices, temperature, top_k, top_p, min_p, t
     def full(given, value, dtype):
         return given if given is not None else torch.full((rows,), value, dtype=dtype, device=device)
 
-    return sample_reference(
-        logits, uniforms, full(temperature, temperature_value, torch.float32), full(top_k, top_k_value, torch.int64),
-        full(top_p, top_p_value, torch.float32), full(min_p, min_p_value, torch.float32), indices,
-    )
+    knobs = (full(temperature, temperature_value, torch.float32), full(top_k, top_k_value, torch.int64),
+             full(top_p, top_p_value, torch.float32), full(min_p, min_p_value, torch.float32))
+    if uniforms.numel():
+        fast = _sample_sort_free(logits, uniforms, *knobs, indices)
+        if fast is not None:
+            return fast
+    return sample_reference(logits, uniforms, *knobs, indices)
 
 
 def _cuda_supports(logits, *_):
