@@ -12,6 +12,8 @@ Triton specialises unit strides, so the contiguous axis still gets vector loads)
 Accumulation is fp32 for every input dtype.
 """
 
+import contextlib
+
 import triton
 import triton.language as tl
 
@@ -97,43 +99,76 @@ def _even_k(args):
 # ---------------------------------------------------------------------------- forward / dX
 
 @triton.jit
-def _mainloop(acc, acc2, a_ptrs, m_mask, s_xk, w_base, s_wk, s_wn, rn, n_mask, N, K, k_end,
-              GLU: tl.constexpr, EVEN_K: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
-    """acc += A[rows, :] @ W[:, rn] (and acc2 += A @ W[:, N + rn] for the GLU up half)."""
+def _mainloop(acc, acc2, a_ptrs, a_desc, a_row, m_mask, s_xk, w_base, w_desc, w_idx, s_wk, s_wn, rn, n0, n_mask,
+              N, K, k_end, GLU: tl.constexpr, EVEN_K: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
+              PRECISION: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr):
+    """acc += A[rows, :] @ W[:, rn] (and acc2 += A @ W[:, N + rn] for the GLU up half).
+
+    With A_TMA, A's rows come through ``a_desc`` from row ``a_row`` (rows past the group are
+    read but only feed output rows the epilogue masks). With W_TMA, W comes through the 3-D
+    ``w_desc`` at expert index ``w_idx``: [E, K, N'] (N contiguous) or, W_KMAJOR, [E, N', K]
+    (HF's layout, K contiguous, transposed in shared memory for the MMA). The descriptor's
+    bounds zero-fill the K tail (per expert) and columns past N'."""
     rk = tl.arange(0, BK)
     w_ptrs = w_base + rk[:, None].to(tl.int64) * s_wk + rn[None, :].to(tl.int64) * s_wn
     up_shift = N * s_wn
     for k0 in range(0, k_end, BK):
-        if EVEN_K:
+        if A_TMA:
+            a = a_desc.load([a_row, k0])
+        elif EVEN_K:
             a = tl.load(a_ptrs + (k0 + rk)[None, :] * s_xk, mask=m_mask[:, None], other=0.0)
+        else:
+            a = tl.load(a_ptrs + (k0 + rk)[None, :] * s_xk, mask=m_mask[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
+        if W_TMA:
+            b = _w_tile(w_desc, w_idx, k0, n0, BK, BN, W_KMAJOR)
+        elif EVEN_K:
             b = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
         else:
-            k_mask = (k0 + rk) < K
-            a = tl.load(a_ptrs + (k0 + rk)[None, :] * s_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=((k0 + rk) < K)[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GLU:
-            if EVEN_K:
+            if W_TMA:
+                b2 = _w_tile(w_desc, w_idx, k0, n0 + N, BK, BN, W_KMAJOR)
+            elif EVEN_K:
                 b2 = tl.load(w_ptrs + up_shift, mask=n_mask[None, :], other=0.0)
             else:
-                b2 = tl.load(w_ptrs + up_shift, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                b2 = tl.load(w_ptrs + up_shift, mask=((k0 + rk) < K)[:, None] & n_mask[None, :], other=0.0)
             acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
         w_ptrs += BK * s_wk
     return acc, acc2
 
 
 @triton.jit
+def _w_tile(w_desc, idx, k0, n0, BK: tl.constexpr, BN: tl.constexpr, W_KMAJOR: tl.constexpr):
+    """The [BK, BN] weight tile at (k0, n0) of expert ``idx`` through the 3-D descriptor."""
+    if W_KMAJOR:
+        return tl.trans(w_desc.load([idx, n0, k0]).reshape(BN, BK))
+    else:
+        return w_desc.load([idx, k0, n0]).reshape(BK, BN)
+
+
+@triton.jit
+def _w_desc(base, E, K, N2, s_e, s_k, s_n, BK: tl.constexpr, BN: tl.constexpr, W_KMAJOR: tl.constexpr):
+    if W_KMAJOR:
+        return tl.make_tensor_descriptor(base, [E, N2, K], [s_e, s_n, 1], [1, BN, BK])
+    else:
+        return tl.make_tensor_descriptor(base, [E, K, N2], [s_e, s_k, 1], [1, BK, BN])
+
+
+@triton.jit
 def _gmm_kernel(
     x_ptr, rows_ptr, w_ptr, tw_ptr, slot_ptr, offs_ptr, out_ptr, h_ptr,
-    S, N, K, E,
+    S, N, K, E, S_X,
     s_xm, s_xk, s_we, s_wk, s_wn, s_te, s_tk, s_tn, s_om, s_on, s_hm, s_hn,
     HAS_ROWS: tl.constexpr, HAS_TW: tl.constexpr, GLU: tl.constexpr, STORE_H: tl.constexpr,  # HAS_TW: 0, 1, 2
     ACT: tl.constexpr, EP: tl.constexpr, PRECISION: tl.constexpr,
+    A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
     num_n = tl.cdiv(N, BN)
+    N2 = 2 * N if GLU else N
 
     # Work list, on the device: expert e owns rows [starts[e], ends[e]); a pseudo-expert E
     # owns the tail [offs[-1], S), whose rows are written as zeros.
@@ -145,6 +180,19 @@ def _gmm_kernel(
     m_tiles = tl.cdiv(tl.maximum(ends - starts, 0), BM)
     cum = tl.cumsum(m_tiles * num_n, 0)
     total = tl.sum(m_tiles * num_n)
+
+    # A's TMA descriptor, and W's when every tile reads w, are made once per program (the
+    # launcher checked alignment and strides). W's is 3-D, so the expert index is a
+    # coordinate and each expert's K tail is zero-filled by the descriptor's bounds instead
+    # of read from the next expert.
+    if A_TMA:
+        a_desc = tl.make_tensor_descriptor(x_ptr, [S_X, K], [s_xm, 1], [BM, BK])
+    else:
+        a_desc = 0
+    if W_TMA and HAS_TW == 0:
+        w_desc = _w_desc(w_ptr, E, K, N2, s_we, s_wk, s_wn, BK, BN, W_KMAJOR)
+    else:
+        w_desc = 0
 
     for tile in range(pid, total, num_progs):
         e = tl.sum((cum <= tile).to(tl.int32))
@@ -160,9 +208,11 @@ def _gmm_kernel(
         pid_m = first_m + (local % per_group) % group_m
         pid_n = (local % per_group) // group_m
 
-        rm = row0 + pid_m * BM + tl.arange(0, BM)
+        m0 = row0 + pid_m * BM
+        rm = m0 + tl.arange(0, BM)
         m_mask = rm < row1
-        rn = pid_n * BN + tl.arange(0, BN)
+        n0 = pid_n * BN
+        rn = n0 + tl.arange(0, BN)
         n_mask = rn < N
         if HAS_ROWS:
             src = tl.load(rows_ptr + rm, mask=m_mask, other=0).to(tl.int64)
@@ -177,24 +227,38 @@ def _gmm_kernel(
         else:
             acc2 = tl.zeros((1, 1), dtype=tl.float32)  # unused: keep registers for acc
         e64 = e.to(tl.int64)
-        if HAS_TW == 1:
+        if HAS_TW != 0 and W_TMA:
+            # Either weight tensor, picked per tile: a one-expert descriptor made here (two
+            # descriptors made up front would need two mainloops, and the pipeline buffers of
+            # two loops add up: 288 KB of shared memory at 128x256).
+            slot = tl.load(slot_ptr + e, mask=e < E, other=-1)
+            mine = slot >= 0
+            base = tl.where(mine, tw_ptr + tl.maximum(slot, 0).to(tl.int64) * s_te, w_ptr + e64 * s_we)
+            tile_desc = _w_desc(base, 1, K, N2, tl.where(mine, s_te, s_we), tl.where(mine, s_tk, s_wk),
+                                tl.where(mine, s_tn, s_wn), BK, BN, W_KMAJOR)
+            acc, acc2 = _mainloop(acc, acc2, a_ptrs, a_desc, m0, m_mask, s_xk, base, tile_desc, 0, s_wk, s_wn,
+                                  rn, n0, n_mask, N, K, k_end, GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR)
+        elif HAS_TW == 1:
             # trainable_w shares w's inner strides: pick the base pointer, run one mainloop
             # (one set of pipeline buffers; strides keep their unit-stride specialisation).
             slot = tl.load(slot_ptr + e, mask=e < E, other=-1)
             w_base = tl.where(slot >= 0, tw_ptr + tl.maximum(slot, 0).to(tl.int64) * s_te, w_ptr + e64 * s_we)
-            acc, acc2 = _mainloop(acc, acc2, a_ptrs, m_mask, s_xk, w_base, s_wk, s_wn,
-                                  rn, n_mask, N, K, k_end, GLU, EVEN_K, BK, PRECISION)
+            acc, acc2 = _mainloop(acc, acc2, a_ptrs, a_desc, m0, m_mask, s_xk, w_base, w_desc, e, s_wk, s_wn,
+                                  rn, n0, n_mask, N, K, k_end, GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR)
         elif HAS_TW == 2:
             slot = tl.load(slot_ptr + e, mask=e < E, other=-1)
             if slot >= 0:
-                acc, acc2 = _mainloop(acc, acc2, a_ptrs, m_mask, s_xk, tw_ptr + slot.to(tl.int64) * s_te, s_tk, s_tn,
-                                      rn, n_mask, N, K, k_end, GLU, EVEN_K, BK, PRECISION)
+                acc, acc2 = _mainloop(acc, acc2, a_ptrs, a_desc, m0, m_mask, s_xk, tw_ptr + slot.to(tl.int64) * s_te,
+                                      w_desc, e, s_tk, s_tn, rn, n0, n_mask, N, K, k_end,
+                                      GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR)
             else:
-                acc, acc2 = _mainloop(acc, acc2, a_ptrs, m_mask, s_xk, w_ptr + e64 * s_we, s_wk, s_wn,
-                                      rn, n_mask, N, K, k_end, GLU, EVEN_K, BK, PRECISION)
+                acc, acc2 = _mainloop(acc, acc2, a_ptrs, a_desc, m0, m_mask, s_xk, w_ptr + e64 * s_we, w_desc, e,
+                                      s_wk, s_wn, rn, n0, n_mask, N, K, k_end,
+                                      GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR)
         else:
-            acc, acc2 = _mainloop(acc, acc2, a_ptrs, m_mask, s_xk, w_ptr + e64 * s_we, s_wk, s_wn,
-                                  rn, n_mask, N, K, k_end, GLU, EVEN_K, BK, PRECISION)
+            acc, acc2 = _mainloop(acc, acc2, a_ptrs, a_desc, m0, m_mask, s_xk, w_ptr + e64 * s_we, w_desc, e,
+                                  s_wk, s_wn, rn, n0, n_mask, N, K, k_end,
+                                  GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR)
 
         mask = m_mask[:, None] & n_mask[None, :]
         rm64 = rm.to(tl.int64)
@@ -220,7 +284,7 @@ def _tuned(kernel, configs, key, heuristics=None):
     return autotune(configs, key=key)(kernel)
 
 
-_GMM_KEY = ["N", "K", "HAS_ROWS", "HAS_TW"]
+_GMM_KEY = ["N", "K", "HAS_ROWS", "HAS_TW", "A_TMA", "W_TMA", "W_KMAJOR"]
 _GMM = {  # (glu, large) -> launcher
     (False, False): _tuned(_gmm_kernel, _FWD_SMALL, _GMM_KEY, {"EVEN_K": _even_k}),
     (False, True): _tuned(_gmm_kernel, _FWD_LARGE, _GMM_KEY, {"EVEN_K": _even_k}),
@@ -254,6 +318,79 @@ def _precision(t):
     return "ieee" if t.dtype == torch.float32 else "tf32"
 
 
+# ---------------------------------------------------------------------------- TMA
+
+_TMA_BYTES = 16  # TMA: base address and every stride but the unit one in multiples of 16 B
+
+
+def tma_capable(device):
+    """Whether launches on ``device`` may use TMA descriptors: Hopper and later (Triton
+    lowers descriptors to plain unpipelined loads before sm_90, slower than our pointer
+    path), the interpreter (which checks the same alignment rules, so tests cover the
+    path), and meta tensors, which only the compile report (sm_90a) launches with."""
+    import torch
+
+    device = torch.device(device)
+    if INTERPRET or device.type == "meta":
+        return True
+    if device.type != "cuda":
+        return False
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)[0] >= 9
+    return _CAPABILITY[index]
+
+
+_CAPABILITY = {}
+
+
+def _tma_strides(t, inner):
+    """Whether a descriptor can read ``t`` with dim ``inner`` innermost: that dim has unit
+    stride, the base and every other stride (of a dim longer than 1) are multiples of 16 B."""
+    size = t.element_size()
+    if t.stride(inner) != 1 or (t.data_ptr() % _TMA_BYTES if t.device.type != "meta" else 0):
+        return False
+    return all(t.stride(d) > 0 and (t.stride(d) * size) % _TMA_BYTES == 0
+               for d in range(t.dim()) if d != inner % t.dim())
+
+
+def _w_layout(w, tw, n_offset):
+    """(W_TMA, W_KMAJOR) for weights ``w`` [E, K, N'] and trainable ``tw`` (or None): TMA when
+    both take a descriptor with the same dim contiguous. ``n_offset`` (the GLU up half's
+    first column) must then sit on a 16-byte boundary when N is the contiguous dim."""
+    for kmajor, inner in ((True, 1), (False, 2)):
+        if all(_tma_strides(t, inner) for t in (w, tw) if t is not None):
+            if not kmajor and (n_offset * w.element_size()) % _TMA_BYTES:
+                return False, False
+            return True, kmajor
+    return False, False
+
+
+def _scratch(size, alignment, stream):
+    """Global scratch for the descriptors a kernel makes on the device (128 B each per
+    program), from torch's caching allocator on the current stream's device."""
+    import torch
+
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+@contextlib.contextmanager
+def _scratch_allocator():
+    """Make ``_scratch`` Triton's allocator for a launch, unless the caller set one: the
+    allocator is a ContextVar, so this neither leaks past the launch nor replaces theirs."""
+    from triton.runtime import _allocation
+
+    var = _allocation._allocator
+    if INTERPRET or not isinstance(var.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = var.set(_scratch)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 def _ep(E):
     return triton.next_power_of_2(E + 1)
 
@@ -283,15 +420,22 @@ def gmm(x, w, offs, out, *, rows=None, tw=None, slot=None, glu_act=None, h=None)
 
     # 0: no trainable weights; 1: they share w's inner strides (one mainloop); 2: they do not.
     tw_mode = 0 if tw is None else (1 if tw.stride()[1:] == w.stride()[1:] else 2)
-    kernel[grid](
-        x, rows_t, w, tw_t, slot_t, offs, out, h_t,
-        S_out, N, K, E,
-        x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
-        tw_t.stride(0), tw_t.stride(1), tw_t.stride(2), out.stride(0), out.stride(1),
-        h_t.stride(0), h_t.stride(1),
-        HAS_ROWS=rows is not None, HAS_TW=tw_mode, GLU=glu, STORE_H=h is not None,
-        ACT=glu_act if glu else 0, EP=_ep(E), PRECISION=_precision(x),
-    )
+    tma = K > 0 and N > 0 and tma_capable(out.device)  # (a descriptor has no empty dims)
+    w_tma, w_kmajor = _w_layout(w, tw, N if glu else 0) if tma else (False, False)
+    # Gathered rows stay pointer loads; dense rows may cross into the next group: those
+    # only feed output rows the epilogue masks.
+    a_tma = tma and rows is None and _tma_strides(x, 1)
+    with _scratch_allocator():
+        kernel[grid](
+            x, rows_t, w, tw_t, slot_t, offs, out, h_t,
+            S_out, N, K, E, x.shape[0],
+            x.stride(0), x.stride(1), w.stride(0), w.stride(1), w.stride(2),
+            tw_t.stride(0), tw_t.stride(1), tw_t.stride(2), out.stride(0), out.stride(1),
+            h_t.stride(0), h_t.stride(1),
+            HAS_ROWS=rows is not None, HAS_TW=tw_mode, GLU=glu, STORE_H=h is not None,
+            ACT=glu_act if glu else 0, EP=_ep(E), PRECISION=_precision(x),
+            A_TMA=a_tma, W_TMA=w_tma, W_KMAJOR=w_kmajor,
+        )
     return out
 
 
@@ -303,9 +447,14 @@ def _gmm_dw_kernel(
     N, K, E_t, S,
     s_xm, s_xk, s_ym, s_yn, s_de, s_dk, s_dn,
     HAS_XROWS: tl.constexpr, HAS_YROWS: tl.constexpr, PRECISION: tl.constexpr,
+    X_TMA: tl.constexpr, Y_TMA: tl.constexpr,
     BK: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr,
 ):
-    """dW[j] = X[rows of e]^T @ dY[rows of e] for e = ids[j]: only the listed experts."""
+    """dW[j] = X[rows of e]^T @ dY[rows of e] for e = ids[j]: only the listed experts.
+
+    X_TMA / Y_TMA: the (ungathered) operand comes through a TMA descriptor made per work
+    item whose row count is the expert's last row, so the tile that crosses the group's end
+    reads zeros where the next expert's rows are: they never reach this expert's dW."""
     pid = tl.program_id(0)
     num_progs = tl.num_programs(0)
     num_k = tl.cdiv(K, BK)
@@ -323,30 +472,48 @@ def _gmm_dw_kernel(
         row0 = tl.where(e > 0, tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0)
         row0 = tl.minimum(tl.maximum(row0, 0), row1)
 
-        rk = pid_k * BK + tl.arange(0, BK)
-        rn = pid_n * BN + tl.arange(0, BN)
+        k0 = pid_k * BK
+        n0 = pid_n * BN
+        rk = k0 + tl.arange(0, BK)
+        rn = n0 + tl.arange(0, BN)
         k_mask = rk < K
         n_mask = rn < N
+        if X_TMA:
+            x_desc = tl.make_tensor_descriptor(x_ptr, [tl.maximum(row1, 1), K], [s_xm, 1], [BM, BK])
+        else:
+            x_desc = 0
+        if Y_TMA:
+            y_desc = tl.make_tensor_descriptor(dy_ptr, [tl.maximum(row1, 1), N], [s_ym, 1], [BM, BN])
+        else:
+            y_desc = 0
         acc = tl.zeros((BK, BN), dtype=tl.float32)
         for m0 in range(row0, row1, BM):
             rm = m0 + tl.arange(0, BM)
             m_mask = rm < row1
-            if HAS_XROWS:
-                xr = tl.load(xrows_ptr + rm, mask=m_mask, other=0).to(tl.int64)
+            if X_TMA:
+                a = x_desc.load([m0, k0])
             else:
-                xr = rm.to(tl.int64)
-            if HAS_YROWS:
-                yr = tl.load(dyrows_ptr + rm, mask=m_mask, other=0).to(tl.int64)
+                if HAS_XROWS:
+                    xr = tl.load(xrows_ptr + rm, mask=m_mask, other=0).to(tl.int64)
+                else:
+                    xr = rm.to(tl.int64)
+                a = tl.load(x_ptr + xr[:, None] * s_xm + rk[None, :] * s_xk, mask=m_mask[:, None] & k_mask[None, :],
+                            other=0.0)
+            if Y_TMA:
+                b = y_desc.load([m0, n0])
             else:
-                yr = rm.to(tl.int64)
-            a = tl.load(x_ptr + xr[:, None] * s_xm + rk[None, :] * s_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            b = tl.load(dy_ptr + yr[:, None] * s_ym + rn[None, :] * s_yn, mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+                if HAS_YROWS:
+                    yr = tl.load(dyrows_ptr + rm, mask=m_mask, other=0).to(tl.int64)
+                else:
+                    yr = rm.to(tl.int64)
+                b = tl.load(dy_ptr + yr[:, None] * s_ym + rn[None, :] * s_yn, mask=m_mask[:, None] & n_mask[None, :],
+                            other=0.0)
             acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
         d_ptrs = dw_ptr + j.to(tl.int64) * s_de + rk[:, None].to(tl.int64) * s_dk + rn[None, :].to(tl.int64) * s_dn
         tl.store(d_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
 
 
-_DW_KEY = ["N", "K", "HAS_XROWS", "HAS_YROWS"]
+_DW_KEY = ["N", "K", "HAS_XROWS", "HAS_YROWS", "X_TMA", "Y_TMA"]
 _DW = {False: _tuned(_gmm_dw_kernel, _DW_SMALL, _DW_KEY), True: _tuned(_gmm_dw_kernel, _DW_LARGE, _DW_KEY)}
 
 
@@ -362,10 +529,13 @@ def gmm_dw(x, dy, offs, ids, dw, *, x_rows=None, dy_rows=None):
     def grid(meta):
         return (_num_programs(dw.device, E_t * triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"])),)
 
-    _DW[N * K >= LARGE][grid](
-        x, x_rows if x_rows is not None else offs, dy, dy_rows if dy_rows is not None else offs, ids, offs, dw,
-        N, K, E_t, S,
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
-        HAS_XROWS=x_rows is not None, HAS_YROWS=dy_rows is not None, PRECISION=_precision(x),
-    )
+    tma = tma_capable(dw.device)  # (descriptors are made per work item: none when K or N is 0)
+    with _scratch_allocator():
+        _DW[N * K >= LARGE][grid](
+            x, x_rows if x_rows is not None else offs, dy, dy_rows if dy_rows is not None else offs, ids, offs, dw,
+            N, K, E_t, S,
+            x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
+            HAS_XROWS=x_rows is not None, HAS_YROWS=dy_rows is not None, PRECISION=_precision(x),
+            X_TMA=tma and x_rows is None and _tma_strides(x, 1), Y_TMA=tma and dy_rows is None and _tma_strides(dy, 1),
+        )
     return dw

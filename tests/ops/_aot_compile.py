@@ -24,7 +24,8 @@ def _build(fn, types, consts, div16, warps, stages, arch):
 
     kernel = compile_signature(fn, types, consts, div16, warps, stages, arch)
     ir, ptx = kernel.asm["ttgir"], ptx_summary(kernel.asm["ptx"])
-    return {"smem": kernel.metadata.shared, "async_copies": len(re.findall("async_copy_global_to_local", ir)),
+    return {"smem": kernel.metadata.shared, "async_copies": len(re.findall(r"\basync_copy_global_to_local", ir)),
+            "tma_async": len(re.findall(r"async_tma_copy_global_to_local", ir)),
             "wgmma": ptx["wgmma"], "load_kind": ptx["load_kind"],
             "mma_versions": sorted(set(int(v) for v in re.findall(r"nvidia_mma<\{versionMajor = (\d)", ir)))}
 
@@ -41,25 +42,37 @@ def main():
     k_major = dict(s_xk=1, s_wk=1, s_tk=1, s_on=1, s_hn=1)  # w = HF gate_up/down transposed
     n_major = dict(s_xk=1, s_wn=1, s_tn=1, s_on=1, s_hn=1)  # w = HF weight as stored (dX)
     out = {}
-    gemms = [  # name, arch, layout, HAS_ROWS, HAS_TW, GLU, BM, BN, BK, warps, stages
+    pointers = dict(A_TMA=False, W_TMA=False, W_KMAJOR=False)
+    gemms = [  # name, arch, layout, HAS_ROWS, HAS_TW, GLU, BM, BN, BK, warps, stages[, TMA flags]
         ("fwd_down_esft", 90, k_major, False, 1, False, 128, 256, 64, 8, 3),
         ("fwd_gate_up_glu_esft", 90, k_major, True, 1, True, 128, 64, 64, 8, 3),
         ("dx_gate_up", 90, n_major, False, 0, False, 128, 128, 64, 8, 3),
         ("fwd_other_tw_layout", 90, k_major, False, 2, False, 64, 128, 64, 4, 3),
         ("fwd_down_esft", 80, k_major, False, 1, False, 128, 256, 64, 8, 3),
         ("fwd_gate_up_glu_esft", 80, k_major, True, 1, True, 128, 64, 64, 8, 3),
+        # TMA descriptors (sm_90 only): weights K-major (HF) or N-major (dX), A dense or gathered.
+        ("tma_fwd_down_esft", 90, k_major, False, 1, False, 128, 256, 64, 8, 3,
+         dict(A_TMA=True, W_TMA=True, W_KMAJOR=True)),
+        ("tma_fwd_gate_up_glu_esft", 90, k_major, True, 1, True, 128, 64, 64, 8, 3,
+         dict(A_TMA=False, W_TMA=True, W_KMAJOR=True)),
+        ("tma_dx_gate_up", 90, n_major, False, 0, False, 128, 128, 64, 8, 3,
+         dict(A_TMA=True, W_TMA=True, W_KMAJOR=False)),
     ]
-    for name, arch, layout, rows, tw, glu, bm, bn, bk, warps, stages in gemms:
+    for name, arch, layout, rows, tw, glu, bm, bn, bk, warps, stages, *tma in gemms:
         consts = dict(HAS_ROWS=rows, HAS_TW=tw, GLU=glu, STORE_H=glu, ACT=0, EP=128, PRECISION="tf32", BM=bm, BN=bn,
-                      BK=bk, GROUP_M=8, EVEN_K=True, **layout)
+                      BK=bk, GROUP_M=8, EVEN_K=True, **layout, **(tma[0] if tma else pointers))
         div = gmm_div + [s for s in ("s_wk", "s_wn", "s_tk", "s_tn") if s not in layout]
         out[f"{name}@sm{arch}"] = _build(G._gmm_kernel, gmm_ptrs, consts, div, warps, stages, arch)
     dw_ptrs = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "dw_ptr": "*bf16", "xrows_ptr": "*i32", "dyrows_ptr": "*i32",
                "ids_ptr": "*i64", "offs_ptr": "*i32"}
     dw_div = ["x_ptr", "dy_ptr", "dw_ptr", "N", "K", "s_xm", "s_ym", "s_de", "s_dn"]
     for name, xr, yr, bk, bn, bm, warps, stages in [("dw_gate_up", True, False, 128, 128, 64, 8, 3),
-                                                    ("dw_down", False, True, 128, 64, 64, 4, 4)]:
-        consts = dict(HAS_XROWS=xr, HAS_YROWS=yr, PRECISION="tf32", BK=bk, BN=bn, BM=bm, s_xk=1, s_yn=1, s_dk=1)
+                                                    ("dw_down", False, True, 128, 64, 64, 4, 4),
+                                                    ("tma_dw_gate_up", True, False, 128, 128, 64, 8, 3),
+                                                    ("tma_dw_down", False, False, 128, 128, 64, 8, 3)]:
+        # TMA for every operand that is not gathered through a row index.
+        tma = dict(X_TMA=name.startswith("tma") and not xr, Y_TMA=name.startswith("tma") and not yr)
+        consts = dict(HAS_XROWS=xr, HAS_YROWS=yr, PRECISION="tf32", BK=bk, BN=bn, BM=bm, s_xk=1, s_yn=1, s_dk=1, **tma)
         out[f"{name}@sm90"] = _build(G._gmm_dw_kernel, dw_ptrs, consts, dw_div, warps, stages, 90)
     out["combine@sm90"] = _build(M._combine_kernel, {"y_ptr": "*bf16", "inv_ptr": "*i32", "w_ptr": "*fp32",
                                                      "out_ptr": "*bf16"}, dict(HAS_W=True, BT=8, BH=256), [], 4, 1, 90)

@@ -240,7 +240,8 @@ def test_gpu_large_bf16(skewed):
 def test_kernels_compile_for_hopper_and_ampere():
     """The real (non-interpreted) compile of the GEMM/MoE kernels for sm_90 and sm_80, on this
     CPU machine: every variant compiles, the GEMMs' K loops are pipelined with async copies
-    onto wgmma (Hopper) / mma v2 (Ampere), and shared memory fits the card."""
+    onto wgmma (Hopper) / mma v2 (Ampere), the TMA-descriptor variants with asynchronous TMA
+    copies, and shared memory fits the card."""
     import json
     import os
     import subprocess
@@ -261,6 +262,9 @@ def test_kernels_compile_for_hopper_and_ampere():
             assert info["async_copies"] > 0, f"{name}: K loop not pipelined"
             assert info["mma_versions"] == [3 if arch == 90 else 2], f"{name}: {info}"
             assert (info["wgmma"] > 0) == (arch == 90), f"{name}: {info}"
+        if name.startswith("tma_"):  # descriptor variants: TMA loads, pipelined onto wgmma
+            assert info["load_kind"].startswith("TMA") and info["tma_async"] > 0, f"{name}: {info}"
+            assert info["wgmma"] > 0, f"{name}: {info}"
 
 
 # ---------------------------------------------------------------------------- hardening (issue 9)
