@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _alloc, _checks
-from ._eager import torch_backend_eager
+from ._eager import plain_tensors, torch_backend_eager
 from ._backend import Op
 from ._library import custom_op
 
@@ -199,11 +199,49 @@ def _gated_torch(x, y, gate):
     return _gated_into(_alloc.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
 
 
+class _GatedFunction(torch.autograd.Function):
+    """``x + gate * y`` with one addcmul forward (eager's ``gate * y`` temporary, a whole
+    [B, T, C] pass and allocation, is not made) and eager's backward: dx = the incoming
+    gradient itself, dy = grad * gate, d gate = the per-frame sum of grad * y.
+    Measured (OMP_NUM_THREADS=1, interleaved): 1.2x eager's graph at 256 KiB."""
+
+    @staticmethod
+    def forward(ctx, x, y, gate):
+        ctx.save_for_backward(y, gate)
+        ctx.x_dtype = x.dtype
+        return _gated_into(_alloc.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, gate = ctx.saved_tensors
+        frames = gate.shape[1]
+        d_y = d_gate = None
+        # Products and the frame sums in fp32 at least (the forward computed in it: a
+        # 16-bit x's gradient arrives in 16 bits); a no-op for fp32/fp64 tensors.
+        grad = grad.to(torch.promote_types(torch.promote_types(y.dtype, gate.dtype), torch.float32))
+        if frames in (1, y.shape[1]):  # the table broadcasts as it is
+            if ctx.needs_input_grad[1]:
+                d_y = (grad * gate).to(y.dtype)
+            if ctx.needs_input_grad[2]:
+                d_gate = grad * y
+                d_gate = (d_gate.sum(1, keepdim=True) if frames == 1 and y.shape[1] != 1 else d_gate).to(gate.dtype)
+        else:
+            g4 = _per_frame(grad, frames)
+            if ctx.needs_input_grad[1]:
+                d_y = (g4 * gate[:, :, None]).reshape(y.shape).to(y.dtype)
+            if ctx.needs_input_grad[2]:
+                d_gate = (g4 * _per_frame(y, frames)).sum(2).to(gate.dtype)
+        return grad.to(ctx.x_dtype) if ctx.needs_input_grad[0] else None, d_y, d_gate
+
+
 def _gated_eager(x, y, gate):
-    """The torch backend as plain torch (no custom op): one addcmul without autograd,
-    eager's own graph with it (see _modulate_eager)."""
+    """The torch backend as plain torch (no custom op): one addcmul without autograd, a
+    lean autograd.Function with it (eager's graph under functorch transforms and
+    dispatch modes, which a Function without vmap rules cannot enter)."""
     if not _grad_needed(x, y, gate):
         return _gated_into(_alloc.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
+    if plain_tensors(x, y, gate):
+        return _GatedFunction.apply(x, y, gate)
     frames = gate.shape[1]
     out = _per_frame(x, frames) + gate[:, :, None] * _per_frame(y, frames)
     return out.reshape(x.shape).to(x.dtype)
