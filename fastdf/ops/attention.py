@@ -24,6 +24,7 @@ implementation directly, without the op's dispatch (see _eager.py); same results
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -280,7 +281,8 @@ FAST_BLOCK_ROWS = 128
 
 
 def _flash_cpu():
-    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    # the torch.* binding: a few microseconds less per call than torch.ops.aten's packet
+    return getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
 def _fast_path_data(q, k, v, key_padding_mask, scale):
@@ -317,6 +319,18 @@ def _fast_path_data(q, k, v, key_padding_mask, scale):
 
 
 def _plan(tq, tk, frame_size, causal, window_frames, sink_frames):
+    """A cached :func:`_make_plan` (a model calls attention with a few shapes only; the
+    Python planning is a few microseconds of every call otherwise)."""
+    return _cached_plan(tq, tk, frame_size, causal, window_frames, sink_frames, FAST_FRAME_ROWS, FAST_BLOCK_ROWS)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_plan(tq, tk, frame_size, causal, window_frames, sink_frames, frame_rows, block_rows):
+    return tuple((s, e, tuple(pieces)) for s, e, pieces in _make_plan(tq, tk, frame_size, causal, window_frames,
+                                                                      sink_frames, frame_rows, block_rows))
+
+
+def _make_plan(tq, tk, frame_size, causal, window_frames, sink_frames, frame_rows, block_rows):
     """Query blocks and the keys they see: a list of ``(s, e, pieces)`` for query rows
     ``[s, e)``, each piece ``(lo, hi, kind)`` a key range, ``kind`` None (every row of the
     block sees every key of the range), ``"causal"`` (a square, top-left causal range) or
@@ -331,7 +345,7 @@ def _plan(tq, tk, frame_size, causal, window_frames, sink_frames):
         return [(0, tq, ([(0, off, None)] if off else []) + [(off, tk, "causal")])]
     fs = frame_size
     sink_end = min(sink_frames * fs, tk) if window_frames is not None else 0
-    per = 1 if fs >= FAST_FRAME_ROWS else max(1, FAST_BLOCK_ROWS // fs)
+    per = 1 if fs >= frame_rows else max(1, block_rows // fs)
     blocks = []
     for f0 in range(off // fs, (tk - 1) // fs + 1, per):
         f1 = min(f0 + per - 1, (tk - 1) // fs)
@@ -351,15 +365,45 @@ def _plan(tq, tk, frame_size, causal, window_frames, sink_frames):
 
 
 def _piece_mask(s, e, off, lo, hi, dtype, device, **mask):
-    """Additive [e - s, hi - lo] mask (0 / -inf) of one piece, as the flash kernel takes it."""
+    """Additive [e - s, hi - lo] mask (0 / -inf) of one piece, as the flash kernel takes it
+    (cached: building it costs more than a small piece's kernel call; the kernel only
+    reads it, and nothing else gets it)."""
+    if (e - s) * (hi - lo) > PIECE_MASK_CACHE_MAX:
+        return _build_piece_mask(s, e, off, lo, hi, dtype, device, mask)
+    return _cached_piece_mask(s, e, off, lo, hi, dtype, torch.device(device), tuple(sorted(mask.items())))
+
+
+# masks up to this many elements are cached (32 of them at most)
+PIECE_MASK_CACHE_MAX = 1 << 18
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_piece_mask(s, e, off, lo, hi, dtype, device, mask):
+    with torch.inference_mode(False):  # normal tensors, whatever mode the first caller ran in
+        return _build_piece_mask(s, e, off, lo, hi, dtype, device, dict(mask))
+
+
+def _build_piece_mask(s, e, off, lo, hi, dtype, device, mask):
     vis = visible(torch.arange(off + s, off + e, device=device)[:, None], torch.arange(lo, hi, device=device)[None, :],
                   **mask)
     return torch.zeros(vis.shape, dtype=dtype, device=device).masked_fill_(~vis, float("-inf"))
 
 
+def _last_dim_contiguous(*ts):
+    return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+
+def _span(t, lo, hi):
+    """``t[:, :, lo:hi]``, or ``t`` itself for its whole length (each view is a dispatched op,
+    microseconds that add up on small problems)."""
+    return t if lo == 0 and hi == t.shape[2] else t[:, :, lo:hi]
+
+
 def _attention_fast(q, k, v, frame_size, causal, window_frames, sink_frames, scale, data):
     """The blocked forward: ``(out, lse)`` as df_attention_reference(upcast=True) computes
-    them (fp32 scores, softmax and product; fp64 for fp64), on _fast_path_data's ``data``."""
+    them (fp32 scores, softmax and product; fp64 for fp64), on _fast_path_data's ``data``.
+    ``lse`` may be a strided view (the kernel's own layout): callers that return it make it
+    contiguous."""
     q0, k0, v0 = q, k, v
     q, k, v, bad = data
     B, Hq, Tq, D = q.shape
@@ -367,15 +411,18 @@ def _attention_fast(q, k, v, frame_size, causal, window_frames, sink_frames, sca
     dtype, acc = q.dtype, _acc_dtype(q.dtype)
     flash = _flash_cpu()
     # the kernel reads rows of D as contiguous: other views are copied, once
-    q, k, v = (t.to(acc) if t.stride(-1) == 1 else t.to(acc).contiguous() for t in (q, k, v))
+    if dtype != acc:
+        q, k, v = q.to(acc), k.to(acc), v.to(acc)
+    q, k, v = _last_dim_contiguous(q, k, v)
     mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
     plan = _plan(Tq, Tk, **mask)
     outs, lses = [], []
     for s, e, pieces in plan:
         o = l = None
+        qb = _span(q, s, e)
         for lo, hi, kind in pieces:
             attn_mask = _piece_mask(s, e, Tk - Tq, lo, hi, acc, q.device, **mask) if kind == "mask" else None
-            op, lp = flash(q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi], 0.0, kind == "causal", attn_mask=attn_mask,
+            op, lp = flash(qb, _span(k, lo, hi), _span(v, lo, hi), 0.0, kind == "causal", attn_mask=attn_mask,
                            scale=scale)
             if o is None:
                 o, l = op, lp
@@ -388,12 +435,12 @@ def _attention_fast(q, k, v, frame_size, causal, window_frames, sink_frames, sca
         outs.append(o)
         lses.append(l)
     if len(outs) == 1 and outs[0].dtype == dtype and outs[0].transpose(1, 2).is_contiguous():
-        return outs[0], lses[0].contiguous()  # the kernel's result already has the output's layout
+        return outs[0], lses[0]  # the kernel's result already has the output's layout
     # one concatenation each (not a copy per block): on a shared machine every parallel
     # region can cost a scheduler slice
     result = _empty_bthd(B, Hq, Tq, D, dtype=dtype, device=q.device)
     torch.cat([o.transpose(1, 2) for o in outs], 1, out=result.transpose(1, 2))
-    return result, torch.cat(lses, 2)
+    return result, (lses[0] if len(lses) == 1 else torch.cat(lses, 2))
 
 
 def _sees(s, e, pieces, bad_kv, tq, tk, mask):
@@ -421,8 +468,58 @@ def _reference_rows(o, l, s, e, pieces, bad, q, k, v, scale, mask):
     return torch.where(rows[..., None], ro.to(o.dtype), o), torch.where(rows, rl.to(l.dtype), l)
 
 
+# The blocked path first runs on the data as it is and checks its result instead of its
+# inputs: reading out and lse once costs less than norms of q, k and v (three reads of
+# inputs that may be larger than out, e.g. a KV cache), and only data outside the kernel's
+# range can fail it. What can go wrong in the kernel, and what the check sees:
+# - a NaN/inf in q, or in a key a row sees: the row's out or lse is NaN/inf;
+# - a NaN/inf value behind a mask inside the kernel's key block: 0 * NaN makes rows NaN
+#   (checked); every key of a piece is seen by some row, so a non-finite value anywhere in
+#   a piece makes some row non-finite, the check fails and the careful path runs;
+# - a raw q . k beyond the accumulator's range (the kernel scales after the product): +inf
+#   gives NaN; -inf drops a key the reference keeps only if that key's scaled score, at most
+#   -max * scale, is within ~100 of the row's lse: an lse above that floor rules it out;
+# - value sums beyond the range: inf, or NaN after the rescale.
+# A key = -inf component with q . k = -inf for every row seeing it passes (weight 0 in the
+# kernel and the reference alike); keys no piece holds are never read.
+LSE_FLOOR_MARGIN = 100.0
+
+
+def _accepted(out, lse, scale):
+    """max |lse| if the kernel's ``(out, lse)`` pass the check above, else None (two
+    reductions: on small problems each op's dispatch is a measurable share)."""
+    total = float(out.sum())  # NaN/inf anywhere; an overflow of a finite sum is a false alarm, safe
+    absmax = float(torch.linalg.vector_norm(lse, float("inf")))  # NaN propagates
+    # lse >= -absmax: above the floor when absmax is below it (a false alarm only for
+    # |lse| ~ max * scale, where scores themselves are near the range's end)
+    if math.isfinite(total) and absmax < float(torch.finfo(lse.dtype).max) * scale - LSE_FLOOR_MARGIN:
+        return absmax
+    return None
+
+
+def _attention_forward(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale):
+    """``(out, lse, lse_absmax)``: the blocked path on the data as it is where its result
+    passes the check (``lse_absmax`` = max |lse| then), else the careful blocked path or the
+    reference (``lse_absmax`` None)."""
+    if (q.device.type == "cpu" and q.numel() and _flash_cpu() is not None
+            and (key_padding_mask is None or bool(key_padding_mask.all()))):
+        out, lse = _attention_fast(q, k, v, frame_size, causal, window_frames, sink_frames, scale, (q, k, v, None))
+        absmax = _accepted(out, lse, scale)
+        if absmax is not None:
+            return out, lse, absmax
+    return (*_attention_careful(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale),
+            None)
+
+
 @ATTENTION.register("torch")
 def _attention_torch(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale):
+    out, lse, _ = _attention_forward(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
+    return out, lse.contiguous()
+
+
+def _attention_careful(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale):
+    """The blocked path with non-finite data zeroed and its rows from the reference, or the
+    reference where the norms rule the kernel out (see _fast_path_data)."""
     data = _fast_path_data(q, k, v, key_padding_mask, scale)
     if data is not None:
         return _attention_fast(q, k, v, frame_size, causal, window_frames, sink_frames, scale, data)
@@ -556,7 +653,18 @@ def _sees_keys(rows, blocks, tq, tk, mask):
 
 
 def _one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, device):
-    """Positions (query indices) of the rows that see exactly one key, and that key."""
+    """Positions (query indices) of the rows that see exactly one key, and that key
+    (cached: callers only read them)."""
+    return _cached_one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, device):
+    with torch.inference_mode(False):  # normal tensors, whatever mode the first caller ran in
+        return _build_one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, device)
+
+
+def _build_one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, device):
     fs, off = frame_size, tk - tq
     # one key is only possible with one-token frames or a one-token last frame (cheap to
     # rule out here, on the host, before any tensor op)
@@ -576,12 +684,85 @@ def _one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, device
     return rows, f[rows] * fs
 
 
-def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, window_frames, sink_frames, scale):
+def _flash_backward_pieces(grad_out, q, k, v, out, lse, plan, mask, scale):
+    """``(dq, dk, dv)`` from the flash kernel's backward on each piece of ``plan``, each given
+    the whole row's out and lse, so each piece's share is exact (rows [B, H, T, D] with the
+    last dim contiguous). One piece over every row and key is one call, its results as
+    they are."""
+    B, Hq, Tq, D = q.shape
+    Tk = k.shape[2]
+    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    if len(plan) == 1 and len(plan[0][2]) == 1 and plan[0][2][0][:2] == (0, Tk):
+        kind = plan[0][2][0][2]
+        attn_mask = _piece_mask(0, Tq, Tk - Tq, 0, Tk, q.dtype, q.device, **mask) if kind == "mask" else None
+        return bwd(grad_out, q, k, v, out, lse, 0.0, kind == "causal", attn_mask=attn_mask, scale=scale)
+    dqs = []
+    dk = _empty_bthd(*k.shape, dtype=k.dtype, device=k.device).zero_()
+    dv = _empty_bthd(*v.shape, dtype=v.dtype, device=v.device).zero_()
+    for s, e, pieces in plan:
+        dq = None
+        for lo, hi, kind in pieces:
+            attn_mask = _piece_mask(s, e, Tk - Tq, lo, hi, q.dtype, q.device, **mask) if kind == "mask" else None
+            dq_p, dk_p, dv_p = bwd(grad_out[:, :, s:e], q[:, :, s:e], k[:, :, lo:hi], v[:, :, lo:hi], out[:, :, s:e],
+                                   lse[:, :, s:e], 0.0, kind == "causal", attn_mask=attn_mask, scale=scale)
+            dq = dq_p if dq is None else dq + dq_p
+            dk[:, :, lo:hi] += dk_p
+            dv[:, :, lo:hi] += dv_p
+        dqs.append(dq)
+    if len(dqs) == 1 and dqs[0].transpose(1, 2).is_contiguous():
+        return dqs[0], dk, dv
+    result = _empty_bthd(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
+    torch.cat([d.transpose(1, 2) for d in dqs], 1, out=result.transpose(1, 2))
+    return result, dk, dv
+
+
+def _attention_backward_raw(grad_out, q, k, v, out, lse, frame_size, causal, window_frames, sink_frames, scale):
+    """The flash kernel's backward on the data as it is, checked by its result: ``(dq, dk,
+    dv)``, or None where dq is not finite (the careful path then runs).
+
+    Callers make sure the forward's out is finite (so every value of every piece is: each
+    is seen by some row) and |lse| <= FLASH_BACKWARD_MAX_LSE. What is left reaches dq: a
+    NaN/inf dO of a row makes its dq NaN (its dP against any key it sees), as does a key
+    with a non-finite component (q . k = +inf or NaN: P NaN; -inf: P = 0 times the key)."""
+    mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    plan = _plan(Tq, Tk, **mask)
+    # A row that sees one key has P = 1 exactly: zero dq and dk, and its dO goes to that
+    # key's dV as it is (the reference's stable softmax gives that bitwise, exp(s - lse)
+    # nearly). An lse of +inf makes the kernel's P = exp(s - lse) exactly 0 for that row,
+    # bitwise what the careful path's dO = 0 gives, at the cost of a copy of lse, not of dO.
+    one_rows, one_keys = _one_key_rows(Tq, Tk, **mask, device=q.device)
+    if one_rows.numel():
+        lse = lse.index_fill(2, one_rows, math.inf)
+    grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
+    dq, dk, dv = _flash_backward_pieces(grad_out, q, k, v, out, lse, plan, mask, scale)
+    if not math.isfinite(float(dq.sum())):  # an overflow of a finite sum is a false alarm, safe
+        return None
+    if one_rows.numel():
+        one_grad = grad_out[:, :, one_rows]
+        dv.index_add_(2, one_keys, one_grad if Hq == Hkv else one_grad.reshape(B, Hkv, Hq // Hkv, -1, D).sum(2))
+    return dq, dk, dv
+
+
+def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, window_frames, sink_frames, scale,
+                              lse_absmax=None):
     """The CPU flash kernel's backward on _plan's pieces, each given the whole row's out and
     lse (so each piece's share is exact), or None where it cannot match the reference.
-    Non-finite data: zeroed for the kernel (a NaN behind a mask would spread through its
-    0 * NaN), the affected rows' gradients zeroed, and their dq and the dk/dv of the keys
-    they see taken from the reference; everything else is bitwise that of clean data."""
+
+    First on the data as it is (_attention_backward_raw) where the forward's out is finite
+    (``lse_absmax`` given: the eager forward checked it; else read here) and |lse| is in
+    range. Otherwise, and where that fails, non-finite data: zeroed for the kernel (a NaN
+    behind a mask would spread through its 0 * NaN), the affected rows' gradients zeroed,
+    and their dq and the dk/dv of the keys they see taken from the reference; everything
+    else is bitwise that of clean data."""
+    if lse_absmax is None and math.isfinite(float(out.sum())):
+        lse_absmax = float(torch.linalg.vector_norm(lse, float("inf")))
+    if lse_absmax is not None and lse_absmax <= FLASH_BACKWARD_MAX_LSE:
+        grads = _attention_backward_raw(grad_out, q, k, v, out, lse, frame_size, causal, window_frames, sink_frames,
+                                        scale)
+        if grads is not None:
+            return grads
     data = _fast_path_data(q, k, v, None, scale)
     if data is None:
         return None
@@ -611,22 +792,7 @@ def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, w
         grad_out = grad_out.contiguous()
     if out.stride(-1) != 1:
         out = out.contiguous()
-    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-    dqs = []
-    dk = _empty_bthd(*k.shape, dtype=k.dtype, device=k.device).zero_()
-    dv = _empty_bthd(*v.shape, dtype=v.dtype, device=v.device).zero_()
-    for s, e, pieces in plan:
-        dq = None
-        for lo, hi, kind in pieces:
-            attn_mask = _piece_mask(s, e, Tk - Tq, lo, hi, q.dtype, q.device, **mask) if kind == "mask" else None
-            dq_p, dk_p, dv_p = bwd(grad_out[:, :, s:e], qf[:, :, s:e], kf[:, :, lo:hi], vf[:, :, lo:hi], out[:, :, s:e],
-                                   lse[:, :, s:e], 0.0, kind == "causal", attn_mask=attn_mask, scale=scale)
-            dq = dq_p if dq is None else dq + dq_p
-            dk[:, :, lo:hi] += dk_p
-            dv[:, :, lo:hi] += dv_p
-        dqs.append(dq)
-    result = _empty_bthd(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
-    torch.cat([d.transpose(1, 2) for d in dqs], 1, out=result.transpose(1, 2))
+    result, dk, dv = _flash_backward_pieces(grad_out, qf, kf, vf, out, lse, plan, mask, scale)
     if one_rows.numel():
         Hkv = k.shape[1]
         dv.index_add_(2, one_keys, one_grad.reshape(B, Hkv, Hq // Hkv, -1, D).sum(2))
@@ -640,13 +806,15 @@ def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, w
 
 @ATTENTION_BACKWARD.register("torch")
 def _attention_backward_torch(grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, frame_size, causal, window_frames,
-                              sink_frames, scale):
+                              sink_frames, scale, *, lse_absmax=None):
+    """The torch backward (``lse_absmax``: max |lse| from an eager forward whose result
+    passed the check, see _attention_forward; None reads what it needs from out and lse)."""
     grads = None
     if q.numel() and (key_padding_mask is None or bool(key_padding_mask.all())):
         if (q.dtype in (torch.float32, torch.float64) and out.dtype == q.dtype
                 and (grad_lse is None or not bool(grad_lse.any()))):
             grads = _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, window_frames,
-                                              sink_frames, scale)
+                                              sink_frames, scale, lse_absmax)
         if grads is None:
             grads = _attention_backward_fast(grad_out, grad_lse, q, k, v, frame_size, causal, window_frames,
                                              sink_frames, scale)
@@ -777,38 +945,53 @@ _attention_op.register_autograd(_backward, setup_context=_setup)
 # autograd.Function: the same numbers bitwise, without the dispatch.
 
 
+def _eager_forward(*args):
+    """The eager path's forward: _attention_forward (its own name, so tests can tell the
+    eager path's calls from the custom op's)."""
+    return _attention_forward(*args)
+
+
 class _AttentionEager(torch.autograd.Function):
-    # grads stay materialised (zeros for an unused lse), as the custom op's wrapper gives
-    # them, so the backward sees the same arguments either way
+    # Unused outputs get None, not zeros (the custom op's wrapper materialises them): the
+    # torch backward treats a None and a zero lse gradient alike, bitwise, and a zero dO
+    # is made here for the rare lse-only loss.
 
     @staticmethod
-    def forward(ctx, q, k, v, key_padding_mask, *mask):
-        out, lse = _attention_torch(q, k, v, key_padding_mask, *mask)
+    def forward(ctx, need_lse, q, k, v, key_padding_mask, *mask):
+        out, lse, ctx.lse_absmax = _eager_forward(q, k, v, key_padding_mask, *mask)
         ctx.mask = mask
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
-        return out, lse
+        return out, (lse.contiguous() if need_lse else lse)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the custom op has no double backward either
     def backward(ctx, grad_out, grad_lse):
         q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
         args = (grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, *ctx.mask)
         # the backend is read when the backward runs, as the custom op's backward does
         if torch_backend_eager(q.device) and plain_tensors(grad_out, grad_lse):
-            dq, dk, dv = _attention_backward_torch(*args)
+            dq, dk, dv = _attention_backward_torch(*args, lse_absmax=ctx.lse_absmax)
         else:
-            dq, dk, dv = _attention_backward_op(*args)
-        return (dq, dk, dv) + (None,) * (1 + len(ctx.mask))
+            if grad_lse is None:
+                grad_lse = torch.zeros_like(lse)
+            dq, dk, dv = _attention_backward_op(*args[:1], grad_lse, *args[2:])
+        return (None, dq, dk, dv) + (None,) * (1 + len(ctx.mask))
 
 
-def _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale):
-    """``(out, lse)`` of checked arguments: the eager path where it may run, else the op."""
+def _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale, need_lse=True):
+    """``(out, lse)`` of checked arguments: the eager path where it may run, else the op.
+    With ``need_lse`` False the eager path may return lse as a strided view (the kernel's
+    layout), saving a copy nobody reads."""
     args = (q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
     if not (torch_backend_eager(q.device) and plain_tensors(q, k, v, key_padding_mask)):
         return _attention_op(*args)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return _AttentionEager.apply(*args)
-    return _attention_torch(*args)
+        return _AttentionEager.apply(need_lse, *args)
+    out, lse, _ = _eager_forward(*args)
+    return out, (lse.contiguous() if need_lse else lse)
 
 
 # ---------------------------------------------------------------------------- public
@@ -950,7 +1133,7 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
     frame_size, window_frames, sink_frames, scale = _check(q, k, v, frame_size, causal, window_frames, sink_frames,
                                                            scale, return_lse)
     key_padding_mask = _check_key_padding_mask(key_padding_mask, q, k)
-    out, lse = _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
+    out, lse = _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale, return_lse)
     return (out, lse) if return_lse else out
 
 
@@ -972,5 +1155,5 @@ def df_attention_padded(q: Tensor, k: Tensor, v: Tensor, key_start: Tensor, *, f
     # clamped in its own dtype before the int32 cast, so 2**32 + 1 cannot wrap to 1
     key_start = key_start.clamp(0, k.shape[2])
     key_padding_mask = torch.arange(k.shape[2], device=key_start.device) >= key_start[:, None]
-    out, lse = _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
+    out, lse = _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale, return_lse)
     return (out, lse) if return_lse else out

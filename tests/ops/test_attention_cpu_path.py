@@ -256,13 +256,13 @@ def spy_eager(monkeypatch):
     """Counts calls of the torch forward made by the eager path (the custom op reaches the
     same function through the backend registry, which this does not patch)."""
     calls = []
-    real = A._attention_torch
+    real = A._eager_forward
 
     def spy(*args):
         calls.append(args)
         return real(*args)
 
-    monkeypatch.setattr(A, "_attention_torch", spy)
+    monkeypatch.setattr(A, "_eager_forward", spy)
     return calls
 
 
@@ -372,3 +372,88 @@ def test_compile_fullgraph_keeps_the_custom_op(spy_eager):
                      True, None, {}, grad_seed=0)
     torch.testing.assert_close(out, eager[0], rtol=0, atol=0)
     torch.testing.assert_close(lse, eager[1], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------- checked by the result
+
+
+def _count_careful(monkeypatch):
+    """Counts runs of the careful paths (the norm-checked forward and backward)."""
+    calls = []
+    real = A._fast_path_data
+
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(A, "_fast_path_data", spy)
+    return calls
+
+
+@pytest.mark.parametrize("mask", [{}, dict(frame_size=3), dict(frame_size=8), dict(frame_size=4, window_frames=2,
+                                                                                   sink_frames=1)],
+                         ids=["token", "grouped", "frames", "window-sink"])
+def test_clean_data_skips_the_input_checks(monkeypatch, small_blocks, mask):
+    """Finite data of moderate size: the kernel runs once on the data as it is, forward and
+    backward, and no norm of q, k or v is taken (the result is checked instead)."""
+    careful = _count_careful(monkeypatch)
+    q, k, v = _inputs(1, 4, 2, 24, 32, 8, seed=20)
+    g = _rand(1, 4, 24, 8, seed=21)
+    got = _fwd_bwd(q, k, v, g, **mask)
+    assert not careful
+    want = _grads_reference(q, k, v, g, None, mask)
+    for a, b in zip(got, want[:1] + want[2:]):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
+
+
+def test_poison_behind_the_causal_square_takes_the_careful_path(monkeypatch):
+    """Token-causal is one causal kernel call whose key block holds keys a row cannot see:
+    a NaN value or key there reaches earlier rows through 0 * NaN (the check sees it), and
+    the careful path keeps every earlier row, and its gradients, bitwise clean; a NaN
+    upstream gradient likewise."""
+    careful = _count_careful(monkeypatch)
+    q, k, v = _inputs(1, 2, 2, 40, 40, 16, seed=22)
+    g = _rand(1, 2, 40, 16, seed=23)
+    g[:, :, -1] = 0  # the loss reads the clean rows only
+    clean = _fwd_bwd(q, k, v, g)
+    assert not careful
+    for poison in ("v", "k"):
+        k2, v2 = k.clone(), v.clone()
+        (v2 if poison == "v" else k2)[:, :, -1, 3] = float("nan")
+        dirty = _fwd_bwd(q, k2, v2, g)
+        assert careful, poison
+        careful.clear()
+        assert torch.equal(dirty[0][:, :, :-1], clean[0][:, :, :-1]) and torch.isnan(dirty[0][:, :, -1]).all()
+        assert torch.equal(dirty[1][:, :, :-1], clean[1][:, :, :-1])  # dq of the clean rows
+    g2 = g.clone()
+    g2[:, :, -1] = float("nan")  # only the last key is seen by the last row alone
+    dirty = _fwd_bwd(q, k, v, g2)
+    assert torch.equal(dirty[1][:, :, :-1], clean[1][:, :, :-1])
+    for a, b in zip(dirty[2:], clean[2:]):
+        assert torch.isnan(a).any() and torch.equal(a[:, :, -1:].isnan(), torch.ones_like(a[:, :, -1:], dtype=torch.bool))
+
+
+def test_raw_products_beyond_float32_take_the_reference():
+    """A tiny scale with raw q . k beyond float32 (the kernel scales after the product, so a
+    key's raw -4e38 becomes -inf and drops out) while the scaled scores are moderate: the
+    lse floor rejects the kernel's result and the reference's values come back."""
+    q = torch.full((1, 1, 2, 2), 1e19)
+    k = torch.tensor([-1.6e19, -1.75e19])[None, None, :, None].expand(1, 1, 2, 2).contiguous()
+    v = torch.tensor([[1.0, 0.0], [0.0, 1.0]])[None, None]
+    scale = 1e-37
+    assert torch.isinf((q[0, 0, 1] * k[0, 0, 1]).sum())  # the raw product overflows
+    with fastdf.backend("torch"):
+        out, lse = fastdf.df_attention(q, k, v, scale=scale, return_lse=True)
+    want = df_attention_reference(q.double(), k.double(), v.double(), scale=scale)
+    assert abs(float(want[0][0, 0, 1, 1]) - 0.05) < 0.01  # the overflowing key keeps ~5%
+    torch.testing.assert_close(out.double(), want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.double(), want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_accepted_rejects_what_the_kernel_cannot_promise():
+    out, lse = torch.ones(1, 1, 3, 2), torch.full((1, 1, 3), -2.0)
+    assert A._accepted(out, lse, 0.5) == 2.0
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        assert A._accepted(out.index_fill(2, torch.tensor([1]), bad), lse, 0.5) is None
+        assert A._accepted(out, lse.index_fill(2, torch.tensor([1]), bad), 0.5) is None
+    assert A._accepted(out, lse, 1e-37) is None  # |lse| 2 is within 100 of max * scale = 34
