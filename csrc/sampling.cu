@@ -9,11 +9,14 @@
 // exceeds u * S (S the kept mass, u the caller's uniform draw).
 //
 // Passes over the row:
-//  A  max, argmax, the online softmax sum Z, a non-finite flag, and a candidate list in
-//     shared memory: the indices of every logit within 16 T of the running maximum and
-//     above a floor. When the list nears capacity (early on, before the row's head is
-//     seen, the running maximum admits much of the bulk) the block compacts it, raising
-//     the floor; the list always holds every logit >= max(floor, max - 16 T).
+//  A  max, the online softmax sum Z, a non-finite flag, and a candidate list in shared
+//     memory: the indices of every logit within 16 T of the running maximum and above a
+//     floor. When the list nears capacity (early on, before the row's head is seen, the
+//     running maximum admits much of the bulk) the block compacts it, raising the floor;
+//     the list always holds every logit >= max(floor, max - 16 T). Z is summed in base 2
+//     on logits scaled by log2(e) / T (scan_sample: ~11 SASS instructions per 16-bit
+//     logit, 17 per fp32 logit on sm_90a; fastdf.bench.compile measures it). Greedy rows
+//     (T = 0) take max, first argmax and the flag only.
 //  -  thresholds by radix select (11/11/10-bit digits, count and mass histograms) over
 //     the candidates when the answer provably lies among them (no overflow; for top-k at
 //     least k candidates; for top-p the candidates' mass reaches the target), else over
@@ -61,8 +64,27 @@ __device__ __forceinline__ float key_float(uint32_t k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
-// e^(d / T) for d = x - max <= 0; d == 0 gives 1 even when 1/T overflows.
-__device__ __forceinline__ float weight(float d, float inv_t) { return d == 0.f ? 1.f : expf(d * inv_t); }
+constexpr float kLog2e = 1.4426950408889634f;
+// Largest |m s| the first pass sums with: ms = m s rounded is off by at most half an ulp,
+// <= 0.5 here, so every 2^(x s - ms) stays within sqrt(2) of e^((x - m) / T).
+constexpr float kMaxScaled = 16777216.f;  // 2^24
+
+// e^(d / T) = 2^(d s), s = log2(e) / T, for d = x - max <= 0; d == 0 gives 1 even when s
+// overflows. Every pass after the first weighs tokens with this.
+__device__ __forceinline__ float weight(float d, float s) { return d == 0.f ? 1.f : exp2f(d * s); }
+
+// 2^x with a subnormal result flushed to zero: on the device one MUFU.EX2 (exp2f adds a
+// three-instruction range fix-up for subnormal results). Only the first pass's running sum
+// uses it, where a term below 2^-126 of the row's largest cannot change the sum.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#ifdef __CUDA_ARCH__
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+#else
+  return exp2f(x);
+#endif
+}
 
 struct Shared {
   union {
@@ -89,6 +111,7 @@ struct Shared {
   int argmax;
   float z;
   int bad;
+  int wide;
 };
 
 // Inclusive scan over the lanes of a warp of (count, mass) pairs.
@@ -164,24 +187,48 @@ __device__ __forceinline__ int block_max_int(int v, Shared& sm) {
   return r;
 }
 
-// Combine two (max, first argmax, sum of e^((x - max) / T)) states.
-__device__ __forceinline__ void merge_max(float& m, int& arg, float& z, float om, int oarg, float oz, float inv_t,
-                                          bool greedy) {
-  const float nm = fmaxf(m, om);
-  if (!greedy) z = (m == nm ? z : z * weight(m - nm, inv_t)) + (om == nm ? oz : oz * weight(om - nm, inv_t));
-  arg = om > m ? oarg : (m > om ? arg : min(arg, oarg));
-  m = nm;
-}
-
-// The warp's combined state in every lane; non-finite flags are OR-ed.
-__device__ __forceinline__ void warp_merge_max(float& m, int& arg, float& z, int& bad, float inv_t, bool greedy) {
+// The warp's (max, first argmax) in every lane; non-finite flags are OR-ed.
+__device__ __forceinline__ void warp_merge_argmax(float& m, int& arg, int& bad) {
 #pragma unroll
   for (int o = 16; o; o >>= 1) {
     const float om = __shfl_xor_sync(0xffffffffu, m, o);
     const int oa = __shfl_xor_sync(0xffffffffu, arg, o);
-    const float oz = __shfl_xor_sync(0xffffffffu, z, o);
     bad |= __shfl_xor_sync(0xffffffffu, bad, o);
-    merge_max(m, arg, z, om, oa, oz, inv_t, greedy);
+    arg = om > m ? oa : (m > om ? arg : min(arg, oa));
+    m = fmaxf(m, om);
+  }
+}
+
+// The first pass's running state while sampling: m the largest logit seen, ms = m * s
+// rounded (0 while m is -inf; always recomputed from m, so equal m give equal ms), z the
+// sum of 2^(x s - ms) over the logits seen. 2^(x s - ms) = e^((x - m) / T) times the
+// common factor 2^(m s - ms), which the end of the pass takes out. wide: m * s left the
+// float range or kMaxScaled (a +inf logit, or large logits at a tiny temperature): z is
+// recomputed from differences.
+struct Running {
+  float m = -INFINITY, ms = 0.f, z = 0.f;
+  int wide = 0;
+
+  // Fold in (om, oz), a state with the same s; its ms is om * s.
+  __device__ __forceinline__ void merge(float om, float oz, float s) {
+    if (om > m) {
+      const float oms = om * s;
+      z = (m == -INFINITY ? 0.f : z * exp2f(ms - oms)) + oz;
+      m = om;
+      ms = oms;
+    } else if (om > -INFINITY) {
+      z += oz * exp2f(om * s - ms);
+    }
+  }
+};
+
+__device__ __forceinline__ void warp_merge_running(Running& r, float s) {
+#pragma unroll
+  for (int o = 16; o; o >>= 1) {
+    const float om = __shfl_xor_sync(0xffffffffu, r.m, o);
+    const float oz = __shfl_xor_sync(0xffffffffu, r.z, o);
+    r.wide |= __shfl_xor_sync(0xffffffffu, r.wide, o);
+    r.merge(om, oz, s);
   }
 }
 
@@ -195,15 +242,23 @@ struct Row {
 
   __device__ __forceinline__ float at(int64_t i) const { return to_float(ptr[i * stride]); }
 
+  // The 16 bytes at base, which lie inside the row (kVec rows only).
+  __device__ __forceinline__ uint4 load_raw(int64_t base) const {
+    return __ldg(reinterpret_cast<const uint4*>(ptr + base));
+  }
+
+  __device__ __forceinline__ static void unpack(const uint4& raw, float (&x)[kItems]) {
+    // Copy out rather than read raw through a T*: that would be type punning, undefined
+    // behaviour that g++ -O2 miscompiles (tests/cuda_cpu/test_sampling_cpu.py).
+    T v[kItems];
+    memcpy(v, &raw, sizeof(raw));
+#pragma unroll
+    for (int j = 0; j < kItems; ++j) x[j] = to_float(v[j]);
+  }
+
   __device__ __forceinline__ void load(int64_t base, float (&x)[kItems]) const {
     if (kVec && base + kItems <= vocab) {
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr + base));
-      // Copy out rather than read raw through a T*: that would be type punning, undefined
-      // behaviour that g++ -O2 miscompiles (tests/cuda_cpu/test_sampling_cpu.py).
-      T v[kItems];
-      memcpy(v, &raw, sizeof(raw));
-#pragma unroll
-      for (int j = 0; j < kItems; ++j) x[j] = to_float(v[j]);
+      unpack(load_raw(base), x);
     } else {
 #pragma unroll
       for (int j = 0; j < kItems; ++j) x[j] = base + j < vocab ? to_float(ptr[(base + j) * stride]) : -INFINITY;
@@ -243,21 +298,6 @@ struct RowElements {
   }
 };
 
-// Warp-aggregated append of a token index to the candidate list (all lanes of the warp call it).
-__device__ __forceinline__ void append(bool keep, int index, int cap, Shared& sm) {
-  const unsigned mask = __ballot_sync(0xffffffffu, keep);
-  if (mask == 0u) return;
-  const int lane = threadIdx.x & 31;
-  const int leader = __ffs(mask) - 1;
-  int base = 0;
-  if (lane == leader) base = atomicAdd(&sm.n_cand, __popc(mask));
-  base = __shfl_sync(0xffffffffu, base, leader);
-  if (keep) {
-    const int pos = base + __popc(mask & ((1u << lane) - 1u));
-    if (pos < cap) sm.cand[pos] = index;
-  }
-}
-
 // Raise the candidates' floor and drop what falls below it. The cut is the block's
 // maximum so far minus the span, halved (down to kMinSpanT temperatures) until at most
 // kBins candidates survive. Early in the row, before its head is seen, the maximum sits
@@ -268,6 +308,7 @@ __device__ __forceinline__ void append(bool keep, int index, int cap, Shared& sm
 template <typename T, bool kVec>
 __device__ void compact_candidates(const Row<T, kVec>& row, float span, float temperature, int cap, Shared& sm) {
   const int n = sm.n_cand;
+  if (n > cap) return;  // overflowed (every thread reads the same: the count only grows)
   const float top = key_float(sm.run_max_key);
   const float low = sm.cand_floor;
   float cut = low;
@@ -299,80 +340,213 @@ __device__ void compact_candidates(const Row<T, kVec>& row, float span, float te
   __syncthreads();
 }
 
-// Pass A. Leaves m, argmax, z, bad and the candidate list in shared memory.
+// Pass A when greedy (temperature 0): m, the first argmax and the non-finite flag.
 template <typename T, bool kVec>
-__device__ void scan_row(const Row<T, kVec>& row, float temperature, float inv_t, bool greedy, int cap, Shared& sm) {
+__device__ void scan_greedy(const Row<T, kVec>& row, Shared& sm) {
   constexpr int N = Row<T, kVec>::kItems;
   constexpr int64_t kChunk = static_cast<int64_t>(kThreads) * N;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const float span = kCandidateNats * temperature;
-  float tmax = -INFINITY, tz = 0.f;
+  float tmax = -INFINITY;
   int targ = INT_MAX, bad = 0;
-  float x[N], next[N];
-  row.load(static_cast<int64_t>(threadIdx.x) * N, next);
   for (int64_t chunk = 0; chunk < row.vocab; chunk += kChunk) {
     const int64_t base = chunk + static_cast<int64_t>(threadIdx.x) * N;
-#pragma unroll
-    for (int j = 0; j < N; ++j) x[j] = next[j];
-    if (chunk + kChunk < row.vocab) row.load(base + kChunk, next);  // in flight while this chunk is processed
-    const float block_max = key_float(*reinterpret_cast<volatile uint32_t*>(&sm.run_max_key));
-    const float low = *reinterpret_cast<volatile float*>(&sm.cand_floor);
+    float x[N];
+    row.load(base, x);
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      const bool valid = base + j < row.vocab;
-      const float v = x[j];
-      if (valid) {
-        if (isnan(v) || v == INFINITY) bad = 1;
-        if (v > tmax) {
-          if (!greedy) tz = tz * weight(tmax - v, inv_t) + 1.f;
-          tmax = v;
+      if (base + j < row.vocab) {
+        if (isnan(x[j]) || x[j] == INFINITY) bad = 1;
+        if (x[j] > tmax) {
+          tmax = x[j];
           targ = static_cast<int>(base + j);
-        } else if (!greedy && v > -INFINITY) {
-          tz += weight(v - tmax, inv_t);
         }
       }
-      if (!greedy)
-        append(valid && v > -INFINITY && v >= fmaxf(low, fmaxf(block_max, tmax) - span), static_cast<int>(base + j),
-               cap, sm);
-    }
-    if (!greedy) {
-      float wmax = tmax;
-#pragma unroll
-      for (int o = 16; o; o >>= 1) wmax = fmaxf(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
-      if (lane == 0 && wmax > -INFINITY) atomicMax(&sm.run_max_key, float_key(wmax));
-      // Until the row's head is seen, the running maximum sits in the bulk and admits much
-      // of it: compact before the next chunk could overflow the list. The count is read
-      // after a barrier, when every append of this chunk has landed: a count read before it
-      // can be stale, and a stale vote could compact a list that has already overflowed
-      // (reading never-written slots cand[cap..n-1] as token indices). The vote's barrier
-      // keeps the next chunk's appends from moving n_cand before every thread has read it.
-      __syncthreads();
-      const int n = sm.n_cand;
-      if (__syncthreads_or(n <= cap && n > cap - kChunk)) compact_candidates(row, span, temperature, cap, sm);
     }
   }
-  warp_merge_max(tmax, targ, tz, bad, inv_t, greedy);
+  warp_merge_argmax(tmax, targ, bad);
   if (lane == 0) {
     sm.red_max[warp] = tmax;
     sm.red_arg[warp] = targ;
-    sm.red_z[warp] = tz;
     sm.red_bad[warp] = bad;
   }
   __syncthreads();
   if (warp == 0) {
     float wm = lane < kWarps ? sm.red_max[lane] : -INFINITY;
     int wa = lane < kWarps ? sm.red_arg[lane] : INT_MAX;
-    float wz = lane < kWarps ? sm.red_z[lane] : 0.f;
     int wb = lane < kWarps ? sm.red_bad[lane] : 0;
-    warp_merge_max(wm, wa, wz, wb, inv_t, greedy);
+    warp_merge_argmax(wm, wa, wb);
     if (lane == 0) {
       sm.m = wm;
       sm.argmax = wa;
-      sm.z = wz;
       sm.bad = wb;
     }
   }
   __syncthreads();
+}
+
+// Pass A when sampling: m, z = sum of e^((x - m) / T), the non-finite flag and the
+// candidate list, in shared memory. The hot loop; per chunk of N logits a thread does
+//  - one maximum over the chunk, and at most one rescale of z (only when the chunk raises
+//    the thread's running max: after the row's head, rarely);
+//  - per logit one FFMA (x s - ms: the logits are scaled by s = log2(e) / T in the same
+//    instruction), one base-2 exponential and one add; no branch, no compare: a NaN makes
+//    z NaN, a +inf makes m * s infinite (wide), and both are found after the loop;
+//  - one warp vote: is any of the warp's logits a candidate, or did a running max rise?
+//    Only then are the candidates appended (a warp-wide prefix sum of the lanes' counts,
+//    one atomic) and the block's running max raised;
+//  - one block vote on compacting the list.
+// Contiguous 16-byte-aligned rows keep two chunks in flight (raw 16-byte loads) while one
+// is processed.
+template <typename T, bool kVec>
+__device__ void scan_sample(const Row<T, kVec>& row, float temperature, float s, int cap, Shared& sm) {
+  constexpr int N = Row<T, kVec>::kItems;
+  // 32-bit offsets: the launch refuses vocabularies of INT_MAX or more.
+  constexpr int kChunk = kThreads * N;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float span = kCandidateNats * temperature;
+  const int vote_above = cap - kChunk;
+  Running r;
+  auto step = [&](const float (&x)[N], int base) {
+    float cmax = x[0];
+#pragma unroll
+    for (int j = 1; j < N; ++j) cmax = fmaxf(cmax, x[j]);
+    const bool raised = cmax > r.m;
+    if (raised) {
+      const float ms = cmax * s;
+      r.z = r.m == -INFINITY ? 0.f : r.z * exp2_ftz(r.ms - ms);
+      r.wide |= !(fabsf(ms) <= kMaxScaled);
+      r.m = cmax;
+      r.ms = ms;
+    }
+#pragma unroll
+    for (int j = 0; j < N; ++j) r.z += exp2_ftz(fmaf(x[j], s, -r.ms));
+    // Candidates: every logit >= max(floor, running max - span). The thread's running max
+    // already includes this chunk: it is at most the row's max, so nothing the final list
+    // needs is dropped.
+    const float block_max = key_float(*reinterpret_cast<volatile uint32_t*>(&sm.run_max_key));
+    const float low = *reinterpret_cast<volatile float*>(&sm.cand_floor);
+    const float cut = fmaxf(low, fmaxf(block_max, r.m) - span);
+    int after = INT_MIN;  // the list's length after this warp's appends (none: INT_MIN)
+    if (__ballot_sync(0xffffffffu, raised || cmax >= cut)) {
+      float wmax = r.m;
+#pragma unroll
+      for (int o = 16; o; o >>= 1) wmax = fmaxf(wmax, __shfl_xor_sync(0xffffffffu, wmax, o));
+      if (lane == 0 && wmax > -INFINITY) atomicMax(&sm.run_max_key, float_key(wmax));
+      unsigned bits = 0u;
+#pragma unroll
+      for (int j = 0; j < N; ++j)
+        if (x[j] > -INFINITY && x[j] >= cut) bits |= 1u << j;
+      const int mine = __popc(bits);
+      int incl = mine;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) {
+        const int t = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += t;
+      }
+      const int total = __shfl_sync(0xffffffffu, incl, 31);
+      if (total) {
+        int first = 0;
+        if (lane == 31) first = atomicAdd(&sm.n_cand, total);
+        first = __shfl_sync(0xffffffffu, first, 31);
+        after = first + total;
+        int pos = first + incl - mine;
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          if (bits >> j & 1u) {
+            if (pos < cap) sm.cand[pos] = base + j;
+            ++pos;
+          }
+        }
+      }
+    }
+    // Until the row's head is seen, the running maximum sits in the bulk and admits much of
+    // it: compact before the next chunk could overflow the list. The warp that appended
+    // last this chunk saw the final count; the vote's barrier orders every append before
+    // the compaction reads the list, and keeps the next chunk's appends out until it is done.
+    if (__syncthreads_or(after > vote_above)) compact_candidates(row, span, temperature, cap, sm);
+  };
+  const int vocab = static_cast<int>(row.vocab);
+  const int mine = static_cast<int>(threadIdx.x) * N;
+  if (kVec) {
+    const int full = vocab / kChunk;  // chunks that every thread reads whole
+    uint4 a{}, b{};
+    if (full > 0) a = row.load_raw(mine);
+    if (full > 1) b = row.load_raw(mine + kChunk);
+    int c = 0;
+    for (; c + 1 < full; c += 2) {
+      float x[N];
+      Row<T, kVec>::unpack(a, x);
+      if (c + 2 < full) a = row.load_raw(mine + (c + 2) * kChunk);
+      step(x, c * kChunk + mine);
+      Row<T, kVec>::unpack(b, x);
+      if (c + 3 < full) b = row.load_raw(mine + (c + 3) * kChunk);
+      step(x, (c + 1) * kChunk + mine);
+    }
+    float x[N];
+    if (c < full) {
+      Row<T, kVec>::unpack(a, x);
+      step(x, c * kChunk + mine);
+      ++c;
+    }
+    if (c * kChunk < vocab) {  // the partial last chunk
+      row.load(c * kChunk + mine, x);
+      step(x, c * kChunk + mine);
+    }
+  } else {
+    float x[N], next[N];
+    row.load(mine, next);
+    for (int chunk = 0; chunk < vocab; chunk += kChunk) {
+#pragma unroll
+      for (int j = 0; j < N; ++j) x[j] = next[j];
+      if (chunk + kChunk < vocab) row.load(chunk + kChunk + mine, next);  // in flight during this chunk
+      step(x, chunk + mine);
+    }
+  }
+  warp_merge_running(r, s);
+  if (lane == 0) {
+    sm.red_max[warp] = r.m;
+    sm.red_z[warp] = r.z;
+    sm.red_bad[warp] = r.wide;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    Running w;
+    if (lane < kWarps) {
+      w.m = sm.red_max[lane];
+      w.ms = w.m > -INFINITY ? w.m * s : 0.f;
+      w.z = sm.red_z[lane];
+      w.wide = sm.red_bad[lane];
+    }
+    warp_merge_running(w, s);
+    if (lane == 0) {
+      sm.m = w.m;
+      // Take out the common factor: sum of e^((x - m) / T) = z 2^(ms - m s) (the FFMA gives
+      // ms - m s exactly rounded). A NaN logit made z NaN.
+      sm.z = w.m > -INFINITY ? w.z * exp2f(fmaf(-w.m, s, w.ms)) : 0.f;
+      sm.bad = isnan(w.z);
+      sm.wide = w.wide;
+    }
+  }
+  __syncthreads();
+  if (sm.wide) {
+    // |m s| went past kMaxScaled (or overflowed): z and the flag again from differences
+    // x - m, accurate at any scale, with one more read of the row.
+    const float m = sm.m;
+    float acc = 0.f;
+    int bad = 0;
+    const RowElements<T, kVec> all{row};
+    all.for_each([&](uint32_t, float x, int) {
+      if (isnan(x) || x == INFINITY) bad = 1;
+      else if (x > -INFINITY) acc += weight(x - m, s);
+    });
+    const float z = block_sum(acc, sm);
+    bad = block_max_int(bad, sm);
+    if (threadIdx.x == 0) {
+      sm.z = z;
+      sm.bad = bad;
+    }
+    __syncthreads();
+  }
 }
 
 struct Selected {
@@ -386,7 +560,7 @@ struct Selected {
 // the source's elements with key >= t. Three histogram passes over the source.
 template <typename Source>
 __device__ Selected radix_select(const Source& src, uint32_t low, bool by_mass, uint32_t want_count, float want_mass,
-                                 float m, float inv_t, Shared& sm) {
+                                 float m, float scale, Shared& sm) {
   uint32_t prefix = 0u, above_c = 0u, bin_c = 0u;
   float above_m = 0.f, bin_m = 0.f;
   int used = 0;
@@ -405,7 +579,7 @@ __device__ Selected radix_select(const Source& src, uint32_t low, bool by_mass, 
       if (used > 0 && (key >> (32 - used)) != prefix) return;
       const uint32_t bin = (key >> shift) & static_cast<uint32_t>(nbins - 1);
       atomicAdd(&sm.count[bin], 1u);
-      atomicAdd(&sm.mass[bin], weight(x - m, inv_t));
+      atomicAdd(&sm.mass[bin], weight(x - m, scale));
     });
     __syncthreads();
     // Thread t owns bins top, top-1, ..., top-per+1 (descending): the scan runs from the top bin down.
@@ -465,10 +639,10 @@ __device__ Selected radix_select(const Source& src, uint32_t low, bool by_mass, 
 }
 
 template <typename Source>
-__device__ float mass_at_least(const Source& src, uint32_t tau, float m, float inv_t, Shared& sm) {
+__device__ float mass_at_least(const Source& src, uint32_t tau, float m, float scale, Shared& sm) {
   float acc = 0.f;
   src.for_each([&](uint32_t key, float x, int) {
-    if (key >= tau) acc += weight(x - m, inv_t);
+    if (key >= tau) acc += weight(x - m, scale);
   });
   return block_sum(acc, sm);
 }
@@ -494,7 +668,7 @@ __device__ int collect_kept(const Source& src, uint32_t tau, Shared& sm) {
 // Inverse CDF over at most kMaxKept kept tokens held in shared memory: sort their indices
 // (bitonic, padded with INT_MAX) so the scan runs in vocabulary order, as pass D does.
 template <typename T, bool kVec>
-__device__ int draw_kept(const Row<T, kVec>& row, int n, float m, float inv_t, float u, Shared& sm) {
+__device__ int draw_kept(const Row<T, kVec>& row, int n, float m, float scale, float u, Shared& sm) {
   int* a = sm.kept;
   for (int i = n + static_cast<int>(threadIdx.x); i < kMaxKept; i += kThreads) a[i] = INT_MAX;
   __syncthreads();
@@ -520,7 +694,7 @@ __device__ int draw_kept(const Row<T, kVec>& row, int n, float m, float inv_t, f
 #pragma unroll
   for (int j = 0; j < kPer; ++j) {
     const int v = a[first + j];
-    w[j] = v != INT_MAX ? weight(row.at(v) - m, inv_t) : 0.f;
+    w[j] = v != INT_MAX ? weight(row.at(v) - m, scale) : 0.f;
     acc += w[j];
     loc[j] = acc;
     if (w[j] > 0.f) last = v;
@@ -547,7 +721,7 @@ __device__ int draw_kept(const Row<T, kVec>& row, int n, float m, float inv_t, f
 
 // Pass D: the first kept index whose running mass exceeds target (vocabulary order).
 template <typename T, bool kVec>
-__device__ int draw(const Row<T, kVec>& row, uint32_t tau, float m, float inv_t, float target, Shared& sm) {
+__device__ int draw(const Row<T, kVec>& row, uint32_t tau, float m, float scale, float target, Shared& sm) {
   constexpr int N = Row<T, kVec>::kItems;
   if (threadIdx.x == 0) sm.pick = INT_MAX;
   __syncthreads();
@@ -561,7 +735,7 @@ __device__ int draw(const Row<T, kVec>& row, uint32_t tau, float m, float inv_t,
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       const bool keep = base + j < row.vocab && float_key(x[j]) >= tau;
-      w[j] = keep ? weight(x[j] - m, inv_t) : 0.f;
+      w[j] = keep ? weight(x[j] - m, scale) : 0.f;
       acc += w[j];
       loc[j] = acc;
       if (w[j] > 0.f) last = static_cast<int>(base + j);
@@ -603,7 +777,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
   const float p = knobs.top_p ? knobs.top_p[r] : knobs.top_p_value;
   const float min_p = knobs.min_p ? knobs.min_p[r] : knobs.min_p_value;
   const bool greedy = temperature == 0.f;
-  const float inv_t = greedy ? 0.f : 1.f / temperature;
+  const float scale = greedy ? 0.f : kLog2e / temperature;  // weights are 2^((x - m) scale)
 
   if (threadIdx.x == 0) {
     sm.n_cand = 0;
@@ -611,7 +785,11 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     sm.cand_floor = -INFINITY;
   }
   __syncthreads();
-  scan_row(row, temperature, inv_t, greedy, cap, sm);
+  if (greedy) {
+    scan_greedy(row, sm);
+  } else {
+    scan_sample(row, temperature, scale, cap, sm);
+  }
   const float m = sm.m;
   if (sm.bad || m == -INFINITY) {
     if (threadIdx.x == 0) {
@@ -643,13 +821,13 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     float mass_k = z;
     bool ok = true;
     if (need_k) {
-      const Selected s = radix_select(cands, cut, false, static_cast<uint32_t>(k), 0.f, m, inv_t, sm);
+      const Selected s = radix_select(cands, cut, false, static_cast<uint32_t>(k), 0.f, m, scale, sm);
       ok = s.reached;  // fewer than k candidates: tau_k lies below them
       tk = s.key;
       mass_k = s.mass;
     }
     if (ok && need_p) {
-      const Selected s = radix_select(cands, max(cut, tk), true, 0u, p * mass_k, m, inv_t, sm);
+      const Selected s = radix_select(cands, max(cut, tk), true, 0u, p * mass_k, m, scale, sm);
       ok = s.reached;  // the candidates hold too little mass: the boundary lies below them
       tp = s.key;
     }
@@ -661,14 +839,14 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
       } else if (tau >= cut) {
         const int n_kept = collect_kept(cands, tau, sm);
         if (n_kept <= kMaxKept) {
-          const int pick = draw_kept(row, n_kept, m, inv_t, uniforms[i], sm);
+          const int pick = draw_kept(row, n_kept, m, scale, uniforms[i], sm);
           if (threadIdx.x == 0) {
             out[i] = pick;
             status[i] = kSampleOk;
           }
           return;
         }
-        kept_mass = mass_at_least(cands, tau, m, inv_t, sm);
+        kept_mass = mass_at_least(cands, tau, m, scale, sm);
         done = true;
       }
     }
@@ -678,15 +856,15 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ 
     uint32_t tk = 0u, tp = 0u;
     float mass_k = z;
     if (need_k) {
-      const Selected s = radix_select(all, 0u, false, static_cast<uint32_t>(k), 0.f, m, inv_t, sm);
+      const Selected s = radix_select(all, 0u, false, static_cast<uint32_t>(k), 0.f, m, scale, sm);
       tk = s.key;
       mass_k = s.mass;
     }
-    if (need_p) tp = radix_select(all, tk, true, 0u, p * mass_k, m, inv_t, sm).key;
+    if (need_p) tp = radix_select(all, tk, true, 0u, p * mass_k, m, scale, sm).key;
     tau = max(max(tk, tp), tau_min);
-    kept_mass = tau == 0u ? z : mass_at_least(all, tau, m, inv_t, sm);
+    kept_mass = tau == 0u ? z : mass_at_least(all, tau, m, scale, sm);
   }
-  const int pick = draw(row, tau, m, inv_t, uniforms[i] * kept_mass, sm);
+  const int pick = draw(row, tau, m, scale, uniforms[i] * kept_mass, sm);
   if (threadIdx.x == 0) {
     out[i] = pick;
     status[i] = kSampleOk;

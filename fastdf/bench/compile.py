@@ -609,16 +609,22 @@ def csrc_report(arch: int = 90, sass: bool = True, echo=None) -> list[dict]:
     for cu in sorted((ROOT / "csrc").glob("*.cu")):
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp) / (cu.stem + ".cubin")
+            # -lineinfo maps SASS to source lines (the sampler's first pass); it does not change the code.
             cmd = [nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc'}", f"-arch={sm}",
-                   "-cubin", "-Xptxas", "-v", str(cu), "-o", str(cubin)]
+                   "-cubin", "-lineinfo", "-Xptxas", "-v", str(cu), "-o", str(cubin)]
             t0 = time.perf_counter()
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             if run.returncode:
                 rows.append(dict(source="csrc", job=cu.name, kernel="(nvcc)", arch=sm, error=run.stderr[-600:]))
                 continue
             stats = parse_ptxas(run.stderr)
-            funcs = sass_functions(disassemble(cubin.read_bytes())) if sass else {}
+            text = disassemble(cubin.read_bytes()) if sass else ""
+            funcs = sass_functions(text)
+            nvdisasm = _tool("nvdisasm")
+            lines = subprocess.run([nvdisasm, "--print-line-info", "-c", str(cubin)], capture_output=True, text=True,
+                                   timeout=300).stdout if sass and nvdisasm and cu.name == SAMPLER_SOURCE else ""
         names = _demangle(list(stats))
+        first = sampler_first_pass(text, lines, cu.read_text(), names) if lines else {}
         for mangled, st in sorted(stats.items(), key=lambda kv: names[kv[0]]):
             row = dict(source="csrc", job=cu.name, kernel=_short_name(names[mangled]), symbol=names[mangled], arch=sm,
                        default=True, **st)
@@ -626,12 +632,188 @@ def csrc_report(arch: int = 90, sass: bool = True, echo=None) -> list[dict]:
             kinds = [k for k, n in (("TMA", row.get("sass_tma_loads")), ("cp.async", row.get("sass_ldgsts")),
                                     ("ld.global", row.get("sass_ldg"))) if n]
             row["load_kind"] = "+".join(kinds) or "none"
+            m = re.search(r"sample_kernel<([^,]+), true>", row["kernel"])
+            if m and m.group(1) in first:
+                row["first_pass"] = first[m.group(1)]
             rows.append(row)
             if echo:
                 echo(row)
         if echo:
+            if first:
+                echo("  sampler first pass, SASS instructions per logit (common path / logits per iteration): " +
+                     ", ".join(f"{t} {v['per_logit']} ({v['path_instructions']}/{v['logits_per_iteration']})"
+                               for t, v in first.items()))
             echo(f"  ({cu.name}: {time.perf_counter() - t0:.1f} s)")
     return rows
+
+
+# ---------------------------------------------------------------------------- sampler first pass
+
+# The sampler's first pass (csrc/sampling.cu): the function whose chunk loop is measured.
+# scan_row is the name it had before the rewrite (issue 11), kept so older sources measure.
+SAMPLER_SOURCE = "sampling.cu"
+SAMPLER_FIRST_PASS = ("scan_sample", "scan_row")
+
+
+def sass_line_map(text: str) -> dict[str, dict[int, int]]:
+    """``{function: {address: source line}}`` from ``nvdisasm --print-line-info`` (inlined code
+    carries the line it was written on, in whichever function)."""
+    out, current, line = {}, None, None
+    for raw in text.splitlines():
+        m = re.match(r"\.text\.(\S+):", raw)
+        if m:
+            current, line = out.setdefault(m.group(1), {}), None
+            continue
+        m = re.search(r'//## File "[^"]+", line (\d+)', raw)
+        if m:
+            line = int(m.group(1))
+            continue
+        m = re.search(r"/\*([0-9a-f]{4,})\*/", raw)
+        if m and current is not None:
+            current[int(m.group(1), 16)] = line
+    return out
+
+
+def _sass_with_predicates(sass: str) -> dict[str, list[tuple[int, str, str, bool]]]:
+    funcs, current = {}, None
+    for raw in sass.splitlines():
+        m = re.search(r"Function : (\S+)", raw)
+        if m:
+            current = funcs.setdefault(m.group(1), [])
+            continue
+        m = _SASS_LINE.search(raw)
+        if m and current is not None:
+            pred = (m.group(2) or "").strip()
+            current.append((int(m.group(1), 16), m.group(3), m.group(4), bool(pred) and pred not in ("@PT",)))
+    return funcs
+
+
+def _function_lines(source: str, names) -> tuple[int, int] | None:
+    """First and last line (1-based) of the first ``__device__ void <name>(`` definition found,
+    its end being the next line that is a lone ``}``."""
+    lines = source.splitlines()
+    for name in names:
+        for i, text in enumerate(lines):
+            if re.match(rf"__device__ void {name}\(", text):
+                end = next((j for j in range(i + 1, len(lines)) if lines[j] == "}"), len(lines) - 1)
+                return i + 1, end + 1
+    return None
+
+
+def common_path(body: list[tuple[int, str, str, bool]], need_ex2: int) -> int | None:
+    """Fewest instructions on a path through a loop body (``body[0]`` the loop head, ``body[-1]``
+    the back-edge branch) that executes at least ``need_ex2`` MUFU.EX2 and every 128-bit global
+    load of the body. Branches leaving the body and backward branches inside it (inner loops,
+    taken zero times) are not followed; a predicated instruction counts as issued."""
+    index = {addr: i for i, (addr, _, _, _) in enumerate(body)}
+    loads = sum(1 for _, op, _, _ in body if op.startswith("LDG") and ".128" in op)
+    inf = float("inf")
+    # best[i][(e, l)]: fewest instructions from the head to just before body[i], with e
+    # exponentials (capped at need_ex2) and l wide loads on the way.
+    best = [dict() for _ in range(len(body) + 1)]
+    best[0][(0, 0)] = 0
+    for i, (addr, op, args, predicated) in enumerate(body):
+        for (e, l), n in list(best[i].items()):
+            e2 = min(need_ex2, e + (op == "MUFU.EX2"))
+            l2 = l + (op.startswith("LDG") and ".128" in op)
+            n2 = n + 1
+            if i == len(body) - 1:
+                key = (e2, l2)
+                best[i + 1][key] = min(best[i + 1].get(key, inf), n2)
+                continue
+            succ = []
+            base = op.split(".")[0]
+            if base in ("BRA", "JMP"):
+                m = re.search(r"(0x[0-9a-f]+)", args)
+                target = index.get(int(m.group(1), 16)) if m else None
+                if target is not None and target > i:
+                    succ.append(target)
+                if predicated:
+                    succ.append(i + 1)
+            elif base in ("EXIT", "RET", "BPT"):
+                if predicated:
+                    succ.append(i + 1)
+            else:
+                succ.append(i + 1)
+            for j in succ:
+                best[j][(e2, l2)] = min(best[j].get((e2, l2), inf), n2)
+    done = [n for (e, l), n in best[-1].items() if e >= need_ex2 and l >= loads]
+    return min(done) if done else None
+
+
+def sampler_first_pass(sass: str, line_text: str, source: str, symbols: dict[str, str]) -> dict[str, dict]:
+    """SASS instructions per logit of the sampler's first pass, per vectorised instantiation
+    (``sample_kernel<T, true>``: contiguous 16-byte-aligned rows, the common case).
+
+    The loop: the outermost loop of the cubin whose head and back-edge branch both carry a
+    source line of the first-pass function (from ``nvdisasm --print-line-info``, the cubin
+    compiled with ``-lineinfo``, which does not change the code). Logits per iteration:
+    16 / sizeof(T) per 128-bit global load in the loop body (each chunk of a thread is one
+    16-byte load). The common path: the fewest instructions from the loop head to its back
+    edge on which every logit of the iteration is exponentiated (at least that many
+    MUFU.EX2) and every 128-bit load issues (common_path); rare work (candidate appends,
+    a rising maximum, compaction) lies off it. Instructions per logit = common path /
+    logits per iteration."""
+    span = _function_lines(source, SAMPLER_FIRST_PASS)
+    if span is None:
+        return {}
+    lo, hi = span
+    lines = sass_line_map(line_text)
+    out = {}
+    for mangled, instrs in _sass_with_predicates(sass).items():
+        name = symbols.get(mangled, mangled)
+        m = re.search(r"sample_kernel<([^,]+), true>", name)
+        if not m:
+            continue
+        where = lines.get(mangled, {})
+        index = {addr: i for i, (addr, _, _, _) in enumerate(instrs)}
+        loops = []
+        for i, (addr, op, args, _) in enumerate(instrs):
+            t = re.search(r"(0x[0-9a-f]+)", args) if op.split(".")[0] == "BRA" else None
+            if t and int(t.group(1), 16) < addr and int(t.group(1), 16) in index:
+                head = index[int(t.group(1), 16)]
+                if all(lo <= (where.get(instrs[k][0]) or 0) <= hi for k in (head, i)):
+                    loops.append((head, i))
+        if not loops:
+            continue
+        head, back = max(loops, key=lambda hb: hb[1] - hb[0])
+        body = instrs[head:back + 1]
+        dtype = _short_name(m.group(1)) if m.group(1) != "float" else "float"
+        items = 16 // {"float": 4}.get(m.group(1), 2)
+        wide = sum(1 for _, op, _, _ in body if op.startswith("LDG") and ".128" in op)
+        logits = items * max(wide, 1)
+        path = common_path(body, logits)
+        out[dtype] = dict(loop_instructions=len(body), wide_loads=wide, logits_per_iteration=logits,
+                          path_instructions=path, ex2_on_path=logits,
+                          per_logit=None if path is None else round(path / logits, 2))
+    return out
+
+
+def measure_sampler(arch: int = 90, source: Path | None = None) -> dict[str, dict]:
+    """Compile csrc/sampling.cu (or ``source``) for ``sm_{arch}`` with the build's flags plus
+    ``-lineinfo`` and measure its first pass (sampler_first_pass); also the registers and
+    spills of every instantiation (``{"registers": {symbol: ptxas stats}}``)."""
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None)
+    cuobjdump, nvdisasm = _tool("cuobjdump"), _tool("nvdisasm")
+    if nvcc is None or cuobjdump is None or nvdisasm is None:
+        raise FileNotFoundError("nvcc, cuobjdump and nvdisasm are needed to measure the sampler")
+    source = Path(source or ROOT / "csrc" / SAMPLER_SOURCE)
+    sm = f"sm_{arch}" + ("a" if arch >= 90 else "")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "sampling.cubin"
+        cmd = [nvcc, "-std=c++17", "-O3", "--expt-relaxed-constexpr", f"-I{ROOT / 'csrc'}", f"-arch={sm}", "-cubin",
+               "-lineinfo", "-Xptxas", "-v", str(source), "-o", str(cubin)]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        if run.returncode:
+            raise RuntimeError(f"nvcc failed:\n{run.stderr[-3000:]}")
+        stats = parse_ptxas(run.stderr)
+        sass = disassemble(cubin.read_bytes())
+        lines = subprocess.run([nvdisasm, "--print-line-info", "-c", str(cubin)], capture_output=True, text=True,
+                               timeout=300).stdout
+    names = _demangle(list(stats))
+    out = sampler_first_pass(sass, lines, source.read_text(), names)
+    out["registers"] = {_short_name(names[k]): v for k, v in stats.items()}
+    return out
 
 
 # ---------------------------------------------------------------------------- output

@@ -231,3 +231,33 @@ def test_random_sweep(emu, sweep):
         cap = [-1, 0, 2048, 100][case % 4]
         emu.configure(case)
         check(emu, x, torch.rand(rows, generator=gen), cap=cap, **knobs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_first_pass_whole_and_partial_chunks(emu, dtype):
+    """The first pass reads whole chunks (512 threads x 16 bytes) two at a time, then an odd
+    one, then the partial tail: vocabularies of one full chunk plus a tail, exactly two
+    (no tail) and three (odd) plus a tail. Row 0 has no cut, so the first pass's sum is the
+    draw's total mass."""
+    chunk = 512 * 16 // torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(chunk)
+    for vocab in (2 * chunk - 1, 2 * chunk, 3 * chunk + 5):
+        x = _logits(4, vocab, dtype, gen)
+        check(emu, x, torch.rand(4, generator=gen), **MIXED)
+
+
+def test_large_logits_and_tiny_temperatures(emu):
+    """The first pass sums 2^(x s - m s) with s = log2(e) / T, m s rounded once: logits far
+    from 0 give m s a rounding error of many ulps of the weights, which the pass takes out
+    at the end; past |m s| = 2^24 (here 1e4 at T = 5e-4) a second pass sums from x - m.
+    No cut on the first rows of each batch: the first pass's sum is the draw's total. A NaN
+    or +inf is found on either path."""
+    gen = torch.Generator().manual_seed(21)
+    for offset, t in ((1e4, 1.0), (-3e4, 1.0), (1e4, 0.05), (1e4, 5e-4), (0.0, 1e-30), (2e5, 2.0)):
+        x = _logits(4, 3000, torch.float32, gen) + offset
+        knobs = dict(temperature=t, top_k=torch.tensor([0, 0, 20, 0]), top_p=torch.tensor([1.0, 1.0, 0.9, 0.7]))
+        check(emu, x, torch.rand(4, generator=gen), **knobs)
+        x[1, 2999] = float("nan")
+        x[3, 5] = float("inf")
+        _, status = check(emu, x, torch.rand(4, generator=gen), with_status=True, **knobs)
+        assert status.tolist() == [STATUS_OK, STATUS_NON_FINITE, STATUS_OK, STATUS_NON_FINITE]
