@@ -8,7 +8,11 @@ is about one program per SM and each program walks a flattened list of
 no per-expert launches), so a skewed routing does not leave SMs idle.
 
 Operands are read through their strides (HF's ``[E, N, K]`` weights transposed are fine;
-Triton specialises unit strides, so the contiguous axis still gets vector loads).
+Triton specialises unit strides, so the contiguous axis still gets vector loads). On sm_90+
+the weights and every operand not gathered through a row index load through TMA tensor
+descriptors made on the device, when their base and strides allow it (``_tma_strides``);
+otherwise, and for gathered rows, through pointers. The GLU variant on K-major weights
+reads gate and up columns as one box and runs one 2 BN-wide MMA per K step (``PAIR``).
 Accumulation is fp32 for every input dtype.
 """
 
@@ -84,10 +88,12 @@ if INTERPRET:
 else:
     _FWD_SMALL = [_cfg(64, 64, 32, 4, 3)]
     _FWD_LARGE = [_cfg(128, 128, 64, 8, 3), _cfg(128, 256, 64, 8, 3)]
-    # Two fp32 accumulators (gate and up) per tile: half the N width of the plain kernel,
-    # keeping them at <= 64 registers per thread.
+    # BN is the width of each GLU half: gate and up together make a 2 BN-wide tile (one
+    # [BM, 2 BN] accumulator with PAIR, two [BM, BN] ones otherwise), so the first config is
+    # a 128x128 tile like the plain kernel's default, the third a 128x256 one (204 registers
+    # with PAIR, 230 with two accumulators; no spills either way).
     _GLU_SMALL = [_cfg(64, 32, 32, 4, 3)]
-    _GLU_LARGE = [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 4)]
+    _GLU_LARGE = [_cfg(128, 64, 64, 8, 3), _cfg(64, 64, 64, 4, 4), _cfg(128, 128, 64, 8, 3)]
     _DW_SMALL = [_cfg(64, 64, 32, 4, 3, names=("BK", "BN", "BM"))]
     _DW_LARGE = [_cfg(128, 128, 64, 8, 3, names=("BK", "BN", "BM")), _cfg(128, 64, 64, 4, 4, names=("BK", "BN", "BM"))]
 
@@ -101,8 +107,11 @@ def _even_k(args):
 @triton.jit
 def _mainloop(acc, acc2, a_ptrs, a_desc, a_row, m_mask, s_xk, w_base, w_desc, w_idx, s_wk, s_wn, rn, n0, n_mask,
               N, K, k_end, GLU: tl.constexpr, EVEN_K: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-              PRECISION: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr):
-    """acc += A[rows, :] @ W[:, rn] (and acc2 += A @ W[:, N + rn] for the GLU up half).
+              PRECISION: tl.constexpr, A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
+              PAIR: tl.constexpr):
+    """acc += A[rows, :] @ W[:, rn] (and acc2 += A @ W[:, N + rn] for the GLU up half; with
+    PAIR, acc [BM, 2 BN] += A @ [W[:, rn] | W[:, N + rn]], both halves from one descriptor
+    box, one MMA per K step).
 
     With A_TMA, A's rows come through ``a_desc`` from row ``a_row`` (rows past the group are
     read but only feed output rows the epilogue masks). With W_TMA, W comes through the 3-D
@@ -119,14 +128,16 @@ def _mainloop(acc, acc2, a_ptrs, a_desc, a_row, m_mask, s_xk, w_base, w_desc, w_
             a = tl.load(a_ptrs + (k0 + rk)[None, :] * s_xk, mask=m_mask[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs + (k0 + rk)[None, :] * s_xk, mask=m_mask[:, None] & ((k0 + rk) < K)[None, :], other=0.0)
-        if W_TMA:
+        if PAIR:
+            b = _w_pair(w_desc, w_idx, k0, n0, BK, BN, W_KMAJOR)
+        elif W_TMA:
             b = _w_tile(w_desc, w_idx, k0, n0, BK, BN, W_KMAJOR)
         elif EVEN_K:
             b = tl.load(w_ptrs, mask=n_mask[None, :], other=0.0)
         else:
             b = tl.load(w_ptrs, mask=((k0 + rk) < K)[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if GLU:
+        if GLU and not PAIR:
             if W_TMA:
                 b2 = _w_tile(w_desc, w_idx, k0, n0 + N, BK, BN, W_KMAJOR)
             elif EVEN_K:
@@ -148,8 +159,23 @@ def _w_tile(w_desc, idx, k0, n0, BK: tl.constexpr, BN: tl.constexpr, W_KMAJOR: t
 
 
 @triton.jit
-def _w_desc(base, E, K, N2, s_e, s_k, s_n, BK: tl.constexpr, BN: tl.constexpr, W_KMAJOR: tl.constexpr):
+def _w_pair(w_desc, idx, k0, n0, BK: tl.constexpr, BN: tl.constexpr, W_KMAJOR: tl.constexpr):
+    """[gate | up] columns n0..n0+BN of both halves as one [BK, 2 BN] tile (4-D descriptor)."""
     if W_KMAJOR:
+        return tl.trans(w_desc.load([idx, 0, n0, k0]).reshape(2 * BN, BK))
+    else:
+        return w_desc.load([idx, k0, 0, n0]).reshape(BK, 2 * BN)
+
+
+@triton.jit
+def _w_desc(base, E, K, N2, s_e, s_k, s_n, BK: tl.constexpr, BN: tl.constexpr, W_KMAJOR: tl.constexpr,
+            PAIR: tl.constexpr):
+    if PAIR:  # the GLU halves as a dim of 2: [E, 2, N, K] or [E, K, 2, N]
+        if W_KMAJOR:
+            return tl.make_tensor_descriptor(base, [E, 2, N2 // 2, K], [s_e, (N2 // 2) * s_n, s_n, 1], [1, 2, BN, BK])
+        else:
+            return tl.make_tensor_descriptor(base, [E, K, 2, N2 // 2], [s_e, s_k, N2 // 2, 1], [1, BK, 2, BN])
+    elif W_KMAJOR:
         return tl.make_tensor_descriptor(base, [E, N2, K], [s_e, s_n, 1], [1, BN, BK])
     else:
         return tl.make_tensor_descriptor(base, [E, K, N2], [s_e, s_k, 1], [1, BK, BN])
@@ -162,7 +188,7 @@ def _gmm_kernel(
     s_xm, s_xk, s_we, s_wk, s_wn, s_te, s_tk, s_tn, s_om, s_on, s_hm, s_hn,
     HAS_ROWS: tl.constexpr, HAS_TW: tl.constexpr, GLU: tl.constexpr, STORE_H: tl.constexpr,  # HAS_TW: 0, 1, 2
     ACT: tl.constexpr, EP: tl.constexpr, PRECISION: tl.constexpr,
-    A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr,
+    A_TMA: tl.constexpr, W_TMA: tl.constexpr, W_KMAJOR: tl.constexpr, PAIR: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -190,7 +216,7 @@ def _gmm_kernel(
     else:
         a_desc = 0
     if W_TMA and HAS_TW == 0:
-        w_desc = _w_desc(w_ptr, E, K, N2, s_we, s_wk, s_wn, BK, BN, W_KMAJOR)
+        w_desc = _w_desc(w_ptr, E, K, N2, s_we, s_wk, s_wn, BK, BN, W_KMAJOR, PAIR)
     else:
         w_desc = 0
 
@@ -221,8 +247,11 @@ def _gmm_kernel(
         a_ptrs = x_ptr + src[:, None] * s_xm
         k_end = tl.where(e < E, K, 0)
 
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        if GLU:
+        if PAIR:
+            acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if GLU and not PAIR:
             acc2 = tl.zeros((BM, BN), dtype=tl.float32)
         else:
             acc2 = tl.zeros((1, 1), dtype=tl.float32)  # unused: keep registers for acc
@@ -235,30 +264,32 @@ def _gmm_kernel(
             mine = slot >= 0
             base = tl.where(mine, tw_ptr + tl.maximum(slot, 0).to(tl.int64) * s_te, w_ptr + e64 * s_we)
             tile_desc = _w_desc(base, 1, K, N2, tl.where(mine, s_te, s_we), tl.where(mine, s_tk, s_wk),
-                                tl.where(mine, s_tn, s_wn), BK, BN, W_KMAJOR)
+                                tl.where(mine, s_tn, s_wn), BK, BN, W_KMAJOR, PAIR)
             acc, acc2 = _mainloop(acc, acc2, a_ptrs, a_desc, m0, m_mask, s_xk, base, tile_desc, 0, s_wk, s_wn,
-                                  rn, n0, n_mask, N, K, k_end, GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR)
+                                  rn, n0, n_mask, N, K, k_end,
+                                  GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR, PAIR)
         elif HAS_TW == 1:
             # trainable_w shares w's inner strides: pick the base pointer, run one mainloop
             # (one set of pipeline buffers; strides keep their unit-stride specialisation).
             slot = tl.load(slot_ptr + e, mask=e < E, other=-1)
             w_base = tl.where(slot >= 0, tw_ptr + tl.maximum(slot, 0).to(tl.int64) * s_te, w_ptr + e64 * s_we)
             acc, acc2 = _mainloop(acc, acc2, a_ptrs, a_desc, m0, m_mask, s_xk, w_base, w_desc, e, s_wk, s_wn,
-                                  rn, n0, n_mask, N, K, k_end, GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR)
+                                  rn, n0, n_mask, N, K, k_end,
+                                  GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR, PAIR)
         elif HAS_TW == 2:
             slot = tl.load(slot_ptr + e, mask=e < E, other=-1)
             if slot >= 0:
                 acc, acc2 = _mainloop(acc, acc2, a_ptrs, a_desc, m0, m_mask, s_xk, tw_ptr + slot.to(tl.int64) * s_te,
                                       w_desc, e, s_tk, s_tn, rn, n0, n_mask, N, K, k_end,
-                                      GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR)
+                                      GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR, PAIR)
             else:
                 acc, acc2 = _mainloop(acc, acc2, a_ptrs, a_desc, m0, m_mask, s_xk, w_ptr + e64 * s_we, w_desc, e,
                                       s_wk, s_wn, rn, n0, n_mask, N, K, k_end,
-                                      GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR)
+                                      GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR, PAIR)
         else:
             acc, acc2 = _mainloop(acc, acc2, a_ptrs, a_desc, m0, m_mask, s_xk, w_ptr + e64 * s_we, w_desc, e,
                                   s_wk, s_wn, rn, n0, n_mask, N, K, k_end,
-                                  GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR)
+                                  GLU, EVEN_K, BK, BN, PRECISION, A_TMA, W_TMA, W_KMAJOR, PAIR)
 
         mask = m_mask[:, None] & n_mask[None, :]
         rm64 = rm.to(tl.int64)
@@ -266,8 +297,13 @@ def _gmm_kernel(
         if GLU:
             # Round to the storage dtype first, as an unfused gate/up tensor would be: the
             # backward recomputes act(gate) * up from the stored halves and must agree.
-            g = acc.to(out_ty)
-            u = acc2.to(out_ty)
+            if PAIR:
+                g, u = tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN)), (0, 2, 1)))
+                g = g.to(out_ty)
+                u = u.to(out_ty)
+            else:
+                g = acc.to(out_ty)
+                u = acc2.to(out_ty)
             if STORE_H:
                 h_ptrs = h_ptr + rm64[:, None] * s_hm + rn[None, :] * s_hn
                 tl.store(h_ptrs, g, mask=mask)
@@ -284,7 +320,7 @@ def _tuned(kernel, configs, key, heuristics=None):
     return autotune(configs, key=key)(kernel)
 
 
-_GMM_KEY = ["N", "K", "HAS_ROWS", "HAS_TW", "A_TMA", "W_TMA", "W_KMAJOR"]
+_GMM_KEY = ["N", "K", "HAS_ROWS", "HAS_TW", "A_TMA", "W_TMA", "W_KMAJOR", "PAIR"]
 _GMM = {  # (glu, large) -> launcher
     (False, False): _tuned(_gmm_kernel, _FWD_SMALL, _GMM_KEY, {"EVEN_K": _even_k}),
     (False, True): _tuned(_gmm_kernel, _FWD_LARGE, _GMM_KEY, {"EVEN_K": _even_k}),
@@ -425,6 +461,11 @@ def gmm(x, w, offs, out, *, rows=None, tw=None, slot=None, glu_act=None, h=None)
     # Gathered rows stay pointer loads; dense rows may cross into the next group: those
     # only feed output rows the epilogue masks.
     a_tma = tma and rows is None and _tma_strides(x, 1)
+    # GLU on K-major weights (HF's gate_up): gate and up columns as one [BK, 2 BN] tile, one
+    # MMA per K step (one accumulator, A read from shared memory once). N-major weights keep
+    # two tiles: merging the box's two inner dims makes Triton copy the tile through
+    # registers (measured: 103 SASS instructions per K step, wgmma waited at depth 0).
+    pair = glu and w_tma and w_kmajor
     with _scratch_allocator():
         kernel[grid](
             x, rows_t, w, tw_t, slot_t, offs, out, h_t,
@@ -434,7 +475,7 @@ def gmm(x, w, offs, out, *, rows=None, tw=None, slot=None, glu_act=None, h=None)
             h_t.stride(0), h_t.stride(1),
             HAS_ROWS=rows is not None, HAS_TW=tw_mode, GLU=glu, STORE_H=h is not None,
             ACT=glu_act if glu else 0, EP=_ep(E), PRECISION=_precision(x),
-            A_TMA=a_tma, W_TMA=w_tma, W_KMAJOR=w_kmajor,
+            A_TMA=a_tma, W_TMA=w_tma, W_KMAJOR=w_kmajor, PAIR=pair,
         )
     return out
 

@@ -42,7 +42,7 @@ def main():
     k_major = dict(s_xk=1, s_wk=1, s_tk=1, s_on=1, s_hn=1)  # w = HF gate_up/down transposed
     n_major = dict(s_xk=1, s_wn=1, s_tn=1, s_on=1, s_hn=1)  # w = HF weight as stored (dX)
     out = {}
-    pointers = dict(A_TMA=False, W_TMA=False, W_KMAJOR=False)
+    pointers = dict(A_TMA=False, W_TMA=False, W_KMAJOR=False, PAIR=False)
     gemms = [  # name, arch, layout, HAS_ROWS, HAS_TW, GLU, BM, BN, BK, warps, stages[, TMA flags]
         ("fwd_down_esft", 90, k_major, False, 1, False, 128, 256, 64, 8, 3),
         ("fwd_gate_up_glu_esft", 90, k_major, True, 1, True, 128, 64, 64, 8, 3),
@@ -51,12 +51,15 @@ def main():
         ("fwd_down_esft", 80, k_major, False, 1, False, 128, 256, 64, 8, 3),
         ("fwd_gate_up_glu_esft", 80, k_major, True, 1, True, 128, 64, 64, 8, 3),
         # TMA descriptors (sm_90 only): weights K-major (HF) or N-major (dX), A dense or gathered.
+        # PAIR: the GLU's gate and up halves as one 2 BN-wide box (K-major weights only).
         ("tma_fwd_down_esft", 90, k_major, False, 1, False, 128, 256, 64, 8, 3,
-         dict(A_TMA=True, W_TMA=True, W_KMAJOR=True)),
+         dict(A_TMA=True, W_TMA=True, W_KMAJOR=True, PAIR=False)),
         ("tma_fwd_gate_up_glu_esft", 90, k_major, True, 1, True, 128, 64, 64, 8, 3,
-         dict(A_TMA=False, W_TMA=True, W_KMAJOR=True)),
+         dict(A_TMA=False, W_TMA=True, W_KMAJOR=True, PAIR=True)),
+        ("tma_fwd_glu_n_major", 90, n_major, True, 0, True, 128, 64, 64, 8, 3,
+         dict(A_TMA=False, W_TMA=True, W_KMAJOR=False, PAIR=False)),
         ("tma_dx_gate_up", 90, n_major, False, 0, False, 128, 128, 64, 8, 3,
-         dict(A_TMA=True, W_TMA=True, W_KMAJOR=False)),
+         dict(A_TMA=True, W_TMA=True, W_KMAJOR=False, PAIR=False)),
     ]
     for name, arch, layout, rows, tw, glu, bm, bn, bk, warps, stages, *tma in gemms:
         consts = dict(HAS_ROWS=rows, HAS_TW=tw, GLU=glu, STORE_H=glu, ACT=0, EP=128, PRECISION="tf32", BM=bm, BN=bn,

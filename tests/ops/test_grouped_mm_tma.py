@@ -50,7 +50,7 @@ def spy(monkeypatch):
     def flags():
         calls = [c for s in spies.values() for c in s.calls]
         assert len(calls) == 1
-        return {k: v for k, v in calls[0].items() if k.endswith(("TMA", "KMAJOR"))}
+        return {k: v for k, v in calls[0].items() if k.endswith(("TMA", "KMAJOR", "PAIR"))}
 
     return flags
 
@@ -95,7 +95,7 @@ def test_forward_descriptor_choice_and_result(spy, dtype, K, N, kmajor, want):
     x, w, offs = _rand(S, K, dtype=dtype, seed=0), _weights(len(OFFS), K, N, dtype, kmajor), _offs()
     out = torch.full((S, N), float("nan"), dtype=dtype, device=DEV)
     G.gmm(x, w, offs, out)
-    assert tuple(spy().values()) == want
+    assert tuple(spy().values()) == (*want, False)  # PAIR: GLU only
     _check(out, *_gmm_ref(x, w, offs))
 
 
@@ -106,7 +106,7 @@ def test_forward_misaligned_base_falls_back_to_pointers(spy):
     w = _weights(len(OFFS), 32, 16, torch.float16, True)
     out = torch.empty(S, 16, dtype=torch.float16, device=DEV)
     G.gmm(x, w, _offs(), out)
-    assert spy() == dict(A_TMA=False, W_TMA=True, W_KMAJOR=True)
+    assert spy() == dict(A_TMA=False, W_TMA=True, W_KMAJOR=True, PAIR=False)
     _check(out, *_gmm_ref(x, w, _offs()))
 
 
@@ -116,7 +116,7 @@ def test_forward_gathered_rows_stay_pointer_loads(spy):
     w = _weights(len(OFFS), 32, 16, torch.float16, True)
     out = torch.empty(S, 16, dtype=torch.float16, device=DEV)
     G.gmm(x, w, _offs(), out, rows=rows)
-    assert spy() == dict(A_TMA=False, W_TMA=True, W_KMAJOR=True)
+    assert spy() == dict(A_TMA=False, W_TMA=True, W_KMAJOR=True, PAIR=False)
     _check(out, *_gmm_ref(x[rows.long()], w, _offs()))
 
 
@@ -145,7 +145,7 @@ def test_forward_trainable_weights_through_one_expert_descriptors(spy, same_stri
     tw = tw.transpose(1, 2)
     out = torch.empty(S, N, dtype=torch.float16, device=DEV)
     G.gmm(x, w, _offs(), out, tw=tw, slot=torch.tensor([-1, -1, 0, 1, -1], dtype=torch.int32, device=DEV))
-    assert spy() == dict(A_TMA=True, W_TMA=True, W_KMAJOR=True)
+    assert spy() == dict(A_TMA=True, W_TMA=True, W_KMAJOR=True, PAIR=False)
     _check(out, *_gmm_ref(x, w, _offs(), trainable_w=tw, trainable_ids=tids))
 
 
@@ -156,7 +156,7 @@ def test_forward_trainable_weights_other_orientation_fall_back(spy):
     tw = _rand(1, K, N, dtype=torch.float16, seed=5)
     out = torch.empty(S, N, dtype=torch.float16, device=DEV)
     G.gmm(x, w, _offs(), out, tw=tw, slot=torch.tensor([-1, -1, -1, 0, -1], dtype=torch.int32, device=DEV))
-    assert spy() == dict(A_TMA=True, W_TMA=False, W_KMAJOR=False)
+    assert spy() == dict(A_TMA=True, W_TMA=False, W_KMAJOR=False, PAIR=False)
     _check(out, *_gmm_ref(x, w, _offs(), trainable_w=tw, trainable_ids=torch.tensor([3], device=DEV)))
 
 
@@ -168,21 +168,39 @@ def _glu_ref(x, w, offs, N):
     return run(x.double(), w.double()), run(x, w)
 
 
-@pytest.mark.parametrize("kmajor, N, want", [(True, 20, (True, True)), (False, 24, (True, False)),
-                                             (False, 20, (False, False))],
-                         ids=["kmajor-N20", "nmajor-N24", "nmajor-N20-up-half-misaligned"])
-def test_glu_up_half_through_the_descriptor(spy, kmajor, N, want):
-    """The GLU reads the up half at column N of the same descriptor; N-major weights need
-    that column on a 16-byte boundary, else the weights go through pointers."""
+@pytest.mark.parametrize("kmajor, N, want", [(True, 20, (True, True, True)), (False, 24, (True, False, False)),
+                                             (False, 20, (False, False, False))],
+                         ids=["kmajor-N20-paired", "nmajor-N24-two-tiles", "nmajor-N20-up-half-misaligned"])
+def test_glu_gate_and_up_tiles(spy, kmajor, N, want):
+    """The GLU reads the up half at column N. K-major weights (HF's gate_up) take both halves
+    as one [BK, 2 BN] box of a 4-D descriptor (PAIR: one accumulator, split in the
+    epilogue); N-major weights take two boxes of one descriptor, which needs the up half on
+    a 16-byte boundary, else the weights go through pointers. N=20 is not a multiple of the
+    16-wide tile: the gate box's columns past N must be zeros or masked, never up columns."""
     K = 32
     x, w = _rand(S, K, dtype=torch.float16, seed=0), _weights(len(OFFS), K, 2 * N, torch.float16, kmajor)
     out = torch.empty(S, N, dtype=torch.float16, device=DEV)
     h = torch.empty(S, 2 * N, dtype=torch.float16, device=DEV)
     G.gmm(x, w, _offs(), out, rows=torch.arange(S, dtype=torch.int32, device=DEV), glu_act=G.ACT_SILU, h=h)
     flags = spy()
-    assert (flags["W_TMA"], flags["W_KMAJOR"]) == want and not flags["A_TMA"]
+    assert (flags["W_TMA"], flags["W_KMAJOR"], flags["PAIR"]) == want and not flags["A_TMA"]
     _check(out, *_glu_ref(x, w, _offs(), N))
     _check(h[:40], *(r[:40] for r in _gmm_ref(x, w, _offs())))  # h's tail rows are not written
+
+
+def test_glu_paired_with_trainable_weights(spy):
+    """PAIR through the per-tile descriptor (ESFT: gate_up of some experts in trainable_w)."""
+    K, N, E = 40, 24, len(OFFS)
+    x = _rand(S, K, dtype=torch.float16, seed=0)
+    w, tw = _weights(E, K, 2 * N, torch.float16, True), _weights(2, K, 2 * N, torch.float16, True, seed=7)
+    rows = torch.randint(0, S, (S,), generator=torch.Generator().manual_seed(2), dtype=torch.int32).to(DEV)
+    out = torch.empty(S, N, dtype=torch.float16, device=DEV)
+    slot = torch.tensor([-1, 1, -1, 0, -1], dtype=torch.int32, device=DEV)
+    G.gmm(x, w, _offs(), out, rows=rows, tw=tw, slot=slot, glu_act=G.ACT_SILU)
+    assert spy() == dict(A_TMA=False, W_TMA=True, W_KMAJOR=True, PAIR=True)
+    merged = w.clone()
+    merged[3], merged[1] = tw[0], tw[1]
+    _check(out, *_glu_ref(x[rows.long()], merged, _offs(), N))
 
 
 def _dw_ref(x, dy, offs, ids):
