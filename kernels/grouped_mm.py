@@ -369,7 +369,7 @@ def tma_capable(device):
     device = torch.device(device)
     if INTERPRET or device.type == "meta":
         return True
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.version.hip:  # (ROCm has no TMA: its capability 9.x is not Hopper)
         return False
     index = torch.cuda.current_device() if device.index is None else device.index
     if index not in _CAPABILITY:
