@@ -19,7 +19,14 @@ from ._backend import _check_choice, _requests
 
 # FASTDF_BACKEND values already parsed as requested_backend parses them (~1 us a call, a
 # few percent of a small CPU op); a new value is parsed (and refused) the same way.
-_ENV_CHOICES: dict[str, str] = {}
+_ENV_CHOICES: dict = {}
+# os.environ.get runs ~10 lines of Python (encode the key, look up, decode the value):
+# beside a running op, where each cold line costs ~1 us, that was ~10 us a call. On POSIX
+# os.environ keeps its bytes in a dict that every os.environ update writes through, so
+# one dict lookup reads the same value; elsewhere the public API.
+_ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
+if not isinstance(_ENV_DATA, dict):
+    _ENV_DATA = None
 
 
 def torch_backend_eager(device: torch.device) -> bool:
@@ -30,10 +37,11 @@ def torch_backend_eager(device: torch.device) -> bool:
     if _requests:  # the innermost fastdf.backend(...) block (requested_backend's rule)
         request = _requests[-1]
     else:
-        raw = os.environ.get("FASTDF_BACKEND", "auto")
+        raw = _ENV_DATA.get(b"FASTDF_BACKEND") if _ENV_DATA is not None else os.environ.get("FASTDF_BACKEND")
         request = _ENV_CHOICES.get(raw)
         if request is None:
-            request = _ENV_CHOICES[raw] = _check_choice(raw or "auto", "FASTDF_BACKEND")
+            text = os.fsdecode(raw) if isinstance(raw, bytes) else raw
+            request = _ENV_CHOICES[raw] = _check_choice(text or "auto", "FASTDF_BACKEND")
     return request == "torch" or (request == "auto" and device.type == "cpu")
 
 

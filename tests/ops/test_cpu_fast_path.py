@@ -25,6 +25,16 @@ def test_eager_path_only_where_the_torch_backend_runs(monkeypatch):
     with fastdf.backend("triton"):
         assert not torch_backend_eager(torch.device("cpu"))
 
+    # FASTDF_BACKEND is read on every call (set, changed, refused, removed at run time)
+    for value, cpu, meta in (("torch", True, True), (" Triton", False, False), ("", True, False)):
+        monkeypatch.setenv("FASTDF_BACKEND", value)
+        assert (torch_backend_eager(torch.device("cpu")), torch_backend_eager(torch.device("meta"))) == (cpu, meta)
+    monkeypatch.setenv("FASTDF_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTDF_BACKEND"):
+        torch_backend_eager(torch.device("cpu"))
+    monkeypatch.delenv("FASTDF_BACKEND")
+    assert torch_backend_eager(torch.device("cpu"))
+
     @torch.compile(fullgraph=True, backend="eager")
     def traced(x):
         return x + 1 if torch_backend_eager(x.device) else x - 1
