@@ -348,10 +348,13 @@ __device__ void scan_greedy(const Row<T, kVec>& row, Shared& sm) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   float tmax = -INFINITY;
   int targ = INT_MAX, bad = 0;
+  float x[N], next[N];
+  row.load(static_cast<int64_t>(threadIdx.x) * N, next);
   for (int64_t chunk = 0; chunk < row.vocab; chunk += kChunk) {
     const int64_t base = chunk + static_cast<int64_t>(threadIdx.x) * N;
-    float x[N];
-    row.load(base, x);
+#pragma unroll
+    for (int j = 0; j < N; ++j) x[j] = next[j];
+    if (chunk + kChunk < row.vocab) row.load(base + kChunk, next);  // in flight while this chunk is processed
 #pragma unroll
     for (int j = 0; j < N; ++j) {
       if (base + j < row.vocab) {
