@@ -52,6 +52,7 @@ def small_blocks(monkeypatch):
     monkeypatch.setattr(A, "FAST_FRAME_ROWS", 8)
     monkeypatch.setattr(A, "FAST_BLOCK_ROWS", 10)
     monkeypatch.setattr(A, "BACKWARD_BLOCK_ROWS", 7)
+    monkeypatch.setattr(A, "DENSE_CALL_WORK", float("inf"))  # never one dense piece: the pieces are under test
 
 
 @pytest.mark.parametrize("tq,tk,mask", [(c[3], c[4], c[6]) for c in CASES.values()], ids=list(CASES))
@@ -125,6 +126,7 @@ def test_fast_path_is_taken_and_skips_invisible_keys(monkeypatch):
 
     monkeypatch.setattr(A, "_flash_cpu", lambda: spy)
     monkeypatch.setattr(A, "df_attention_reference", None)  # any fallback would raise
+    monkeypatch.setattr(A, "DENSE_CALL_WORK", float("inf"))
     q, k, v = _inputs(1, 2, 2, 200, 200, 8, seed=4)
     with fastdf.backend("torch"), torch.no_grad():
         fastdf.df_attention(q, k, v, frame_size=40)
@@ -457,3 +459,43 @@ def test_accepted_rejects_what_the_kernel_cannot_promise():
         assert A._accepted(out.index_fill(2, torch.tensor([1]), bad), lse, 0.5) is None
         assert A._accepted(out, lse.index_fill(2, torch.tensor([1]), bad), 0.5) is None
     assert A._accepted(out, lse, 1e-37) is None  # |lse| 2 is within 100 of max * scale = 34
+
+
+def test_small_problems_run_as_one_masked_piece(monkeypatch):
+    """Where the keys a plan skips cost less than its extra kernel calls (DENSE_CALL_WORK),
+    one masked piece over every row runs (one call forward, one backward); a large problem
+    keeps its blocks. Both match the fp64 reference."""
+    calls = []
+    flash = A._flash_cpu()
+    monkeypatch.setattr(A, "_flash_cpu", lambda: lambda *a, **kw: calls.append(kw["attn_mask"]) or flash(*a, **kw))
+    mask = dict(frame_size=32)
+    assert A._plan(256, 256, 32, True, None, 0, work=2 * 2 * 64) == ((0, 256, ((0, 256, "mask"),)),)
+    assert len(A._plan(2000, 2000, 400, True, None, 0, work=4 * 32)) == 5  # the SkyReels case keeps its blocks
+    assert len(A._plan(256, 256, 32, True, None, 0)) == 8  # no work given: never dense
+    q, k, v = _inputs(2, 2, 2, 64, 64, 16, seed=30)
+    g = _rand(2, 2, 64, 16, seed=31)
+    got = _fwd_bwd(q, k, v, g, frame_size=8)
+    assert len(calls) == 1 and calls[0].shape == (64, 64)
+    want = _grads_reference(q, k, v, g, None, dict(frame_size=8))
+    for a, b in zip(got, want[:1] + want[2:]):
+        torch.testing.assert_close(a.double(), b, rtol=2e-5, atol=2e-5)
+
+
+def test_remembered_checks_still_refuse_bad_arguments():
+    """_check's memo is keyed on types as well as values: after a valid call, True for 1,
+    a float for an int, a wrong dtype or shape still raise, and a valid call still works."""
+    q, k, v = _inputs(1, 2, 2, 6, 6, 8, seed=40)
+    A.df_attention(q, k, v, frame_size=1, sink_frames=0)
+    with pytest.raises(TypeError, match="frame_size"):
+        A.df_attention(q, k, v, frame_size=True)
+    with pytest.raises((TypeError, ValueError), match="frame_size"):
+        A.df_attention(q, k, v, frame_size=1.0)
+    with pytest.raises(TypeError, match="causal"):
+        A.df_attention(q, k, v, causal=1)
+    with pytest.raises(ValueError, match="q"):
+        A.df_attention(q.double(), k, v)
+    with pytest.raises(ValueError, match="v"):
+        A.df_attention(q, k, v[..., :4])
+    with pytest.raises(TypeError, match="q"):
+        A.df_attention(q.tolist(), k, v)
+    assert A.df_attention(q, k, v, frame_size=1).shape == q.shape
