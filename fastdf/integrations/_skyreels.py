@@ -303,7 +303,7 @@ def _reusable_blocks(cache: BlockCache, hidden_states, timestep, frames_per_bloc
     if n == 0:
         return 0
     frames = n * frames_per_block * p_t
-    changed = cache.latents[:, :, :frames].ne(hidden_states[:, :, :frames]).transpose(0, 2).reshape(n, -1).any(1)
+    changed = cache.latents[:, :, :frames].ne(hidden_states[:, :, :frames]).any(dim=(0, 1, 3, 4)).view(n, -1).any(1)
     if timestep.dim() == 2:
         ts = n * frames_per_block
         changed = changed | cache.timestep[:, :ts].ne(timestep[:, :ts]).any(0).view(n, frames_per_block).any(1)
@@ -415,11 +415,13 @@ def _cached_blocks(model, cache, key, hidden_states, encoder_hidden_states, time
     per-layer K/V and output tokens come from ``cache`` (same inputs, and by frame-block
     causality nothing after them reaches them); then ``cache`` remembers this call."""
     total = hidden_states.shape[1]
-    new = hidden_states[:, prefix:]
-    if enable_diffusion_forcing:
-        timestep_proj = timestep_proj[:, :, reused_frames:]  # [b, 6, F, C]: per frame
-        temb = temb[:, reused_frames:]  # [b, F, C]
-    rotary_emb = tuple(r[:, prefix:] for r in rotary_emb)  # [1, L, 1, D]: absolute positions
+    new = hidden_states
+    if prefix:  # (no-op slices skipped: at small sizes every op is host time)
+        new = hidden_states[:, prefix:]
+        if enable_diffusion_forcing:
+            timestep_proj = timestep_proj[:, :, reused_frames:]  # [b, 6, F, C]: per frame
+            temb = temb[:, reused_frames:]  # [b, F, C]
+        rotary_emb = tuple(r[:, prefix:] for r in rotary_emb)  # [1, L, 1, D]: absolute positions
     if prefix < total:
         # The buffers are reused whenever the shapes allow (the key matched: same batch,
         # spatial size and dtype), even with nothing to reuse: no per-call allocation.
