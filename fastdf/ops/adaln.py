@@ -15,7 +15,6 @@ the embedding per token; SkyReels-V2 materialises an fp32 [B, 6, T, C] one).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _alloc, _checks
@@ -132,10 +131,6 @@ def _modulate_torch(x, shift, scale, weight, bias, rms, eps):
     y.copy_(adaln_modulate_reference(x, shift, scale, norm="rms" if rms else "layer", weight=weight, bias=bias, eps=eps))
     mean, rstd = _stats_torch(x, rms, eps)
     return y, mean.float(), rstd.float()
-
-
-def _grad_needed(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _modulate_eager(x, shift, scale, weight, bias, rms, eps):

@@ -23,7 +23,6 @@ smallest set would (HF's ``TopKLogitsWarper`` keeps ties the same way).
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
