@@ -38,8 +38,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 # Block sizes under the interpreter: small and unequal, so tests cross many tile edges.
 INTERPRET_BLOCKS = {"fwd": (16, 32), "dkdv": (32, 16), "dq": (16, 32)}
+# The dK/dV kernel's two-pass form under the interpreter (tests flip it to run the fused one).
+INTERPRET_SPLIT = True
 # Tk (and G * Tq) up to this go to the short kernels; tests set 0 to force the tiled path.
 SHORT_MAX = 64
+# Elements (R x rows x BLOCK_D) one program of the short backward holds per operand.
+SHORT_BWD_BUDGET = 4096
 # Problems with fewer (query, key) pairs than this take the heuristic config untuned.
 TUNE_MIN_PAIRS = 1 << 26
 
@@ -63,6 +67,12 @@ def _load_rows(ptrs, row_mask, offs_d, D, EVEN_D: tl.constexpr, MASK_ROWS: tl.co
         else:
             x = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
     return x
+
+
+@triton.jit
+def _store_rows(base, x, rows, row_mask, offs_d, D, s_row, s_d):
+    tl.store(base + rows[:, None] * s_row + offs_d[None, :] * s_d, x.to(base.dtype.element_ty),
+             mask=row_mask[:, None] & (offs_d < D)[None, :])
 
 
 @triton.jit
@@ -357,22 +367,23 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, sob, soh, sot, sod, sgb, sgh, sgt
 def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, start, end, j, Tq, Tk,
                 FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D, EVEN_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-                PREC: tl.constexpr, STAGES: tl.constexpr):
-    for m0 in tl.range(start, end, BLOCK_M, num_stages=STAGES):
+                PREC: tl.constexpr, STAGES: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+    """dK and/or dV (DO_DK, DO_DV) of one key block over the queries [start, end)."""
+    for m0 in tl.range(start, end, BLOCK_M, num_stages=1 if MASKED else STAGES):
         i = m0 + offs_m
         iin = i < end
-        q = _load_rows(q_base + i[:, None] * sqt + offs_d[None, :] * sqd, iin, offs_d, D, EVEN_D, MASKED)
-        do = _load_rows(do_base + i[:, None] * sgt + offs_d[None, :] * sgd, iin, offs_d, D, EVEN_D, MASKED)
+        # A scalar row pointer plus one offset tile shared by every loop: per-element
+        # pointers would be precomputed for each of the loops and all kept live (spills).
+        q = _load_rows(q_base + m0 * sqt + (offs_m[:, None] * sqt + offs_d[None, :] * sqd), iin, offs_d, D, EVEN_D,
+                       MASKED)
+        do = _load_rows(do_base + m0 * sgt + (offs_m[:, None] * sgt + offs_d[None, :] * sgd), iin, offs_d, D, EVEN_D,
+                        MASKED)
         if MASKED:
-            lse2 = tl.load(lse_base + i * slt, mask=iin, other=0.0) * LOG2E
-            delta = tl.load(delta_base + i, mask=iin, other=0.0)
+            lse2 = tl.load(lse_base + m0 * slt + offs_m * slt, mask=iin, other=0.0) * LOG2E
         else:
-            lse2 = tl.load(lse_base + i * slt) * LOG2E
-            delta = tl.load(delta_base + i)
+            lse2 = tl.load(lse_base + m0 * slt + offs_m * slt) * LOG2E
         s_t = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
         p_t = tl.math.exp2(s_t - lse2[None, :])
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
         if MASKED:
             ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
             vis = iin[None, :] & _visible(j[:, None], ce[None, :], lo[None, :], SINK_END, HAS_WINDOW)
@@ -381,14 +392,53 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, s
             # Edge tiles: queries that cannot see a key (and whatever non-finite q, dO,
             # lse or delta they carry) must not reach its gradient; 0 * NaN would.
             p_t = tl.where(vis, p_t, 0.0)
-            ds_t = tl.where(vis, ds_t, 0.0)
-            fin_do = _finite(do)
-            hit = tl.max(tl.where(vis, tl.max(tl.where(fin_do, 0, 1), 1)[None, :], 0), 1)
-            dv = tl.where((hit > 0)[:, None], float("nan"), dv)
-            do = tl.where(fin_do, do, 0.0)
-            q = tl.where(_finite(q), q, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+        if DO_DV:
+            if MASKED:
+                fin_do = _finite(do)
+                hit = tl.max(tl.where(vis, tl.max(tl.where(fin_do, 0, 1), 1)[None, :], 0), 1)
+                dv = tl.where((hit > 0)[:, None], float("nan"), dv)
+                dv = tl.dot(p_t.to(do.dtype), tl.where(fin_do, do, 0.0), dv, input_precision=PREC)
+            else:
+                dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PREC)
+        if DO_DK:
+            if MASKED:
+                delta = tl.load(delta_base + m0 + offs_m, mask=iin, other=0.0)
+            else:
+                delta = tl.load(delta_base + m0 + offs_m)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+            ds_t = p_t * (dp_t - delta[None, :])
+            if MASKED:
+                ds_t = tl.where(vis, ds_t, 0.0)
+                q = tl.where(_finite(q), q, 0.0)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_pass(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, sqb, sqh, sqt, sqd, sgb, sgh, sgt, sgd, slb, slh, slt,
+               Hkv, G, q_lo, qf_lo, mid, q_hi, j, Tq, Tk, FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D,
+               EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
+               PREC: tl.constexpr, STAGES: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+    """The G query heads of this K/V head over [q_lo, q_hi): masked head, unmasked middle, masked tail.
+    Edge tiles (a few per key block) run unpipelined on half-height query tiles: their mask and
+    non-finite handling would otherwise set the register budget of the whole kernel."""
+    EDGE_M: tl.constexpr = max(BLOCK_M // 2, 16)
+    offs_e = tl.arange(0, EDGE_M)
+    for g in range(G):
+        h = hk * G + g
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sgb + h * sgh
+        lse_base = LSE + b * slb + h * slh
+        delta_base = DELTA + (b * Hkv * G + h) * Tq
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, q_lo,
+                             qf_lo, j, Tq, Tk, FS, W, SINK_END, kv, qk_scale, offs_e, offs_d, D, EVEN_D, EDGE_M, True,
+                             HAS_WINDOW, HAS_KPM, PREC, STAGES, DO_DK, DO_DV)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, qf_lo,
+                             mid, j, Tq, Tk, FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M,
+                             False, HAS_WINDOW, HAS_KPM, PREC, STAGES, DO_DK, DO_DV)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, mid,
+                             q_hi, j, Tq, Tk, FS, W, SINK_END, kv, qk_scale, offs_e, offs_d, D, EVEN_D, EDGE_M, True,
+                             HAS_WINDOW, HAS_KPM, PREC, STAGES, DO_DK, DO_DV)
     return dk, dv
 
 
@@ -400,7 +450,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
                      sdkb, sdkh, sdkt, sdkd, sdvb, sdvh, sdvt, sdvd,
                      Hkv, G, Tq, Tk, FS, W, SINK_END, SINK_FRAMES, qk_scale, scale, tune_rows, tune_fs,
                      D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+                     HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
+                     SPLIT: tl.constexpr):
     n_n = tl.cdiv(Tk, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % n_n
@@ -440,28 +491,26 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
     qf_hi = tl.maximum(tl.minimum(qf_hi, q_hi), qf_lo)
     mid = qf_lo + (qf_hi - qf_lo) // BLOCK_M * BLOCK_M
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for g in range(G):
-        h = hk * G + g
-        q_base = Q + b * sqb + h * sqh
-        do_base = DO + b * sgb + h * sgh
-        lse_base = LSE + b * slb + h * slh
-        delta_base = DELTA + (b * Hkv * G + h) * Tq
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, q_lo, qf_lo, j, Tq, Tk,
-                             FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, HAS_KPM, PREC,
-                             STAGES)
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, qf_lo, mid, j, Tq, Tk,
-                             FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, False, HAS_WINDOW, HAS_KPM, PREC,
-                             STAGES)
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, mid, q_hi, j, Tq, Tk,
-                             FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, True, HAS_WINDOW, HAS_KPM, PREC,
-                             STAGES)
-    smask = jmask[:, None] & (offs_d < D)[None, :]
-    tl.store(DK + b * sdkb + hk * sdkh + j[:, None] * sdkt + offs_d[None, :] * sdkd, (dk * scale).to(DK.dtype.element_ty),
-             mask=smask)
-    tl.store(DV + b * sdvb + hk * sdvh + j[:, None] * sdvt + offs_d[None, :] * sdvd, dv.to(DV.dtype.element_ty),
-             mask=smask)
+    zero = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if SPLIT:
+        # Two passes over the queries, dV then dK: one accumulator live at a time (half the
+        # registers of the fused pass, which spills at D = 128) for one extra q k^T per tile.
+        zero, dv = _dkdv_pass(zero, zero, k, v, Q, DO, LSE, DELTA, b, hk, sqb, sqh, sqt, sqd, sgb, sgh, sgt, sgd,
+                              slb, slh, slt, Hkv, G, q_lo, qf_lo, mid, q_hi, j, Tq, Tk, FS, W, SINK_END, kv,
+                              qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, HAS_WINDOW, HAS_KPM, PREC, STAGES,
+                              False, True)
+        _store_rows(DV + b * sdvb + hk * sdvh, dv, j, jmask, offs_d, D, sdvt, sdvd)
+        dk, zero = _dkdv_pass(zero, zero, k, v, Q, DO, LSE, DELTA, b, hk, sqb, sqh, sqt, sqd, sgb, sgh, sgt, sgd,
+                              slb, slh, slt, Hkv, G, q_lo, qf_lo, mid, q_hi, j, Tq, Tk, FS, W, SINK_END, kv,
+                              qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, HAS_WINDOW, HAS_KPM, PREC, STAGES,
+                              True, False)
+    else:
+        dk, dv = _dkdv_pass(zero, zero, k, v, Q, DO, LSE, DELTA, b, hk, sqb, sqh, sqt, sqd, sgb, sgh, sgt, sgd,
+                            slb, slh, slt, Hkv, G, q_lo, qf_lo, mid, q_hi, j, Tq, Tk, FS, W, SINK_END, kv,
+                            qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, HAS_WINDOW, HAS_KPM, PREC, STAGES,
+                            True, True)
+        _store_rows(DV + b * sdvb + hk * sdvh, dv, j, jmask, offs_d, D, sdvt, sdvd)
+    _store_rows(DK + b * sdkb + hk * sdkh, dk * scale, j, jmask, offs_d, D, sdkt, sdkd)
 
 
 @triton.jit
@@ -596,8 +645,11 @@ def _bwd_short_kernel(Q, K, V, O, DO, LSE, DLSE, KPM, DQ, DK, DV,
 # ---------------------------------------------------------------------------- configs
 
 
-def _cfg(bm, bn, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages}, num_warps=warps, num_stages=stages)
+def _cfg(bm, bn, warps, stages, split=None):
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": stages}
+    if split is not None:  # dK/dV only: two passes (dV, then dK) instead of one fused pass
+        kw["SPLIT"] = split
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
 
 
 def _bucket(x):
@@ -612,8 +664,9 @@ _CONFIGS = {
     "fwd": {"fp32-d256": [(32, 32, 4, 1)], "wide": [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
             "d128": [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
             "d64": [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)]},
-    "dkdv": {"fp32-d256": [(16, 32, 4, 1)], "wide": [(32, 64, 4, 2), (16, 64, 4, 2)],
-             "d128": [(32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3)]},
+    "dkdv": {"fp32-d256": [(16, 32, 4, 1, False)], "wide": [(32, 64, 4, 2, False), (16, 64, 4, 2, False)],
+             "d128": [(32, 128, 8, 3, True), (32, 128, 8, 2, True), (16, 128, 8, 3, False)],
+             "d64": [(32, 128, 8, 3, False), (32, 64, 4, 3, False), (64, 128, 8, 2, False)]},
     "dq": {"fp32-d256": [(32, 16, 4, 1)], "wide": [(64, 32, 4, 2), (64, 16, 4, 2)],
            "d128": [(128, 64, 8, 2), (128, 32, 4, 3), (64, 32, 4, 3)]},
 }
@@ -636,7 +689,7 @@ def _launch(kernel, name, configs, big, grid_rows, args, meta):
     problems on a GPU, the autotuned one. ``grid_rows(BLOCK)`` gives the 1-D grid."""
     if INTERPRET:
         bm, bn = INTERPRET_BLOCKS[name]
-        cfg = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "STAGES": 1}, num_warps=4, num_stages=1)
+        cfg = _cfg(bm, bn, 4, 1, INTERPRET_SPLIT if name == "dkdv" else None)
     elif not big:
         cfg = configs[0]
     else:
@@ -665,10 +718,11 @@ def _common(q, k, mask):
     return B, Hq, Hkv, Hq // Hkv, Tq, Tk, D, block_d, fs, window, sink_end, prec
 
 
-def _short_meta(G, Tq, Tk, block_d):
+def _short_meta(G, Tq, Tk, block_d, budget=8192):
+    """(BLOCK_M, BLOCK_N, R): R sequences per program, R * rows * BLOCK_D elements <= budget."""
     bm = max(16, triton.next_power_of_2(G * Tq))
     bn = max(16, triton.next_power_of_2(Tk))
-    r = max(1, min(16, 8192 // (max(bm, bn) * block_d)))
+    r = max(1, min(16, budget // (max(bm, bn) * block_d)))
     return bm, bn, 1 << (r.bit_length() - 1)
 
 
@@ -730,8 +784,11 @@ def attention_forward(q, k, v, out, lse, mask, scale, key_padding_mask=None):
     big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
     if G * Tq <= 64:
         # Decode steps and small chunks: a query tile as tall as the (GQA-stacked) rows, long key tiles.
-        bn, stages = (32, 1) if wide and block_d > 128 else (64, 2) if wide or block_d > 128 else (128, 3)
-        configs, big = [_cfg(max(16, triton.next_power_of_2(G * Tq)), bn, 4, stages)], False
+        # mma.sync tiles (fewer than 64 rows) hold K and V in registers: 8 warps share the
+        # 128-key tile (4 warps spill 28 B at D = 128; 3 stages with 8 warps spill 8 B).
+        bn, stages, warps = (32, 1, 4) if wide and block_d > 128 else (64, 2, 4) if wide or block_d > 128 else \
+            (128, 2, 8)
+        configs, big = [_cfg(max(16, triton.next_power_of_2(G * Tq)), bn, warps, stages)], False
     _launch(_fwd_kernel, "fwd", configs, big, lambda m: triton.cdiv(G * Tq, m["BLOCK_M"]) * B * Hkv, args, meta)
 
 
@@ -750,7 +807,9 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, 
     short = _use_short(G, Tq, Tk, block_d)
     has_kpm, kpm, sm, bounds = _key_padding(key_padding_mask, Tk, not short)
     if short:
-        bm, bn, r = _short_meta(G, Tq, Tk, block_d)
+        # The fused backward holds q, o, dO, k, v and the three gradients of R sequences at
+        # once: half the forward's R (R = 8 at 16 tokens x D = 64 spilled 92 B).
+        bm, bn, r = _short_meta(G, Tq, Tk, block_d, SHORT_BWD_BUDGET)
         _bwd_short_kernel[(triton.cdiv(B * Hkv, r),)](
             q, k, v, out, grad_out, lse, dlse, kpm if has_kpm else lse, dq, dk, dv,
             *sq, *sk, *sv, *_strides(out), *sg, *sl, *_strides(dlse, 3), *sm, *_strides(dq), *_strides(dk),
