@@ -169,11 +169,19 @@ def _merge_args_ok(o_a, lse_a, o_b, lse_b) -> bool:
     T = torch.Tensor
     if not (isinstance(o_a, T) and isinstance(o_b, T) and isinstance(lse_a, T) and isinstance(lse_b, T)):
         return False
-    dtype, shape, device = o_a.dtype, o_a.shape, o_a.device
+    dtype, shape = o_a.dtype, o_a.shape
+    if not shape or o_b.shape != shape:
+        return False
+    lead = shape[:-1]
     lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return (dtype in _MERGE_DTYPES and o_b.dtype == dtype and lse_a.dtype == lse_dtype and lse_b.dtype == lse_dtype
-            and len(shape) >= 1 and o_b.shape == shape and lse_a.shape == shape[:-1] and lse_b.shape == shape[:-1]
-            and o_b.device == device and lse_a.device == device and lse_b.device == device)
+    if not (dtype in _MERGE_DTYPES and o_b.dtype == dtype and lse_a.dtype == lse_dtype and lse_b.dtype == lse_dtype
+            and lse_a.shape == lead and lse_b.shape == lead):
+        return False
+    # All on the CPU (one bool each, no device objects), else compare devices.
+    if o_a.is_cpu and o_b.is_cpu and lse_a.is_cpu and lse_b.is_cpu:
+        return True
+    device = o_a.device
+    return o_b.device == device and lse_a.device == device and lse_b.device == device
 
 
 def merge_attention_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor]:
