@@ -24,7 +24,10 @@ The forward of the transformer and of its blocks is replaced per instance throug
 diffusers' ``HookRegistry`` (a ``ModelHook`` with ``new_forward`` named ``"fastdf"``), so
 hooks added afterwards (group offloading, caches) wrap the fastdf forward, and ``remove``
 restores the stock forwards and processors. ``num_frame_per_block`` is read at every call
-(the pipelines change it with ``causal_block_size``).
+(the pipelines change it with ``causal_block_size``). ``copy.deepcopy`` of an applied
+transformer (or of a pipeline holding one) raises TypeError: the hooked forward is a
+closure over the original module, so a copy would compute with the original's weights;
+copy first, then apply.
 
 Served: ``enable_diffusion_forcing`` True/False, ``inject_sample_info`` (fps), image
 conditioning, batches, fp32/fp16/bf16 (and fp64 on the torch backend), autograd,
@@ -163,6 +166,12 @@ def _refusal(model) -> str | None:
     return None
 
 
+def _refuse_deepcopy(memo):
+    raise TypeError("copy.deepcopy of a SkyReels-V2 transformer (or block) with fastdf applied would run the "
+                    "original module: diffusers' hooks replace forward with a closure over it. Deep-copy the model "
+                    "before fastdf.integrations.diffusers.apply, or remove() fastdf first")
+
+
 def is_applied(transformer) -> bool:
     """Whether :func:`apply` is in effect on ``transformer``."""
     return getattr(transformer, _STATE, None) is not None
@@ -234,6 +243,10 @@ def apply(transformer, *, cache: bool = False):
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     registry.register_hook(_CachedTransformerHook() if cache else _TransformerHook(), HOOK_NAME)
     registry.invalidate_child_registries_cache()
+    for module in (transformer, *transformer.blocks):
+        # copy.deepcopy looks __deepcopy__ up on the instance: a copy would silently compute
+        # with the original's weights and cache, so it is refused instead
+        module.__dict__["__deepcopy__"] = _refuse_deepcopy
     setattr(transformer, _STATE, _State(processors=saved, new_registries=new_registries))
     return transformer
 
@@ -275,4 +288,7 @@ def remove(transformer) -> None:
         name: state.processors[name] if isinstance(p, FastdfSkyReelsAttnProcessor) and name in state.processors else p
         for name, p in processors.items()
     })
+    for module in (transformer, *transformer.blocks):
+        if module.__dict__.get("__deepcopy__") is _refuse_deepcopy:
+            del module.__dict__["__deepcopy__"]
     delattr(transformer, _STATE)
