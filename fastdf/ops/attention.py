@@ -504,6 +504,7 @@ def _reference_rows(o, l, s, e, pieces, bad, q, k, v, scale, mask):
 # A key = -inf component with q . k = -inf for every row seeing it passes (weight 0 in the
 # kernel and the reference alike); keys no piece holds are never read.
 LSE_FLOOR_MARGIN = 100.0
+_FLOAT_MAX = {dtype: float(torch.finfo(dtype).max) for dtype in (torch.float32, torch.float64)}  # lse's dtypes
 
 
 def _accepted(out, lse, scale):
@@ -513,7 +514,7 @@ def _accepted(out, lse, scale):
     absmax = float(torch.linalg.vector_norm(lse, float("inf")))  # NaN propagates
     # lse >= -absmax: above the floor when absmax is below it (a false alarm only for
     # |lse| ~ max * scale, where scores themselves are near the range's end)
-    if math.isfinite(total) and absmax < float(torch.finfo(lse.dtype).max) * scale - LSE_FLOOR_MARGIN:
+    if math.isfinite(total) and absmax < _FLOAT_MAX[lse.dtype] * scale - LSE_FLOOR_MARGIN:
         return absmax
     return None
 
