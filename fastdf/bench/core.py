@@ -17,6 +17,7 @@ import json
 import os
 import pkgutil
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -96,9 +97,8 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], quick: bool) -> d
     Timing providers one after another biased every CPU ratio: the first one timed paid
     for the allocator's first large blocks (glibc's adaptive mmap threshold moves while a
     process allocates) and for whatever the machine's load did during its turn. Here all
-    providers share one warm-up and every round calls each once, the order rotated each
-    round (every provider takes every position, none runs twice in a row); each gets the
-    median of its own samples. The garbage collector is paused while sampling. A provider
+    providers share one warm-up and every round calls each once, in a fresh seeded random
+    order (none runs twice in a row); each gets the median of its own samples. The garbage collector is paused while sampling. A provider
     that raises is dropped from later rounds and its exception returned in place of a time.
     """
     out: dict[str, float | Exception] = {}
@@ -136,18 +136,22 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], quick: bool) -> d
     gc.collect()
     gc.disable()
     try:
-        rounds, start = 0, time.perf_counter()
+        rounds, start, rng, previous = 0, time.perf_counter(), random.Random(0), None
         while live and (rounds < 3 or (time.perf_counter() - start < budget and rounds < 50)):
-            names = list(live)
-            # Rotate the order each round (every provider takes every position; with 3 or
-            # more none is ever called twice in a row, which would hand it a warm cache:
-            # measured ~8 us of a 30 us merge). Two providers simply alternate.
-            shift = rounds % len(names) if len(names) > 2 else 0
-            order = names[shift:] + names[:shift]
+            # A fresh (seeded) order each round, never starting with the provider that
+            # ended the last one: what runs just before a call matters (after its own call
+            # a provider finds a warm cache, ~8 us of a 30 us merge; after a 500 ms baseline
+            # a cold one), so every provider gets every predecessor alike. Two providers
+            # simply alternate.
+            order = list(live)
+            rng.shuffle(order)
+            if previous is not None and len(order) > 1 and order[0] == previous:
+                order[0], order[1] = order[1], order[0]
             for name in order:
                 now = call(name)
                 if now is not None:
                     samples[name].append(now * 1e3)
+                previous = name
             rounds += 1
     finally:
         if gc_was_enabled:

@@ -169,8 +169,8 @@ def test_cpu_timer_interleaves_providers_and_survives_a_failing_one():
     assert isinstance(out["c"], RuntimeError) and "c broke" in str(out["c"])
     assert out["a"] > 0 and out["b"] > 0
     assert calls.count("c") == 4
-    # Rounds rotate their order (a b c, b c a, c a b, ...): a provider is never called twice
-    # in a row (that would hand it a warm cache), and a and b are called equally often.
+    # Each round has its own order: a provider is never called twice in a row (that would
+    # hand it a warm cache), and a and b are called equally often.
     assert calls.count("a") == calls.count("b") >= 3
     assert all(x != y for x, y in zip(calls, calls[1:]))
     last_c = len(calls) - 1 - calls[::-1].index("c")
