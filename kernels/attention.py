@@ -44,6 +44,9 @@ INTERPRET_SPLIT = True
 SHORT_MAX = 64
 # Elements (R x rows x BLOCK_D) one program of the short backward holds per operand.
 SHORT_BWD_BUDGET = 4096
+# Forward key splits: an SM count for CPU tensors (tests), and the fewest key tiles per split.
+KEY_SPLIT_SLOTS = None
+MIN_SPLIT_TILES = 8
 # Problems with fewer (query, key) pairs than this take the heuristic config untuned.
 TUNE_MIN_PAIRS = 1 << 26
 
@@ -133,10 +136,9 @@ def _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KB, b, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _query_block(rows, heads, BLOCK_M: tl.constexpr):
-    """(query block, batch, head) of this program: blocks of one head adjacent, heaviest first."""
+def _query_block(rows, heads, BLOCK_M: tl.constexpr, pid):
+    """(query block, batch, head) of program ``pid``: blocks of one head adjacent, heaviest first."""
     n_m = tl.cdiv(rows, BLOCK_M)
-    pid = tl.program_id(0)
     bh = pid // n_m
     return n_m - 1 - pid % n_m, (bh // heads).to(tl.int64), bh % heads, bh
 
@@ -214,14 +216,35 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, s
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END", "bias", "tune_rows", "tune_fs"])
+@triton.jit
+def _split_range(start, end, first, a, b, BLOCK_N: tl.constexpr):
+    """Part of key range [start, end) (its tiles numbered from ``first`` in the program's
+    tile order) that falls in tiles [a, b): whole tiles from ``start``, so an unmasked range
+    stays a whole number of tiles. Returns (start, end, first tile of the next range)."""
+    n = tl.cdiv(tl.maximum(end - start, 0), BLOCK_N)
+    lo = tl.minimum(tl.maximum(a - first, 0), n)
+    hi = tl.minimum(tl.maximum(b - first, 0), n)
+    return start + lo * BLOCK_N, tl.minimum(start + hi * BLOCK_N, end), first + n
+
+
+@triton.jit(do_not_specialize=["Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END", "bias", "tune_rows", "tune_fs",
+                               "n_split"])
 def _fwd_kernel(Q, K, V, O, LSE, KPM, KB,
                 sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, slb, slh, slt, smb, smt,
-                Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, bias, tune_rows, tune_fs,
+                sos, sls, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, bias, tune_rows, tune_fs, n_split,
                 D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+                HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
+                SPLIT_K: tl.constexpr):
     rows = G * Tq
-    pid_m, b, hk, _ = _query_block(rows, Hkv, BLOCK_M)
+    pid = tl.program_id(0)
+    if SPLIT_K:
+        # Flash-decoding: n_split adjacent programs share a query block, each takes a
+        # contiguous share of its key tiles and writes a partial (o, lse) to O/LSE[split].
+        split = pid % n_split
+        pid = pid // n_split
+        O += split.to(tl.int64) * sos
+        LSE += split.to(tl.int64) * sls
+    pid_m, b, hk, _ = _query_block(rows, Hkv, BLOCK_M, pid)
     r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = r < rows
     i = r % Tq
@@ -239,25 +262,37 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, KB,
     ce, lo = _query_bounds(Tk - Tq + i, Tk, FS, W, HAS_WINDOW)
     s_lo, s_full, s_hi, k_lo, full_lo, mid, k_hi = _key_ranges(p_first, p_last, Tk, FS, W, SINK_END, KB, b, BLOCK_N,
                                                                HAS_WINDOW, HAS_KPM)
+    # The five key ranges: [sinks unmasked][sink tail][window head][full tiles][diagonal].
+    a1, b1, a2, b2, a3, b3, a4, b4, a5, b5 = s_lo, s_full, s_full, s_hi, k_lo, full_lo, full_lo, mid, mid, k_hi
+    if SPLIT_K:
+        n_tiles = tl.cdiv(b1 - a1, BLOCK_N) + tl.cdiv(b2 - a2, BLOCK_N) + tl.cdiv(b3 - a3, BLOCK_N) + \
+            tl.cdiv(b4 - a4, BLOCK_N) + tl.cdiv(b5 - a5, BLOCK_N)
+        t_a = n_tiles * split // n_split
+        t_b = n_tiles * (split + 1) // n_split
+        a1, b1, t = _split_range(a1, b1, 0, t_a, t_b, BLOCK_N)
+        a2, b2, t = _split_range(a2, b2, t, t_a, t_b, BLOCK_N)
+        a3, b3, t = _split_range(a3, b3, t, t_a, t_b, BLOCK_N)
+        a4, b4, t = _split_range(a4, b4, t, t_a, t_b, BLOCK_N)
+        a5, b5, t = _split_range(a5, b5, t, t_a, t_b, BLOCK_N)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_WINDOW:
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, s_lo,
-                                   s_full, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, a1,
+                                   b1, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
                                    False, HAS_WINDOW, HAS_KPM, PREC, STAGES)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, s_full,
-                                   s_hi, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, a2,
+                                   b2, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
                                    True, HAS_WINDOW, HAS_KPM, PREC, STAGES)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, k_lo,
-                                   full_lo, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, a3,
+                                   b3, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
                                    True, HAS_WINDOW, HAS_KPM, PREC, STAGES)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, full_lo,
-                               mid, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, a4,
+                               b4, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
                                False, HAS_WINDOW, HAS_KPM, PREC, STAGES)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, mid,
-                               k_hi, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, a5,
+                               b5, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
                                True, HAS_WINDOW, HAS_KPM, PREC, STAGES)
 
     # Rows that see no key (left padding; tile padding) give 0 and lse = -inf.
@@ -267,6 +302,38 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, KB,
     omask = rmask[:, None] & (offs_d < D)[None, :]
     tl.store(O + b * sob + (h * soh + i * sot)[:, None] + offs_d[None, :] * sod, out.to(O.dtype.element_ty), mask=omask)
     lse = tl.where(empty, float("-inf"), (m_i + bias + tl.math.log2(l_i)) * LN2)
+    tl.store(LSE + b * slb + h * slh + i * slt, lse, mask=rmask)
+
+
+@triton.jit(do_not_specialize=["rows", "n_split", "Hq", "Tq"])
+def _merge_splits_kernel(PO, PLSE, O, LSE, sob, soh, sot, sod, slb, slh, slt, rows, n_split, Hq, Tq, D,
+                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out, lse of each row from the n_split partial (o, lse) of the key-split forward
+    (PO [n_split, rows, D], PLSE [n_split, rows] contiguous, rows = B * Hq * Tq). Splits
+    that saw no key (lse = -inf) weigh 0; a row no split saw stays 0 with lse = -inf."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < rows
+    d = tl.arange(0, BLOCK_D)
+    mask = rmask[:, None] & (d < D)[None, :]
+    r64 = r.to(tl.int64)
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for s in range(n_split):
+        m = tl.maximum(m, tl.load(PLSE + s * rows + r64, mask=rmask, other=float("-inf")))
+    m_sub = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for s in range(n_split):
+        w = tl.math.exp2((tl.load(PLSE + s * rows + r64, mask=rmask, other=float("-inf")) - m_sub) * LOG2E)
+        o = tl.load(PO + (s * rows + r64)[:, None] * D + d[None, :], mask=mask, other=0.0)
+        acc += w[:, None] * o
+        l_i += w
+    empty = l_i == 0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l_i)))
+    b = r64 // (Hq * Tq)
+    h = (r // Tq) % Hq
+    i = r % Tq
+    tl.store(O + (b * sob + h * soh + i * sot)[:, None] + d[None, :] * sod, out.to(O.dtype.element_ty), mask=mask)
     tl.store(LSE + b * slb + h * slh + i * slt, lse, mask=rmask)
 
 
@@ -552,7 +619,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, KB, DQ,
                    Hq, G, Tq, Tk, FS, W, SINK_END, qk_scale, scale, tune_rows, tune_fs,
                    D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
-    pid_m, b, h, bh = _query_block(Tq, Hq, BLOCK_M)
+    pid_m, b, h, bh = _query_block(Tq, Hq, BLOCK_M, tl.program_id(0))
     hk = h // G
     i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     imask = i < Tq
@@ -757,10 +824,39 @@ def _key_padding(key_padding_mask, Tk, with_bounds):
     return True, kpm, list(kpm.stride()), bounds
 
 
+def _key_splits(programs, keys, block_n, device):
+    """Key splits of the forward (flash-decoding) so that ``programs`` query tiles x splits
+    fill >= 90% of their last wave on the SMs of ``device`` (one CTA per SM: what the
+    default configs get); the fewest that do, each split keeping >= MIN_SPLIT_TILES key
+    tiles. 1 when the unsplit grid already fills its last wave, or no split count does.
+    CPU tensors (the interpreter) split only when a test sets KEY_SPLIT_SLOTS."""
+    if device.type == "cpu":
+        slots = KEY_SPLIT_SLOTS
+    else:
+        from . import grouped_mm  # its num_sms is what fastdf.bench.compile sets to the target's
+
+        slots = KEY_SPLIT_SLOTS or grouped_mm.num_sms(device)
+    if not slots:
+        return 1
+
+    def fill(n):
+        w = n / slots
+        return w / -(-w // 1)
+
+    if fill(programs) >= 0.9:
+        return 1
+    for s in range(2, min(64, keys // (MIN_SPLIT_TILES * block_n)) + 1):
+        if fill(programs * s) >= 0.9:
+            return s
+    return 1
+
+
 def attention_forward(q, k, v, out, lse, mask, scale, key_padding_mask=None):
     """out, lse <- attention of q over k, v; ``mask = (frame_size, window or None, sink_end)``
     in kernel terms (see fastdf.ops.attention._mask_args); ``key_padding_mask`` bool
     [B, Tk] (True = real key, any strides) or None."""
+    import torch
+
     B, Hq, Hkv, G, Tq, Tk, D, block_d, fs, window, sink_end, prec = _common(q, k, mask)
     qk_scale = scale * _LOG2E
     bias = _prob_bias(q.dtype, Tk)
@@ -776,20 +872,36 @@ def attention_forward(q, k, v, out, lse, mask, scale, key_padding_mask=None):
             D=D, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn, R=r, HAS_WINDOW=has_window, HAS_KPM=has_kpm, PREC=prec,
             num_warps=4)
         return
-    args = (q, k, v, out, lse, kpm if has_kpm else lse, bounds if has_kpm else lse, *strides, *sm, Hkv, G, Tq, Tk,
-            fs, window or 0, sink_end, qk_scale, bias, _bucket(G * Tq), _bucket(fs))
-    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KPM=has_kpm, PREC=prec)
     wide = q.dtype.itemsize == 4
     configs = _configs("fwd", block_d, wide)
     big = B * Hq * Tq * Tk >= TUNE_MIN_PAIRS
     if G * Tq <= 64:
         # Decode steps and small chunks: a query tile as tall as the (GQA-stacked) rows, long key tiles.
-        # mma.sync tiles (fewer than 64 rows) hold K and V in registers: 8 warps share the
-        # 128-key tile (4 warps spill 28 B at D = 128; 3 stages with 8 warps spill 8 B).
-        bn, stages, warps = (32, 1, 4) if wide and block_d > 128 else (64, 2, 4) if wide or block_d > 128 else \
-            (128, 2, 8)
+        # mma.sync tiles (fewer than 64 rows) hold K and V in registers: 64-key tiles at
+        # D = 128 (128 keys spilled 28 B with 4 warps, 4-8 B with 8 warps, split or not).
+        bn, stages = (32, 1) if wide and block_d > 128 else (64, 2) if wide or block_d > 128 else (64, 3)
+        warps = 4
         configs, big = [_cfg(max(16, triton.next_power_of_2(G * Tq)), bn, warps, stages)], False
-    _launch(_fwd_kernel, "fwd", configs, big, lambda m: triton.cdiv(G * Tq, m["BLOCK_M"]) * B * Hkv, args, meta)
+    c0 = configs[0].kwargs
+    keys = Tk if window is None else min(Tk, window * fs + sink_end)
+    splits = _key_splits(triton.cdiv(G * Tq, c0["BLOCK_M"]) * B * Hkv, keys, c0["BLOCK_N"], q.device)
+    o_part, lse_part, sos, sls = out, lse, 0, 0
+    if splits > 1:
+        o_part = torch.empty((splits, B, Hq, Tq, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((splits, B, Hq, Tq), dtype=torch.float32, device=q.device)
+        strides = [*strides[:12], *_strides(o_part[0]), *_strides(lse_part[0], 3)]
+        sos, sls = o_part.stride(0), lse_part.stride(0)
+    args = (q, k, v, o_part, lse_part, kpm if has_kpm else lse, bounds if has_kpm else lse, *strides, *sm, sos, sls,
+            Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale, bias, _bucket(G * Tq), _bucket(fs), splits)
+    meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KPM=has_kpm, PREC=prec,
+                SPLIT_K=splits > 1)
+    _launch(_fwd_kernel, "fwd", configs, big, lambda m: triton.cdiv(G * Tq, m["BLOCK_M"]) * B * Hkv * splits, args,
+            meta)
+    if splits > 1:
+        rows, block_r = B * Hq * Tq, 16 if INTERPRET else 32
+        _merge_splits_kernel[(triton.cdiv(rows, block_r),)](
+            o_part, lse_part, out, lse, *_strides(out), *_strides(lse, 3), rows, splits, Hq, Tq, D,
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
 
 
 def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, scale, key_padding_mask=None):

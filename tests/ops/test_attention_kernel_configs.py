@@ -95,3 +95,40 @@ def test_every_shipped_dkdv_config(kernels, monkeypatch, tier, index):
     out, grads = _run(q, k, v, g, mask)
     assert_matches_reference(out, _reference, q, k, v, **mask)
     assert_matches_reference(grads, _reference_grads(mask), q, k, v, g)
+
+
+@pytest.mark.parametrize("shape, sms", [
+    ((1, 4, 2, 35, 200, 16, dict(frame_size=7, window_frames=20, sink_frames=1)), 8),
+    ((2, 2, 1, 20, 150, 40, dict(frame_size=5)), 4),
+    ((1, 2, 2, 3, 190, 16, dict(causal=False)), 4),
+], ids=["window-sinks-gqa", "frame5-D40", "decode-noncausal"])
+def test_key_split_forward_matches_reference(kernels, monkeypatch, shape, sms):
+    """The flash-decoding forward (key tiles of each query block split over programs,
+    partial states merged by _merge_splits_kernel) against the reference, and the backward
+    from its out/lse; the split count is the launcher's own for a device of ``sms`` SMs."""
+    monkeypatch.setattr(kernels, "KEY_SPLIT_SLOTS", sms)
+    monkeypatch.setattr(kernels, "MIN_SPLIT_TILES", 1)
+    counts = []
+    real = kernels._key_splits
+    monkeypatch.setattr(kernels, "_key_splits", lambda *a: counts.append(real(*a)) or counts[-1])
+    q, k, v, g, mask = _inputs(shape, seed=7)
+    out, grads = _run(q, k, v, g, mask)
+    assert counts and counts[0] > 1, counts
+    assert_matches_reference(out, _reference, q, k, v, **mask)
+    assert_matches_reference(grads, _reference_grads(mask), q, k, v, g)
+
+
+def test_key_split_count_fills_whole_waves(kernels, monkeypatch):
+    """The split count: unsplit when the grid fills >= 90% of its last wave; otherwise the
+    fewest splits that do (the attention (c) chunk: 444 query blocks on 132 SMs -> 2), never
+    fewer than MIN_SPLIT_TILES key tiles per split."""
+    import types
+
+    monkeypatch.setattr(kernels, "KEY_SPLIT_SLOTS", 132)
+    cpu = types.SimpleNamespace(type="cpu")
+    assert kernels._key_splits(3072, 32760, 64, cpu) == 1  # 23.3 waves: 97% of the last one
+    assert kernels._key_splits(444, 23400, 64, cpu) == 2  # 3.36 waves (84%) -> 6.73 (96%)
+    assert kernels._key_splits(12, 32760, 128, cpu) == 10  # decode: 12 programs -> 120 of 132 SMs
+    assert kernels._key_splits(12, 2048, 128, cpu) == 1  # 2 splits at most (8 tiles each): none fills
+    monkeypatch.setattr(kernels, "KEY_SPLIT_SLOTS", None)
+    assert kernels._key_splits(12, 32760, 128, cpu) == 1  # the interpreter without a test's SM count
