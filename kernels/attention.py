@@ -22,9 +22,15 @@ K/V once. Sequences with Tk <= 64 take the ``short`` kernels, where one program 
 several (batch, head) sequences with batched 3-D dots (the factorised U-Net's temporal
 attention: 131072 x 4 sequences of 16 tokens).
 
+Key splits (flash-decoding): when the forward's grid would leave the GPU's last wave under
+90% full (a decode step's few (batch, head) programs; the KV-chunk case's 3.4 waves), each
+query block's key tiles are split over adjacent programs writing fp32 partial (o, lse),
+merged by ``_merge_splits_kernel`` (``_key_splits`` picks the count from the SM count).
+
 Backward (FA2): a preprocessing kernel computes delta = rowsum(dO * O) - dlse, a dK/dV
 kernel owns one key block (looping over the G query heads of its K/V head and over the
-query blocks that see it) and a dQ kernel owns one query block. No atomics: deterministic.
+query blocks that see it; at D = 128 in two passes, dV then dK, so that one accumulator is
+live: ``SPLIT``) and a dQ kernel owns one query block. No atomics: deterministic.
 """
 
 import triton
