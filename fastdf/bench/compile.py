@@ -505,9 +505,12 @@ JOB_GROUPS = {"attention": _attention_jobs, "adaln": _adaln_jobs, "moe": _moe_jo
 
 def _analyse(launch: Launch, arch: int, sass: bool) -> dict:
     # The config keeps tile sizes, warps and stages (the tuning knobs), not the launch's flags.
+    # SPLIT (two-pass dK/dV) and SPLIT_K (key-split forward) change the code, so they are
+    # shown when set.
     knobs = ("BLOCK", "B", "STAGES", "ROWS", "R", "GROUP")
     row = dict(source="triton", job=launch.job, kernel=launch.kernel, default=launch.default,
-               config={k: v for k, v in launch.config.items() if not k.isupper() or k.startswith(knobs)},
+               config={k: v for k, v in launch.config.items()
+                       if not k.isupper() or k.startswith(knobs) or (k.startswith("SPLIT") and v)},
                grid=list(launch.grid) if launch.grid else None)
     if launch.error:
         row["error"] = launch.error
@@ -836,6 +839,7 @@ def _config_text(row):
         parts.append(f"w{c['num_warps']}")
     if "num_stages" in c:
         parts.append(f"s{c['num_stages']}")
+    parts += [k.lower() for k in ("SPLIT", "SPLIT_K") if c.get(k)]
     return ",".join(parts) + ("*" if row.get("default") and row["source"] == "triton" else "")
 
 
