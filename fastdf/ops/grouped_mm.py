@@ -45,21 +45,55 @@ def grouped_mm_reference(x: Tensor, w: Tensor, offs: Tensor, *, trainable_w: Ten
     return torch.cat(pieces, 0)
 
 
+def _aligned_operand(t: Tensor) -> bool:
+    """``torch._grouped_mm``'s layout rule for one operand (it raises otherwise): 16-byte
+    aligned data, one of the last two dims unit-strided and the other's stride a multiple
+    of 16 bytes, every size >= 1 (a zero size has no valid stride for it)."""
+    if t.data_ptr() % 16 or 0 in t.shape:
+        return False
+    align = 16 // t.element_size()
+    rows, cols = t.shape[-2], t.shape[-1]
+    s_rows, s_cols = t.stride(-2), t.stride(-1)
+    if s_cols == 1 and s_rows >= cols:
+        return s_rows % align == 0
+    if s_rows == 1 and s_cols >= rows:
+        return s_cols % align == 0
+    return False
+
+
+def grouped_mm_cpu_native(x: Tensor, w: Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` may run ``x @ w`` per group on the CPU: its dtypes,
+    one dtype for both, and its layout rule. It then loops over the groups in C++ calling
+    the same matrix product as :func:`grouped_mm_loop` (bitwise equal; the tests compare
+    them), without a Python call per expert."""
+    return (x.is_cpu and w.is_cpu and x.dtype == w.dtype and x.dtype in TRITON_DTYPES and _aligned_operand(x)
+            and _aligned_operand(w))
+
+
 def grouped_mm_loop(x: Tensor, w: Tensor, offs: Tensor, *, trainable_w: Tensor | None = None,
-                    trainable_ids: Tensor | None = None) -> Tensor:
+                    trainable_ids: Tensor | None = None, bounds: list | None = None) -> Tensor:
     """The torch backend's forward (not differentiable): the reference's per-expert
     products written straight into one output (``mm(out=)``, no per-expert temporaries and
-    no concatenation), empty groups skipped. Same products, so the same bits as the
-    reference; as fast as ``torch._grouped_mm`` on the CPU, and it takes ``trainable_w``
-    and float64 too."""
+    no concatenation), empty groups skipped; ``torch._grouped_mm`` (the same products, the
+    loop in C++) where it takes the operands and no expert has its own trainable weights.
+    Same products, so the same bits as the reference; it also takes ``trainable_w`` and
+    float64. ``bounds``: ``[0] + offs.tolist()`` when the caller already read it."""
+    if bounds is None:
+        bounds = [0] + offs.tolist()
+    if trainable_ids is None and grouped_mm_cpu_native(x, w):
+        if offs.dtype != torch.int32 or not offs.is_contiguous():
+            offs = offs.to(torch.int32).contiguous()
+        out = torch._grouped_mm(x, w, offs=offs)
+        if bounds[-1] < x.shape[0]:
+            out[bounds[-1]:].zero_()  # rows past the last group: zeros, as the loop writes
+        return out
     weights = _expert_weights(w, trainable_w, trainable_ids)
     out = _alloc.empty((x.shape[0], w.shape[2]), dtype=x.dtype, device=x.device)
-    start = 0
-    for e, end in enumerate(offs.tolist()):
+    for e in range(len(bounds) - 1):
+        start, end = bounds[e], bounds[e + 1]
         if end > start:
             torch.mm(x[start:end], weights[e].to(x.dtype), out=out[start:end])
-        start = end
-    out[start:].zero_()
+    out[bounds[-1]:].zero_()
     return out
 
 

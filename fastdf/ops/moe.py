@@ -31,6 +31,7 @@ from torch import Tensor
 from .. import _native
 from . import _alloc, _checks
 from ._backend import Op, unavailable_reason
+from ._eager import plain_tensors, torch_backend_eager
 from ._library import custom_op
 from .grouped_mm import TRITON_DTYPES, _capturing, _ids_flags, _raise_ids, check_trainable, grouped_mm, \
     grouped_mm_loop, slot_map
@@ -492,10 +493,14 @@ def check_moe_values(topk_ids: Tensor, num_experts: int, trainable_ids: Tensor |
         flags += _ids_flags(trainable_ids, num_experts)
     bad = torch.stack(flags).tolist()
     if bad[0]:
-        lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        raise ValueError(f"topk_ids must lie in [0, {num_experts}) (the experts of gate_up), got values in [{lo}, {hi}]")
+        _raise_topk_ids(topk_ids, num_experts)
     if trainable_ids is not None:
         _raise_ids(bad[1:], trainable_ids, num_experts)
+
+
+def _raise_topk_ids(topk_ids, num_experts):
+    lo, hi = int(topk_ids.min()), int(topk_ids.max())
+    raise ValueError(f"topk_ids must lie in [0, {num_experts}) (the experts of gate_up), got values in [{lo}, {hi}]")
 
 
 def _forward(p, hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act, save):
@@ -647,6 +652,124 @@ def _moe_backward(ctx, grad, *unused):
 _moe_op.register_autograd(_moe_backward, setup_context=_moe_setup)
 
 
+# ---------------------------------------------------------------------------- eager CPU path
+
+# torch.arange(E + 1) per (E, index dtype): the expert boundaries searched in the sorted ids.
+_EXPERT_STARTS: dict = {}
+
+
+def _route_eager(topk_ids, num_experts):
+    """Routing for the eager CPU path: ``(order [S] int64, inverse [T, K] int64, offs [E]
+    int32, bounds)`` with ``bounds = [0] + offs.tolist()``: the reference's stable sort,
+    then one ``searchsorted`` of the E + 1 expert boundaries in the sorted ids. Its first
+    and last entries count the ids below 0 and below E, so the one host read of the
+    boundaries is also the range check (ValueError as ``check_moe_values`` raises it)."""
+    flat = topk_ids.reshape(-1)
+    key = (num_experts, flat.dtype)
+    starts = _EXPERT_STARTS.get(key)
+    if starts is None:
+        starts = _EXPERT_STARTS[key] = torch.arange(num_experts + 1, dtype=flat.dtype)
+    sorted_ids, order = torch.sort(flat, stable=True)
+    starts = torch.searchsorted(sorted_ids, starts, out_int32=True)
+    bounds = starts.tolist()
+    if bounds[0] != 0 or bounds[-1] != flat.numel():
+        _raise_topk_ids(topk_ids, num_experts)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel())
+    return order, inverse.view(topk_ids.shape), starts[1:], bounds
+
+
+def _forward_eager(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act, save):
+    """``_forward(_TorchPrims, ...)`` for CPU tensors of nonzero sizes with the host work
+    cut: one host read for routing and range check, ``torch._grouped_mm`` where it takes
+    the operands, and, when no backward needs h1, the activation written over h1's gate
+    half. The same products and elementwise operations, so the same bits."""
+    E, K = gate_up.shape[0], topk_ids.shape[1]
+    order, inverse, offs, bounds = _route_eager(topk_ids, E)
+    if tids is not None:
+        _raise_ids(torch.stack(_ids_flags(tids, E)).tolist(), tids, E)
+    x = hidden.index_select(0, torch.div(order, K, rounding_mode="floor"))
+    h1 = grouped_mm_loop(x, gate_up.transpose(1, 2), offs, trainable_w=_t(tgu), trainable_ids=tids, bounds=bounds)
+    del x
+    gate, up = h1.chunk(2, dim=-1)
+    if save or act not in (0, 3):
+        a = _act_torch(act)(gate).mul_(up)
+    else:  # h1 is not needed again: the activation in place, a = its gate half (row stride 2I)
+        a = (F.silu(gate, inplace=True) if act == 0 else gate.relu_()).mul_(up)
+    h2 = grouped_mm_loop(a, down.transpose(1, 2), offs, trainable_w=_t(tdown), trainable_ids=tids, bounds=bounds)
+    del a, gate, up
+    out = _combine_torch_fast(h2, inverse, topk_weights)
+    return out, (h1 if save else None), order, inverse, offs
+
+
+class _MoeFunction(torch.autograd.Function):
+    """The eager CPU path with autograd: the custom op's forward and backward in torch,
+    without its dispatch. The backward is ``_backward``: weight gradients for the
+    trainable experts only (frozen experts: none)."""
+
+    @staticmethod
+    def forward(ctx, hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act):
+        out, h1, order, inverse, offs = _forward_eager(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu,
+                                                       tdown, act, True)
+        ctx.save_for_backward(hidden, topk_weights, gate_up, down, tids, tgu, tdown, h1, order, inverse, offs)
+        ctx.act = act
+        ctx.has_trainable = tids is not None
+        ctx.set_materialize_grads(False)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, topk_weights, gate_up, down, tids, tgu, tdown, h1, order, inverse, offs = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        need_dx, need_dw = nig[0], nig[2]
+        need_dgu, need_ddown = (nig[6], nig[7]) if ctx.has_trainable else (nig[3], nig[4])
+        if grad is None or not (need_dx or need_dw or need_dgu or need_ddown):
+            return (None,) * 9
+        dx, dweights, dgu, ddown = _backward(_TorchPrims, grad, hidden, topk_weights, gate_up, down, tids, tgu, tdown,
+                                             h1, order, inverse, offs, ctx.act, need_dx, need_dw, need_dgu, need_ddown)
+        dx, dweights = (dx if need_dx else None), (dweights if need_dw else None)
+        dgu, ddown = (dgu if need_dgu else None), (ddown if need_ddown else None)
+        if ctx.has_trainable:
+            return dx, None, dweights, None, None, None, dgu, ddown, None
+        return dx, None, dweights, dgu, ddown, None, None, None, None
+
+
+def _moe_eager(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act):
+    params = (hidden, topk_weights, gate_up, down, tgu, tdown)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
+        return _MoeFunction.apply(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act)
+    return _forward_eager(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act, False)[0]
+
+
+_MOE_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
+# Tensor types the eager path takes: nn.Parameter disables __torch_function__, so it runs
+# as a plain tensor (weights are Parameters); other subclasses keep the custom op.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_ID_DTYPES = (torch.int64, torch.int32)
+
+
+def _moe_args_ok(hidden, topk_ids, topk_weights, gate_up, down) -> bool:
+    """Whether moe_experts' named checks all pass for these arguments without trainable
+    experts, in one expression (the named checks then run only to say what is wrong).
+    Everything on the CPU, with nonzero sizes: the arguments of the eager CPU path."""
+    if not (type(hidden) in _PLAIN and type(topk_ids) in _PLAIN and type(topk_weights) in _PLAIN
+            and type(gate_up) in _PLAIN and type(down) in _PLAIN):
+        return False
+    if not (hidden.is_cpu and topk_ids.is_cpu and topk_weights.is_cpu and gate_up.is_cpu and down.is_cpu):
+        return False
+    dtype = hidden.dtype
+    if not (dtype in _MOE_DTYPES and gate_up.dtype == dtype and down.dtype == dtype
+            and topk_ids.dtype in _ID_DTYPES and topk_weights.dtype in _MOE_DTYPES):
+        return False
+    hs, ids, gs, ds = hidden.shape, topk_ids.shape, gate_up.shape, down.shape
+    if not (len(hs) == 2 and len(ids) == 2 and len(gs) == 3 and len(ds) == 3 and topk_weights.shape == ids):
+        return False
+    T, H = hs
+    E, two_i = gs[0], gs[1]
+    return (ids[0] == T and T * ids[1] > 0 and H > 0 and E > 0 and two_i > 0 and two_i % 2 == 0 and gs[2] == H
+            and ds[0] == E and ds[1] == H and ds[2] == two_i // 2 and T * ids[1] <= _checks.INT32_MAX)
+
+
 # ---------------------------------------------------------------------------- public
 
 def _moe_composite(hidden, topk_ids, topk_weights, gate_up, down, fn, tids, tgu, tdown):
@@ -685,6 +808,14 @@ def moe_experts(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up:
         ``[T, H]`` in ``hidden``'s dtype; each token's slots are combined in fp32 in slot order
         (deterministic). Differentiable in ``hidden``, ``topk_weights`` and the weights.
     """
+    code, fn = resolve_act(act)
+    if (trainable_ids is None and trainable_gate_up is None and trainable_down is None and code is not None
+            and _moe_args_ok(hidden, topk_ids, topk_weights, gate_up, down)):
+        # Valid, no trainable experts, on the CPU: the eager path where the torch backend runs.
+        if torch_backend_eager(hidden.device) and plain_tensors():
+            return _moe_eager(hidden, topk_ids, topk_weights, gate_up, down, None, None, None, code)
+        return _moe_op(hidden, topk_ids.contiguous(), topk_weights, gate_up, down, None, None, None, code,
+                       _needs_h1(hidden, topk_weights, gate_up, down))[0]
     _checks.tensor("hidden", hidden, ndim=2, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
     _check_pairs(topk_ids)
     # Values (in [0, E)) are checked inside the op, together with trainable_ids (one sync).
@@ -709,12 +840,21 @@ def moe_experts(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_up:
     ])
     if trainable_ids is not None:
         trainable_ids = trainable_ids.contiguous()  # indexed as a flat array by the kernels
-    code, fn = resolve_act(act)
     if code is None:
         return _moe_composite(hidden, topk_ids, topk_weights, gate_up, down, fn, trainable_ids, trainable_gate_up,
                               trainable_down)
-    params = (hidden, topk_weights, gate_up, down, trainable_gate_up, trainable_down)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    if (hidden.is_cpu and hidden.numel() and topk_ids.numel() and gate_up.shape[1] and torch_backend_eager(hidden.device)
+            and all(t is None or type(t) in _PLAIN for t in (hidden, topk_ids, topk_weights, gate_up, down,
+                                                              trainable_ids, trainable_gate_up, trainable_down))
+            and plain_tensors()):
+        return _moe_eager(hidden, topk_ids, topk_weights, gate_up, down, trainable_ids, trainable_gate_up,
+                          trainable_down, code)
+    save = _needs_h1(hidden, topk_weights, gate_up, down, trainable_gate_up, trainable_down)
     out = _moe_op(hidden, topk_ids, topk_weights, gate_up, down, trainable_ids, trainable_gate_up, trainable_down,
                   code, save)
     return out[0]
+
+
+def _needs_h1(*params):
+    """Whether a backward will run (and needs h1): grad mode on and a parameter that wants a gradient."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
