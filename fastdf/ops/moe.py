@@ -16,8 +16,13 @@ gradient is ``<dout[t] @ down_e, a>``), and computes weight gradients only for t
 that train (``trainable_ids``), straight into their compact ``[E_t, ...]`` gradients.
 
 Backends: ``cuda`` (routing and combine in fastdf._C, GEMMs in Triton), ``triton``
-(routing by torch's stable sort, GEMMs and combine in Triton), ``torch`` (the reference
-loop; the CPU path). Routing is integer-exact: every backend gives the same bits.
+(routing by torch's stable sort, GEMMs and combine in Triton), ``torch`` (the reference's
+products and combine; the CPU path). Routing is integer-exact: every backend gives the same bits.
+
+In eager mode with the torch backend on CPU tensors (``auto`` on the CPU, nothing tracing)
+``moe_experts`` skips the custom op: the same computation in plain torch (an
+``autograd.Function`` with the same backward when gradients are needed), one host read for
+routing and the id range check, ``torch._grouped_mm`` where its layout rule holds.
 """
 
 from __future__ import annotations
