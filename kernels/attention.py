@@ -27,6 +27,12 @@ Key splits (flash-decoding): when the forward's grid would leave the GPU's last 
 query block's key tiles are split over adjacent programs writing fp32 partial (o, lse),
 merged by ``_merge_splits_kernel`` (``_key_splits`` picks the count from the SM count).
 
+TMA (sm_90+): the tiles of the unmasked ranges (whole tiles inside the tensor) come through
+device-side tensor descriptors made once per program: K/V of the forward and dQ (2-D over
+the program's head), q/dO of dK/dV (3-D over the batch row's heads, the head a coordinate).
+Edge tiles, devices before sm_90 and operands TMA cannot address (``tma_operands``: base or
+a stride not a 16-byte multiple, D not 16 bytes' worth of elements) keep pointer loads.
+
 Backward (FA2): a preprocessing kernel computes delta = rowsum(dO * O) - dlse, a dK/dV
 kernel owns one key block (looping over the G query heads of its K/V head and over the
 query blocks that see it; at D = 128 in two passes, dV then dK, so that one accumulator is
@@ -76,6 +82,28 @@ def _load_rows(ptrs, row_mask, offs_d, D, EVEN_D: tl.constexpr, MASK_ROWS: tl.co
         else:
             x = tl.load(ptrs, mask=(offs_d < D)[None, :], other=0.0)
     return x
+
+
+@triton.jit
+def _load_kv(desc, base, n0, j, jin, st, sd, offs_d, D, EVEN_D: tl.constexpr, MASKED: tl.constexpr,
+             TMA: tl.constexpr):
+    """Key (or value) rows j = n0 + [0, BLOCK_N) of one head: through the head's TMA
+    descriptor for an unmasked tile, else pointer loads (masked rows j >= end read 0)."""
+    if TMA and not MASKED:
+        x = desc.load([n0, 0])
+    else:
+        x = _load_rows(base + j[:, None] * st + offs_d[None, :] * sd, jin, offs_d, D, EVEN_D, MASKED)
+    return x
+
+
+@triton.jit
+def _head_desc(base, T, D, st, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """A 2-D TMA descriptor over one head's [T, D] rows (unit stride along D, checked by the
+    launcher), made once per program; columns past D read as zeros. 0 without TMA."""
+    if TMA:
+        return tl.make_tensor_descriptor(base, [T, D], [st, 1], [BLOCK_T, BLOCK_D])
+    else:
+        return 0
 
 
 @triton.jit
@@ -168,17 +196,19 @@ def _kpm_tile(kpm_base, smt, j, jin):
 
 
 @triton.jit
-def _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, start, end, ce, lo, SINK_END,
-               qk_scale, bias, offs_n, offs_d, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+def _fwd_range(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kpm_base, skt, skd, svt, svd, smt, start, end, ce,
+               lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
-               STAGES: tl.constexpr):
+               STAGES: tl.constexpr, KV_TMA: tl.constexpr):
     """Online softmax over keys [start, end). m_i is the running max of the log2-domain
     scores (-inf before the first visible key); probabilities are exp2(s - m - bias), so
-    l_i <= 1 and acc stays within max|v| (bias, an int: ceil(log2(key count)), 0 for fp16)."""
+    l_i <= 1 and acc stays within max|v| (bias, an int: ceil(log2(key count)), 0 for fp16).
+    With KV_TMA, the tiles of an unmasked range (whole tiles inside [0, Tk)) come through the
+    head's descriptors; masked ranges keep pointer loads (their last tile may be partial)."""
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         j = n0 + offs_n
         jin = j < end
-        k = _load_rows(k_base + j[:, None] * skt + offs_d[None, :] * skd, jin, offs_d, D, EVEN_D, MASKED)
+        k = _load_kv(k_desc, k_base, n0, j, jin, skt, skd, offs_d, D, EVEN_D, MASKED, KV_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
         if HAS_KPM:
             kv, mixed = _kpm_tile(kpm_base, smt, j, jin)
@@ -198,7 +228,7 @@ def _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, s
         p = tl.math.exp2(s - (m_sub + bias)[:, None])
         alpha = tl.math.exp2(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base + j[:, None] * svt + offs_d[None, :] * svd, jin, offs_d, D, EVEN_D, MASKED)
+        v = _load_kv(v_desc, v_base, n0, j, jin, svt, svd, offs_d, D, EVEN_D, MASKED, KV_TMA)
         acc = acc * alpha[:, None]
         if MASKED:
             # Edge tiles only (inside fully visible tiles every key is seen anyway): a
@@ -240,7 +270,7 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, KB,
                 sos, sls, Hkv, G, Tq, Tk, FS, W, SINK_END, qk_scale, bias, tune_rows, tune_fs, n_split,
                 D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
-                SPLIT_K: tl.constexpr):
+                SPLIT_K: tl.constexpr, KV_TMA: tl.constexpr):
     rows = G * Tq
     pid = tl.program_id(0)
     if SPLIT_K:
@@ -262,6 +292,10 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, KB,
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     kpm_base = KPM + b * smb
+    # K/V descriptors of this program's head, made once (not per range or tile: each one
+    # is written to global scratch and fenced); only unmasked ranges load through them.
+    k_desc = _head_desc(k_base, Tk, D, skt, BLOCK_N, BLOCK_D, KV_TMA)
+    v_desc = _head_desc(v_base, Tk, D, svt, BLOCK_N, BLOCK_D, KV_TMA)
 
     p_first = Tk - Tq + tl.min(tl.where(rmask, i, Tq), 0)
     p_last = Tk - Tq + tl.max(tl.where(rmask, i, 0), 0)
@@ -285,21 +319,21 @@ def _fwd_kernel(Q, K, V, O, LSE, KPM, KB,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_WINDOW:
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, a1,
-                                   b1, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
-                                   False, HAS_WINDOW, HAS_KPM, PREC, STAGES)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, a2,
-                                   b2, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
-                                   True, HAS_WINDOW, HAS_KPM, PREC, STAGES)
-        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, a3,
-                                   b3, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
-                                   True, HAS_WINDOW, HAS_KPM, PREC, STAGES)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, a4,
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kpm_base, skt, skd, svt, svd,
+                                   smt, a1, b1, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+                                   False, HAS_WINDOW, HAS_KPM, PREC, STAGES, KV_TMA)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kpm_base, skt, skd, svt, svd,
+                                   smt, a2, b2, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+                                   True, HAS_WINDOW, HAS_KPM, PREC, STAGES, KV_TMA)
+        acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kpm_base, skt, skd, svt, svd,
+                                   smt, a3, b3, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
+                                   True, HAS_WINDOW, HAS_KPM, PREC, STAGES, KV_TMA)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kpm_base, skt, skd, svt, svd, smt, a4,
                                b4, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
-                               False, HAS_WINDOW, HAS_KPM, PREC, STAGES)
-    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, a5,
+                               False, HAS_WINDOW, HAS_KPM, PREC, STAGES, KV_TMA)
+    acc, l_i, m_i = _fwd_range(acc, l_i, m_i, q, k_base, v_base, k_desc, v_desc, kpm_base, skt, skd, svt, svd, smt, a5,
                                b5, ce, lo, SINK_END, qk_scale, bias, offs_n, offs_d, D, EVEN_D, BLOCK_N,
-                               True, HAS_WINDOW, HAS_KPM, PREC, STAGES)
+                               True, HAS_WINDOW, HAS_KPM, PREC, STAGES, KV_TMA)
 
     # Rows that see no key (left padding; tile padding) give 0 and lse = -inf.
     empty = l_i == 0
@@ -437,20 +471,27 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, sob, soh, sot, sod, sgb, sgh, sgt
 
 
 @triton.jit
-def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, start, end, j, Tq, Tk,
-                FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D, EVEN_D: tl.constexpr,
+def _dkdv_range(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, lse_base, delta_base, sqt, sqd, sgt, sgd,
+                slt, start, end, j, Tq, Tk, FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D, EVEN_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-                PREC: tl.constexpr, STAGES: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
-    """dK and/or dV (DO_DK, DO_DV) of one key block over the queries [start, end)."""
+                PREC: tl.constexpr, STAGES: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+                QD_TMA: tl.constexpr):
+    """dK and/or dV (DO_DK, DO_DV) of one key block over the queries [start, end). With
+    QD_TMA an unmasked range reads q and dO of head h through the program's 3-D descriptors;
+    the masked edge ranges keep pointer loads."""
     for m0 in tl.range(start, end, BLOCK_M, num_stages=1 if MASKED else STAGES):
         i = m0 + offs_m
         iin = i < end
         # A scalar row pointer plus one offset tile shared by every loop: per-element
         # pointers would be precomputed for each of the loops and all kept live (spills).
-        q = _load_rows(q_base + m0 * sqt + (offs_m[:, None] * sqt + offs_d[None, :] * sqd), iin, offs_d, D, EVEN_D,
-                       MASKED)
-        do = _load_rows(do_base + m0 * sgt + (offs_m[:, None] * sgt + offs_d[None, :] * sgd), iin, offs_d, D, EVEN_D,
-                        MASKED)
+        if QD_TMA and not MASKED:
+            q = q_desc.load([h, m0, 0]).reshape(BLOCK_M, q_desc.block_shape[2])
+            do = do_desc.load([h, m0, 0]).reshape(BLOCK_M, do_desc.block_shape[2])
+        else:
+            q = _load_rows(q_base + m0 * sqt + (offs_m[:, None] * sqt + offs_d[None, :] * sqd), iin, offs_d, D,
+                           EVEN_D, MASKED)
+            do = _load_rows(do_base + m0 * sgt + (offs_m[:, None] * sgt + offs_d[None, :] * sgd), iin, offs_d, D,
+                            EVEN_D, MASKED)
         if MASKED:
             lse2 = tl.load(lse_base + m0 * slt + offs_m * slt, mask=iin, other=0.0) * LOG2E
         else:
@@ -488,10 +529,11 @@ def _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, s
 
 
 @triton.jit
-def _dkdv_pass(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, sqb, sqh, sqt, sqd, sgb, sgh, sgt, sgd, slb, slh, slt,
-               Hkv, G, q_lo, qf_lo, mid, q_hi, j, Tq, Tk, FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D,
+def _dkdv_pass(dk, dv, k, v, Q, DO, q_desc, do_desc, LSE, DELTA, b, hk, sqb, sqh, sqt, sqd, sgb, sgh, sgt, sgd, slb,
+               slh, slt, Hkv, G, q_lo, qf_lo, mid, q_hi, j, Tq, Tk, FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D,
                EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr,
-               PREC: tl.constexpr, STAGES: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr):
+               PREC: tl.constexpr, STAGES: tl.constexpr, DO_DK: tl.constexpr, DO_DV: tl.constexpr,
+               QD_TMA: tl.constexpr):
     """The G query heads of this K/V head over [q_lo, q_hi): masked head, unmasked middle, masked tail.
     Edge tiles (a few per key block) run unpipelined on half-height query tiles: their mask and
     non-finite handling would otherwise set the register budget of the whole kernel."""
@@ -503,15 +545,15 @@ def _dkdv_pass(dk, dv, k, v, Q, DO, LSE, DELTA, b, hk, sqb, sqh, sqt, sqd, sgb, 
         do_base = DO + b * sgb + h * sgh
         lse_base = LSE + b * slb + h * slh
         delta_base = DELTA + (b * Hkv * G + h) * Tq
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, q_lo,
-                             qf_lo, j, Tq, Tk, FS, W, SINK_END, kv, qk_scale, offs_e, offs_d, D, EVEN_D, EDGE_M, True,
-                             HAS_WINDOW, HAS_KPM, PREC, STAGES, DO_DK, DO_DV)
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, qf_lo,
-                             mid, j, Tq, Tk, FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M,
-                             False, HAS_WINDOW, HAS_KPM, PREC, STAGES, DO_DK, DO_DV)
-        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, lse_base, delta_base, sqt, sqd, sgt, sgd, slt, mid,
-                             q_hi, j, Tq, Tk, FS, W, SINK_END, kv, qk_scale, offs_e, offs_d, D, EVEN_D, EDGE_M, True,
-                             HAS_WINDOW, HAS_KPM, PREC, STAGES, DO_DK, DO_DV)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, lse_base, delta_base, sqt, sqd, sgt,
+                             sgd, slt, q_lo, qf_lo, j, Tq, Tk, FS, W, SINK_END, kv, qk_scale, offs_e, offs_d, D, EVEN_D,
+                             EDGE_M, True, HAS_WINDOW, HAS_KPM, PREC, STAGES, DO_DK, DO_DV, QD_TMA)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, lse_base, delta_base, sqt, sqd, sgt,
+                             sgd, slt, qf_lo, mid, j, Tq, Tk, FS, W, SINK_END, kv, qk_scale, offs_m, offs_d, D, EVEN_D,
+                             BLOCK_M, False, HAS_WINDOW, HAS_KPM, PREC, STAGES, DO_DK, DO_DV, QD_TMA)
+        dk, dv = _dkdv_range(dk, dv, k, v, q_base, do_base, q_desc, do_desc, h, lse_base, delta_base, sqt, sqd, sgt,
+                             sgd, slt, mid, q_hi, j, Tq, Tk, FS, W, SINK_END, kv, qk_scale, offs_e, offs_d, D, EVEN_D,
+                             EDGE_M, True, HAS_WINDOW, HAS_KPM, PREC, STAGES, DO_DK, DO_DV, QD_TMA)
     return dk, dv
 
 
@@ -524,7 +566,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
                      Hkv, G, Tq, Tk, FS, W, SINK_END, SINK_FRAMES, qk_scale, scale, tune_rows, tune_fs,
                      D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
-                     SPLIT: tl.constexpr):
+                     SPLIT: tl.constexpr, QD_TMA: tl.constexpr):
     n_n = tl.cdiv(Tk, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % n_n
@@ -564,37 +606,48 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, KPM, DK, DV,
     qf_hi = tl.maximum(tl.minimum(qf_hi, q_hi), qf_lo)
     mid = qf_lo + (qf_hi - qf_lo) // BLOCK_M * BLOCK_M
 
+    # q/dO descriptors over this batch row's [Hq, Tq, D], made once per program: the head
+    # loop only changes a coordinate (per-head descriptors inside it spilled at D = 128).
+    if QD_TMA:
+        q_desc = tl.make_tensor_descriptor(Q + b * sqb, [Hkv * G, Tq, D], [sqh, sqt, 1], [1, BLOCK_M, BLOCK_D])
+        do_desc = tl.make_tensor_descriptor(DO + b * sgb, [Hkv * G, Tq, D], [sgh, sgt, 1], [1, BLOCK_M, BLOCK_D])
+    else:
+        q_desc = 0
+        do_desc = 0
     zero = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if SPLIT:
         # Two passes over the queries, dV then dK: one accumulator live at a time (half the
         # registers of the fused pass, which spills at D = 128) for one extra q k^T per tile.
-        zero, dv = _dkdv_pass(zero, zero, k, v, Q, DO, LSE, DELTA, b, hk, sqb, sqh, sqt, sqd, sgb, sgh, sgt, sgd,
+        zero, dv = _dkdv_pass(zero, zero, k, v, Q, DO, q_desc, do_desc, LSE, DELTA, b, hk, sqb, sqh, sqt, sqd, sgb,
+                              sgh, sgt, sgd,
                               slb, slh, slt, Hkv, G, q_lo, qf_lo, mid, q_hi, j, Tq, Tk, FS, W, SINK_END, kv,
                               qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, HAS_WINDOW, HAS_KPM, PREC, STAGES,
-                              False, True)
+                              False, True, QD_TMA)
         _store_rows(DV + b * sdvb + hk * sdvh, dv, j, jmask, offs_d, D, sdvt, sdvd)
-        dk, zero = _dkdv_pass(zero, zero, k, v, Q, DO, LSE, DELTA, b, hk, sqb, sqh, sqt, sqd, sgb, sgh, sgt, sgd,
+        dk, zero = _dkdv_pass(zero, zero, k, v, Q, DO, q_desc, do_desc, LSE, DELTA, b, hk, sqb, sqh, sqt, sqd, sgb,
+                              sgh, sgt, sgd,
                               slb, slh, slt, Hkv, G, q_lo, qf_lo, mid, q_hi, j, Tq, Tk, FS, W, SINK_END, kv,
                               qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, HAS_WINDOW, HAS_KPM, PREC, STAGES,
-                              True, False)
+                              True, False, QD_TMA)
     else:
-        dk, dv = _dkdv_pass(zero, zero, k, v, Q, DO, LSE, DELTA, b, hk, sqb, sqh, sqt, sqd, sgb, sgh, sgt, sgd,
-                            slb, slh, slt, Hkv, G, q_lo, qf_lo, mid, q_hi, j, Tq, Tk, FS, W, SINK_END, kv,
+        dk, dv = _dkdv_pass(zero, zero, k, v, Q, DO, q_desc, do_desc, LSE, DELTA, b, hk, sqb, sqh, sqt, sqd, sgb, sgh,
+                            sgt, sgd, slb, slh, slt, Hkv, G, q_lo, qf_lo, mid, q_hi, j, Tq, Tk, FS, W, SINK_END, kv,
                             qk_scale, offs_m, offs_d, D, EVEN_D, BLOCK_M, HAS_WINDOW, HAS_KPM, PREC, STAGES,
-                            True, True)
+                            True, True, QD_TMA)
         _store_rows(DV + b * sdvb + hk * sdvh, dv, j, jmask, offs_d, D, sdvt, sdvd)
     _store_rows(DK + b * sdkb + hk * sdkh, dk * scale, j, jmask, offs_d, D, sdkt, sdkd)
 
 
 @triton.jit
-def _dq_range(dq, q, do, lse2, delta, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, start, end, ce, lo, SINK_END,
-              qk_scale, offs_n, offs_d, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+def _dq_range(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kpm_base, skt, skd, svt, svd, smt, start, end,
+              ce, lo, SINK_END, qk_scale, offs_n, offs_d, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr,
+              STAGES: tl.constexpr, KV_TMA: tl.constexpr):
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         j = n0 + offs_n
         jin = j < end
-        k = _load_rows(k_base + j[:, None] * skt + offs_d[None, :] * skd, jin, offs_d, D, EVEN_D, MASKED)
-        v = _load_rows(v_base + j[:, None] * svt + offs_d[None, :] * svd, jin, offs_d, D, EVEN_D, MASKED)
+        k = _load_kv(k_desc, k_base, n0, j, jin, skt, skd, offs_d, D, EVEN_D, MASKED, KV_TMA)
+        v = _load_kv(v_desc, v_base, n0, j, jin, svt, svd, offs_d, D, EVEN_D, MASKED, KV_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
@@ -624,7 +677,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, KB, DQ,
                    sdqb, sdqh, sdqt, sdqd,
                    Hq, G, Tq, Tk, FS, W, SINK_END, qk_scale, scale, tune_rows, tune_fs,
                    D, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr):
+                   HAS_WINDOW: tl.constexpr, HAS_KPM: tl.constexpr, PREC: tl.constexpr, STAGES: tl.constexpr,
+                   KV_TMA: tl.constexpr):
     pid_m, b, h, bh = _query_block(Tq, Hq, BLOCK_M, tl.program_id(0))
     hk = h // G
     i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -638,6 +692,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, KB, DQ,
     k_base = K + b * skb + hk * skh
     v_base = V + b * svb + hk * svh
     kpm_base = KPM + b * smb
+    k_desc = _head_desc(k_base, Tk, D, skt, BLOCK_N, BLOCK_D, KV_TMA)  # once per program, as in the forward
+    v_desc = _head_desc(v_base, Tk, D, svt, BLOCK_N, BLOCK_D, KV_TMA)
 
     p_first = Tk - Tq + pid_m * BLOCK_M
     p_last = Tk - Tq + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Tq) - 1
@@ -647,23 +703,23 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, KPM, KB, DQ,
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_WINDOW:
-        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, s_lo,
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kpm_base, skt, skd, svt, svd, smt, s_lo,
                        s_full, ce, lo, SINK_END, qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, False,
-                       HAS_WINDOW, HAS_KPM, PREC, STAGES)
-        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, s_full,
-                       s_hi, ce, lo, SINK_END, qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True,
-                       HAS_WINDOW, HAS_KPM, PREC, STAGES)
-        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, k_lo,
+                       HAS_WINDOW, HAS_KPM, PREC, STAGES, KV_TMA)
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kpm_base, skt, skd, svt, svd, smt,
+                       s_full, s_hi, ce, lo, SINK_END, qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True,
+                       HAS_WINDOW, HAS_KPM, PREC, STAGES, KV_TMA)
+        dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kpm_base, skt, skd, svt, svd, smt, k_lo,
                        full_lo, ce, lo, SINK_END, qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True,
-                       HAS_WINDOW, HAS_KPM, PREC, STAGES)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, full_lo,
+                       HAS_WINDOW, HAS_KPM, PREC, STAGES, KV_TMA)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kpm_base, skt, skd, svt, svd, smt, full_lo,
                        mid, ce, lo, SINK_END, qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, False,
-                       HAS_WINDOW, HAS_KPM, PREC, STAGES)
-    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, kpm_base, skt, skd, svt, svd, smt, mid,
+                       HAS_WINDOW, HAS_KPM, PREC, STAGES, KV_TMA)
+    dq = _dq_range(dq, q, do, lse2, delta, k_base, v_base, k_desc, v_desc, kpm_base, skt, skd, svt, svd, smt, mid,
                        k_hi, ce, lo, SINK_END, qk_scale, offs_n, offs_d, D, EVEN_D, BLOCK_N, True,
-                       HAS_WINDOW, HAS_KPM, PREC, STAGES)
-    tl.store(DQ + b * sdqb + h * sdqh + i[:, None] * sdqt + offs_d[None, :] * sdqd, (dq * scale).to(DQ.dtype.element_ty),
-             mask=imask[:, None] & (offs_d < D)[None, :])
+                       HAS_WINDOW, HAS_KPM, PREC, STAGES, KV_TMA)
+    tl.store(DQ + b * sdqb + h * sdqh + i[:, None] * sdqt + offs_d[None, :] * sdqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=imask[:, None] & (offs_d < D)[None, :])
 
 
 @triton.jit(do_not_specialize=["BHkv", "Hkv", "G", "Tq", "Tk", "FS", "W", "SINK_END"])
@@ -753,13 +809,21 @@ def _configs(kernel, block_d, wide):
     return [_cfg(*c) for c in table[tier]]
 
 
-_TUNE_KEY = ["BLOCK_D", "HAS_WINDOW", "HAS_KPM", "PREC", "tune_rows", "tune_fs"]
+_TUNE_KEY = ["BLOCK_D", "HAS_WINDOW", "HAS_KPM", "PREC", "tune_rows", "tune_fs", "KV_TMA", "QD_TMA"]
 _TUNED = {}
 
 
 def _launch(kernel, name, configs, big, grid_rows, args, meta):
     """Launch ``kernel`` with the interpreter's blocks, the heuristic config or, for big
-    problems on a GPU, the autotuned one. ``grid_rows(BLOCK)`` gives the 1-D grid."""
+    problems on a GPU, the autotuned one. ``grid_rows(BLOCK)`` gives the 1-D grid. Device-side
+    TMA descriptors need global scratch: grouped_mm's allocator is installed for the launch."""
+    from . import grouped_mm
+
+    with grouped_mm._scratch_allocator():
+        _launch_config(kernel, name, configs, big, grid_rows, args, meta)
+
+
+def _launch_config(kernel, name, configs, big, grid_rows, args, meta):
     if INTERPRET:
         bm, bn = INTERPRET_BLOCKS[name]
         cfg = _cfg(bm, bn, 4, 1, INTERPRET_SPLIT if name == "dkdv" else None)
@@ -773,6 +837,20 @@ def _launch(kernel, name, configs, big, grid_rows, args, meta):
         return
     kw = dict(cfg.kwargs)
     kernel[(grid_rows(kw),)](*args, **meta, **kw, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def tma_operands(D, *tensors):
+    """Whether the tiled kernels may load ``tensors`` ([B, H, T, D]) through TMA descriptors:
+    an sm_90+ device (``grouped_mm.tma_capable``, looked up at call time: the compile report
+    patches it), unit stride along D, base and other strides 16-byte multiples (so every
+    head's base is aligned too), D a 16-byte multiple (8 elements in 16-bit, 4 in fp32)
+    and no empty dims. Otherwise every load stays a pointer load."""
+    from . import grouped_mm
+
+    t0 = tensors[0]
+    return (D > 0 and (D * t0.element_size()) % grouped_mm._TMA_BYTES == 0
+            and all(t.numel() > 0 and grouped_mm._tma_strides(t, 3) for t in tensors)
+            and grouped_mm.tma_capable(t0.device))
 
 
 def _strides(t, n=4):
@@ -900,7 +978,7 @@ def attention_forward(q, k, v, out, lse, mask, scale, key_padding_mask=None):
     args = (q, k, v, o_part, lse_part, kpm if has_kpm else lse, bounds if has_kpm else lse, *strides, *sm, sos, sls,
             Hkv, G, Tq, Tk, fs, window or 0, sink_end, qk_scale, bias, _bucket(G * Tq), _bucket(fs), splits)
     meta = dict(D=D, BLOCK_D=block_d, EVEN_D=block_d == D, HAS_WINDOW=has_window, HAS_KPM=has_kpm, PREC=prec,
-                SPLIT_K=splits > 1)
+                SPLIT_K=splits > 1, KV_TMA=tma_operands(D, k, v))
     _launch(_fwd_kernel, "fwd", configs, big, lambda m: triton.cdiv(G * Tq, m["BLOCK_M"]) * B * Hkv * splits, args,
             meta)
     if splits > 1:
@@ -950,9 +1028,9 @@ def attention_backward(grad_out, grad_lse, q, k, v, out, lse, dq, dk, dv, mask, 
             *_strides(dk), *_strides(dv),
             Hkv, G, Tq, Tk, fs, w, sink_end, sink_end // fs if fs else 0, qk_scale, scale, *tune)
     _launch(_bwd_dkdv_kernel, "dkdv", _configs("dkdv", block_d, wide), big,
-            lambda m: triton.cdiv(Tk, m["BLOCK_N"]) * B * Hkv, args, meta)
+            lambda m: triton.cdiv(Tk, m["BLOCK_N"]) * B * Hkv, args, {**meta, "QD_TMA": tma_operands(D, q, grad_out)})
     args = (q, k, v, grad_out, lse, delta, kpm if has_kpm else lse, bounds if has_kpm else lse, dq, *sq, *sk, *sv,
             *sg, *sl, *sm, *_strides(dq),
             Hq, G, Tq, Tk, fs, w, sink_end, qk_scale, scale, *tune)
     _launch(_bwd_dq_kernel, "dq", _configs("dq", block_d, wide), big,
-            lambda m: triton.cdiv(Tq, m["BLOCK_M"]) * B * Hq, args, meta)
+            lambda m: triton.cdiv(Tq, m["BLOCK_M"]) * B * Hq, args, {**meta, "KV_TMA": tma_operands(D, k, v)})

@@ -144,13 +144,7 @@ def test_csrc_kernels_do_not_spill(report):
     assert not bad, "\n".join(bad)
 
 
-_NO_TMA = pytest.mark.xfail(strict=True, reason="no TMA in attention today: every dense operand is a pointer "
-                                                 "load (cp.async + ld.global), issue 11 part 3")
-
-
-@pytest.mark.parametrize("kernel", [*(pytest.param(k, marks=_NO_TMA) for k in ("_fwd_kernel", "_bwd_dkdv_kernel",
-                                                                               "_bwd_dq_kernel")),
-                                    "_gmm_kernel", "_gmm_dw_kernel"])
+@pytest.mark.parametrize("kernel", ["_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_gmm_kernel", "_gmm_dw_kernel"])
 def test_dense_mainloops_load_through_tma(report, kernel):
     rows = [r for r in _rows(report, kernel) if r.get("wgmma")]  # the tensor-core (tiled) launches
     assert rows, f"no wgmma launch of {kernel}"
