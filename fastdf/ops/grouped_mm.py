@@ -61,13 +61,29 @@ def _aligned_operand(t: Tensor) -> bool:
     return False
 
 
+# [bool] once probed: whether this torch has a CPU kernel for torch._grouped_mm (fastdf
+# takes torch >= 2.5; transformers notes it has none up to 2.8).
+_NATIVE_CPU: list = []
+
+
+def _native_cpu_available() -> bool:
+    if not _NATIVE_CPU:
+        try:
+            torch._grouped_mm(torch.zeros(2, 4), torch.zeros(1, 4, 4), offs=torch.tensor([2], dtype=torch.int32))
+            ok = True
+        except (AttributeError, NotImplementedError, RuntimeError, TypeError):
+            ok = False
+        _NATIVE_CPU.append(ok)
+    return _NATIVE_CPU[0]
+
+
 def grouped_mm_cpu_native(x: Tensor, w: Tensor) -> bool:
     """Whether ``torch._grouped_mm`` may run ``x @ w`` per group on the CPU: its dtypes,
     one dtype for both, and its layout rule. It then loops over the groups in C++ calling
     the same matrix product as :func:`grouped_mm_loop` (bitwise equal; the tests compare
     them), without a Python call per expert."""
     return (x.is_cpu and w.is_cpu and x.dtype == w.dtype and x.dtype in TRITON_DTYPES and _aligned_operand(x)
-            and _aligned_operand(w))
+            and _aligned_operand(w) and _native_cpu_available())
 
 
 def grouped_mm_loop(x: Tensor, w: Tensor, offs: Tensor, *, trainable_w: Tensor | None = None,

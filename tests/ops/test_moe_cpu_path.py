@@ -3,6 +3,7 @@ op's torch implementation and the references: the same bits forward and backward
 same errors, frozen experts without weight gradients, and ``torch._grouped_mm`` used only
 where its layout rule holds. Plus the merge's lerp formulation at large lse gaps."""
 
+import importlib
 import unittest.mock
 
 import pytest
@@ -192,6 +193,24 @@ def test_grouped_mm_native_only_where_torch_takes_it_and_bitwise(name, layout, d
     out = grouped_mm_loop(x, w, offs)
     assert torch.equal(out, grouped_mm_reference(x, w, offs))
     assert torch.equal(out[39:], torch.zeros_like(out[39:]))
+
+
+def test_grouped_mm_loop_without_a_native_cpu_kernel(monkeypatch):
+    """A torch without torch._grouped_mm on the CPU (before 2.9): the Python loop, same bits."""
+    gm = importlib.import_module("fastdf.ops.grouped_mm")  # fastdf.ops.grouped_mm is also a function's name
+
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(30, 16, generator=g), torch.randn(3, 16, 8, generator=g)
+    offs = torch.tensor([4, 19, 30], dtype=torch.int32)
+    assert grouped_mm_cpu_native(x, w)
+    monkeypatch.setattr(gm, "_NATIVE_CPU", [False])
+    monkeypatch.setattr(torch, "_grouped_mm", None)  # would raise TypeError if called
+    assert not grouped_mm_cpu_native(x, w)
+    assert torch.equal(grouped_mm_loop(x, w, offs), grouped_mm_reference(x, w, offs))
+    hidden, ids, weights, gate_up, down = _layer(12, 2, 3, 8, 8, torch.float32)
+    with torch.no_grad():
+        assert torch.equal(fastdf.moe_experts(hidden, ids, weights, gate_up, down),
+                           moe.moe_experts_reference(hidden, ids, weights, gate_up, down))
 
 
 def test_grouped_mm_native_refuses_zero_sizes_and_fp64():
