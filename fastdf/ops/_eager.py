@@ -45,12 +45,18 @@ def torch_backend_eager(device: torch.device) -> bool:
     return request == "torch" or (request == "auto" and device.type == "cpu")
 
 
+# nn.Parameter disables __torch_function__, so it runs as a plain tensor (layer weights are
+# Parameters); other subclasses keep the custom op.
+PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def plain_tensors(*tensors) -> bool:
-    """True when every tensor given (None skipped) is a plain ``torch.Tensor`` and no
+    """True when every tensor given (None skipped) is a plain ``torch.Tensor`` (or an
+    ``nn.Parameter``) and no
     ``__torch_dispatch__`` mode (make_fx, FakeTensorMode) or functorch transform (vmap,
     grad) is active: the custom op's fake and the transforms' rules then are not needed.
     Ops whose torch code reads data on the host (``bool(t.any())``) check this as well,
     since fake or batched tensors cannot answer that."""
     if torch._C._len_torch_dispatch_stack() or torch._C._functorch.peek_interpreter_stack() is not None:
         return False
-    return all(t is None or type(t) is torch.Tensor for t in tensors)
+    return all(t is None or type(t) in PLAIN for t in tensors)

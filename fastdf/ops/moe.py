@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import _native
 from . import _alloc, _checks
 from ._backend import Op, unavailable_reason
-from ._eager import plain_tensors, torch_backend_eager
+from ._eager import PLAIN, plain_tensors, torch_backend_eager
 from ._library import custom_op
 from .grouped_mm import TRITON_DTYPES, _capturing, _ids_flags, _raise_ids, check_trainable, grouped_mm, \
     grouped_mm_loop, slot_map
@@ -747,9 +747,7 @@ def _moe_eager(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, 
 
 
 _MOE_DTYPES = _checks.FLOAT_DTYPES + (torch.float64,)
-# Tensor types the eager path takes: nn.Parameter disables __torch_function__, so it runs
-# as a plain tensor (weights are Parameters); other subclasses keep the custom op.
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = PLAIN  # (tensor types the eager path takes: see _eager.PLAIN)
 _ID_DTYPES = (torch.int64, torch.int32)
 
 
