@@ -118,8 +118,10 @@ def sass_functions(sass: str) -> dict[str, list[tuple[int, str, str]]]:
 
 def sass_summary(instrs: list[tuple[int, str, str]]) -> dict:
     """Instruction counts and the main loop: among innermost loops (a backward branch whose
-    body holds no other backward branch), the one with the most MMA instructions, then the
-    most global loads; its size is the SASS instruction count of one iteration."""
+    body holds no other backward branch), the one with the most MMA instructions, then one
+    fed by TMA, then the shortest: the steady-state loop (the edge-tile copies of the same
+    loop carry masking and pointer loads, and run once or twice per program); its size is
+    the SASS instruction count of one iteration."""
     if not instrs:
         return {}
     index = {addr: i for i, (addr, _, _) in enumerate(instrs)}
@@ -141,7 +143,7 @@ def sass_summary(instrs: list[tuple[int, str, str]]) -> dict:
     best = None
     for a, b in innermost:
         body = instrs[a:b + 1]
-        score = (count(body, _MMA_OPS), count(body, ("LDG", "LDGSTS", "UTMALDG")), len(body))
+        score = (count(body, _MMA_OPS), count(body, ("UTMALDG",)) > 0, -len(body))
         if best is None or score > best[0]:
             best = (score, body)
     ops = [op.split(".")[0] for _, op, _ in instrs]
