@@ -182,7 +182,11 @@ def _case(label, shape, T, kind, mode, device, dtype):
             return run
 
         full = [gate_up, down]
-        names = ["grouped_mm", "batched_mm", "eager"]
+        # On the CPU batched_mm gathers every row's expert weights (~400 MB a call at cpu-small,
+        # 50-150x slower than the rest): timed in the same interleaved rounds, its allocations
+        # slowed whichever provider ran next (MoE fwd read 0.53-0.73x in such runs, 1.0-1.1x
+        # without it), so the CPU leaves it out.
+        names = ["grouped_mm", "batched_mm", "eager"] if device.type == "cuda" else ["grouped_mm", "eager"]
         if mode == "fwd":
             def no_grad(fn):
                 def run():
