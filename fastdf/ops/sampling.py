@@ -42,6 +42,20 @@ STATUS_OK, STATUS_NON_FINITE, STATUS_NO_FINITE = 0, 1, 2
 CUDA_CANDIDATE_CAP: list = [None]
 
 
+def _distinct_rows(logits, temperature, top_k, top_p, min_p, indices):
+    """(accumulation dtype, logits in it, knobs in it, inverse): the rows ``indices`` names,
+    each once (``inverse`` maps the samples back; None without indices)."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    x = logits.to(acc)
+    knobs = [temperature.to(acc), top_k.long(), top_p.to(acc), min_p.to(acc)]
+    inverse = None
+    if indices is not None:
+        rows, inverse = torch.unique(indices, return_inverse=True)
+        x = x.index_select(0, rows)
+        knobs = [t.index_select(0, rows) for t in knobs]
+    return acc, x, knobs, inverse
+
+
 def sample_reference(logits: Tensor, uniforms: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor,
                      min_p: Tensor, indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Readable torch reference (sorts; fp32 math, fp64 for fp64 logits).
@@ -52,15 +66,8 @@ def sample_reference(logits: Tensor, uniforms: Tensor, temperature: Tensor, top_
     whose logits are all ``-inf``; such rows get id -1. The kept set is computed once
     per distinct row, so many samples of one row cost one sort.
     """
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    x = logits.to(acc)
-    knobs = [temperature.to(acc), top_k.long(), top_p.to(acc), min_p.to(acc)]
-    inverse = None
-    if indices is not None:
-        rows, inverse = torch.unique(indices, return_inverse=True)
-        x = x.index_select(0, rows)
-        knobs = [t.index_select(0, rows) for t in knobs]
-    temperature, top_k, top_p, min_p = knobs
+    acc, x, (temperature, top_k, top_p, min_p), inverse = _distinct_rows(logits, temperature, top_k, top_p, min_p,
+                                                                       indices)
     vocab = x.shape[-1]
     inf = torch.tensor(float("inf"), dtype=acc, device=x.device)
 
@@ -190,15 +197,8 @@ def _sample_sort_free(logits, uniforms, temperature, top_k, top_p, min_p, indice
     inverse-CDF draw), but the top-k and top-p thresholds come from the largest
     ``TORCH_CANDIDATES`` logits of each row (``torch.topk``, O(V)), 8x more while a row's
     cut is not inside them: an LLM's top-p head is a few dozen tokens of 32k-150k."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    x = logits.to(acc)
-    knobs = [temperature.to(acc), top_k.long(), top_p.to(acc), min_p.to(acc)]
-    inverse = None
-    if indices is not None:
-        rows, inverse = torch.unique(indices, return_inverse=True)
-        x = x.index_select(0, rows)
-        knobs = [t.index_select(0, rows) for t in knobs]
-    temperature, top_k, top_p, min_p = knobs
+    acc, x, (temperature, top_k, top_p, min_p), inverse = _distinct_rows(logits, temperature, top_k, top_p, min_p,
+                                                                       indices)
     vocab = x.shape[-1]
     m = x.amax(-1)  # NaN wins amax, so one pass finds NaN, +inf and all -inf rows
     if not bool(torch.isfinite(m).all()):
