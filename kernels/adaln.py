@@ -195,10 +195,11 @@ def modulate_backward(grad, x, scale, weight, bias, mean, rstd, dx, rms):
     F = scale.shape[1]
     S = T // F
     block_c, rows, warps = _row_config(C)
-    if not INTERPRET and block_c == 2048:
-        # The backward holds ~3x the forward's live values: at 4 warps it hits 255 registers and
-        # spills 16 B on sm_90a; 8 warps halve the per-thread share (179 registers, no spill).
-        warps = 8
+    if not INTERPRET and rows * block_c >= 8192:
+        # The backward holds ~3x the forward's live values: on a full 8192-element tile at 4
+        # warps it hits 255 registers and spills 12-16 B on sm_90a (BLOCK_C 1024 and 2048 alike);
+        # twice the warps halve the per-thread share (179 registers at 2048, no spill).
+        warps = min(16, 2 * warps)
     tok, n_chunks = _chunks(B, F, S, rows)
     part = lambda on: torch.empty((B, F, n_chunks, C) if on else (1,), dtype=torch.float32, device=x.device)  # noqa: E731
     p_shift, p_scale, p_w, p_b = part(True), part(True), part(weight is not None), part(bias is not None)
