@@ -627,31 +627,37 @@ def _(grad, hidden, topk_weights, gate_up, down, tids, tgu, tdown, h1, order, in
             ref_dn.new_empty((n,) + tuple(down.shape[1:])) if need_ddown else hidden.new_empty(0))
 
 
-def _moe_setup(ctx, inputs, output):
-    hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act, save = inputs
-    _, h1, order, inverse, offs = output
+def _save(ctx, hidden, topk_weights, gate_up, down, tids, tgu, tdown, act, h1, order, inverse, offs):
     ctx.save_for_backward(hidden, topk_weights, gate_up, down, tids, tgu, tdown, h1, order, inverse, offs)
     ctx.act = act
     ctx.has_trainable = tids is not None
     ctx.set_materialize_grads(False)  # h1 and the routing outputs never get gradients
 
 
-def _moe_backward(ctx, grad, *unused):
-    hidden, topk_weights, gate_up, down, tids, tgu, tdown, h1, order, inverse, offs = ctx.saved_tensors
+def _grads(ctx, grad, backward):
+    """Gradients for (hidden, topk_ids, topk_weights, gate_up, down, trainable ids, trainable
+    gate_up, trainable down, act) from what :func:`_save` kept; ``backward`` is the
+    custom op (through the op) or ``_backward`` on torch primitives (the eager path)."""
     nig = ctx.needs_input_grad
     need_dx, need_dw = nig[0], nig[2]
     need_dgu, need_ddown = (nig[6], nig[7]) if ctx.has_trainable else (nig[3], nig[4])
     if grad is None or not (need_dx or need_dw or need_dgu or need_ddown):
-        return (None,) * 10
-    dx, dweights, dgu, ddown = _moe_bwd_op(grad, hidden, topk_weights, gate_up, down, tids, tgu, tdown, h1, order,
-                                           inverse, offs, ctx.act, need_dx, need_dw, need_dgu, need_ddown)
-    dx = dx if need_dx else None
-    dweights = dweights if need_dw else None
-    dgu = dgu if need_dgu else None
-    ddown = ddown if need_ddown else None
+        return (None,) * 9
+    dx, dweights, dgu, ddown = backward(grad, *ctx.saved_tensors, ctx.act, need_dx, need_dw, need_dgu, need_ddown)
+    dx, dweights = (dx if need_dx else None), (dweights if need_dw else None)
+    dgu, ddown = (dgu if need_dgu else None), (ddown if need_ddown else None)
     if ctx.has_trainable:
-        return dx, None, dweights, None, None, None, dgu, ddown, None, None
-    return dx, None, dweights, dgu, ddown, None, None, None, None, None
+        return dx, None, dweights, None, None, None, dgu, ddown, None
+    return dx, None, dweights, dgu, ddown, None, None, None, None
+
+
+def _moe_setup(ctx, inputs, output):
+    hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act, save = inputs
+    _save(ctx, hidden, topk_weights, gate_up, down, tids, tgu, tdown, act, *output[1:])
+
+
+def _moe_backward(ctx, grad, *unused):
+    return _grads(ctx, grad, _moe_bwd_op) + (None,)  # (no gradient for ``save``)
 
 
 _moe_op.register_autograd(_moe_backward, setup_context=_moe_setup)
@@ -714,29 +720,13 @@ class _MoeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act):
-        out, h1, order, inverse, offs = _forward_eager(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu,
-                                                       tdown, act, True)
-        ctx.save_for_backward(hidden, topk_weights, gate_up, down, tids, tgu, tdown, h1, order, inverse, offs)
-        ctx.act = act
-        ctx.has_trainable = tids is not None
-        ctx.set_materialize_grads(False)
+        out, *routing = _forward_eager(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act, True)
+        _save(ctx, hidden, topk_weights, gate_up, down, tids, tgu, tdown, act, *routing)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, topk_weights, gate_up, down, tids, tgu, tdown, h1, order, inverse, offs = ctx.saved_tensors
-        nig = ctx.needs_input_grad
-        need_dx, need_dw = nig[0], nig[2]
-        need_dgu, need_ddown = (nig[6], nig[7]) if ctx.has_trainable else (nig[3], nig[4])
-        if grad is None or not (need_dx or need_dw or need_dgu or need_ddown):
-            return (None,) * 9
-        dx, dweights, dgu, ddown = _backward(_TorchPrims, grad, hidden, topk_weights, gate_up, down, tids, tgu, tdown,
-                                             h1, order, inverse, offs, ctx.act, need_dx, need_dw, need_dgu, need_ddown)
-        dx, dweights = (dx if need_dx else None), (dweights if need_dw else None)
-        dgu, ddown = (dgu if need_dgu else None), (ddown if need_ddown else None)
-        if ctx.has_trainable:
-            return dx, None, dweights, None, None, None, dgu, ddown, None
-        return dx, None, dweights, dgu, ddown, None, None, None, None
+        return _grads(ctx, grad, functools.partial(_backward, _TorchPrims))
 
 
 def _moe_eager(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act):
