@@ -48,6 +48,8 @@ def tiny_pipeline(transformer, device="cpu", kind="t2v"):
     with a tiny Wan VAE, a UniPC flow scheduler, a tiny UMT5 encoder and a word-level
     tokenizer, all built from configs (no download). The pipelines' own prompt path needs
     ``ftfy``, so the prompts are encoded here."""
+    if not isinstance(kind, str):
+        raise TypeError(f"kind must be a str, one of {sorted(PIPELINES)}, got {type(kind).__name__}")
     if kind not in PIPELINES:
         raise ValueError(f"kind must be one of {sorted(PIPELINES)}, got {kind!r}")
     import diffusers
