@@ -1,7 +1,8 @@
 """Gates on what the compiler makes of the GPU kernels, checked here without a GPU.
 
 ``fastdf.bench.compile.ci_report()`` compiles every Triton kernel through its launcher at one
-benchmark shape per kernel group (the default config of each launch) for sm_90a and every
+benchmark shape per kernel group (every config of each launch: the default and each autotune
+candidate, all shipped) for sm_90a and every
 csrc kernel with ``nvcc -Xptxas -v``; the full report (every shape and autotune config) is
 ``python -m fastdf.bench.compile`` (committed as benches/results/compile-sm90a.json).
 
@@ -43,8 +44,9 @@ def report():
     return C.ci_report()
 
 
-def _rows(report, kernel=None, source="triton"):
-    return [r for r in report["kernels"] if r["source"] == source and (kernel is None or r["kernel"] == kernel)]
+def _rows(report, kernel=None, source="triton", default_only=False):
+    return [r for r in report["kernels"] if r["source"] == source and (kernel is None or r["kernel"] == kernel)
+            and (r.get("default", True) or not default_only)]
 
 
 def _where(row):
@@ -89,9 +91,9 @@ def test_every_kernel_is_compiled(report):
     assert not failed, "\n".join(failed)
 
 
-def test_default_configs_fit_the_sm(report):
-    """Each launch's default config fits an H100 SM: <= 255 registers, shared memory within
-    227 KB, at least one CTA resident."""
+def test_shipped_configs_fit_the_sm(report):
+    """Each launch's configs (default and autotune candidates) fit an H100 SM: <= 255
+    registers, shared memory within 227 KB, at least one CTA resident."""
     for row in _rows(report):
         where = _where(row)
         assert row["regs"] <= 255, where
@@ -119,9 +121,12 @@ def _spill_params():
 
 
 @pytest.mark.parametrize("kernel, job, excluded", _spill_params())
-def test_default_config_does_not_spill(report, kernel, job, excluded):
-    """No spill and no stack frame in the default config of any launch (launches of
-    ``kernel`` whose job starts with ``job``, minus the ``excluded`` known-spilling ones)."""
+def test_shipped_configs_do_not_spill(report, kernel, job, excluded):
+    """No spill and no stack frame in any config of any launch, autotune candidates included
+    (the autotuner may pick any of them): launches of ``kernel`` whose job starts with
+    ``job``, minus the ``excluded`` known-spilling ones. Before issue 11's last change, three
+    D=128 attention candidates spilled (fwd 128x128 w8 s2 56-96 B, fused dK/dV 16x128 32-48
+    B, dQ 128x32 w4 236-860 B) while the gate read the default configs only."""
     rows = [r for r in _rows(report, kernel) if r["job"].startswith(job) and
             not any(e and r["job"].startswith(e) for e in excluded)]
     if not rows:
@@ -167,7 +172,7 @@ def _wave_efficiency(row):
 ])
 def test_split_grids_fill_whole_waves(report, job, kernel):
     """Grids whose size the launcher chooses (key splits) fill >= 90% of their last wave."""
-    rows = [r for r in _rows(report, kernel) if r["job"].startswith(job)]
+    rows = [r for r in _rows(report, kernel, default_only=True) if r["job"].startswith(job)]
     assert rows, f"no {kernel} launch for {job}"
     for row in rows:
         assert _wave_efficiency(row) >= 0.9, f"{_where(row)}: {row['grid_ctas']} CTAs, {row['waves']} waves"
