@@ -264,6 +264,13 @@ def _empty_bthd(b, h, t, d, *, dtype, device):
     return _alloc.empty((b, t, h, d), dtype=dtype, device=device).transpose(1, 2)
 
 
+def _bthd_layout(t):
+    """Whether ``t`` [B, H, T, D] is laid out as [B, T, H, D] (the outputs' layout): a
+    stride comparison first (``transpose`` + ``is_contiguous`` are two dispatches)."""
+    _, H, T, D = t.shape
+    return t.stride() == (T * H * D, D, H * D, 1) or t.transpose(1, 2).is_contiguous()
+
+
 def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -283,6 +290,12 @@ FAST_BLOCK_ROWS = 128
 def _flash_cpu():
     # the torch.* binding: a few microseconds less per call than torch.ops.aten's packet
     return getattr(torch, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_cpu_backward():
+    # the op's overload, resolved once: calling the torch.ops packet resolves it per call
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
 def _fast_path_data(q, k, v, key_padding_mask, scale):
@@ -434,7 +447,8 @@ def _attention_fast(q, k, v, frame_size, causal, window_frames, sink_frames, sca
     # the kernel reads rows of D as contiguous: other views are copied, once
     if dtype != acc:
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
-    q, k, v = _last_dim_contiguous(q, k, v)
+    if not q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
+        q, k, v = _last_dim_contiguous(q, k, v)
     mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
     plan = _plan(Tq, Tk, **mask, work=B * Hq * D)
     outs, lses = [], []
@@ -455,7 +469,7 @@ def _attention_fast(q, k, v, frame_size, causal, window_frames, sink_frames, sca
             o, l = _reference_rows(o, l, s, e, pieces, bad, q0, k0, v0, scale, mask)
         outs.append(o)
         lses.append(l)
-    if len(outs) == 1 and outs[0].dtype == dtype and outs[0].transpose(1, 2).is_contiguous():
+    if len(outs) == 1 and outs[0].dtype == dtype and _bthd_layout(outs[0]):
         return outs[0], lses[0]  # the kernel's result already has the output's layout
     # one concatenation each (not a copy per block): on a shared machine every parallel
     # region can cost a scheduler slice
@@ -508,10 +522,12 @@ _FLOAT_MAX = {dtype: float(torch.finfo(dtype).max) for dtype in (torch.float32, 
 
 
 def _accepted(out, lse, scale):
-    """max |lse| if the kernel's ``(out, lse)`` pass the check above, else None (two
+    """max |lse| if the kernel's ``(out, lse)`` pass the check above, else None (three
     reductions: on small problems each op's dispatch is a measurable share)."""
     total = float(out.sum())  # NaN/inf anywhere; an overflow of a finite sum is a false alarm, safe
-    absmax = float(torch.linalg.vector_norm(lse, float("inf")))  # NaN propagates
+    # amax and amin propagate NaN (both are NaN if any is, and max() keeps its first NaN);
+    # vector_norm(lse, inf) costs ~3 ns an element on the CPU, the two ~0.2 ns
+    absmax = max(float(lse.amax()), -float(lse.amin()))
     # lse >= -absmax: above the floor when absmax is below it (a false alarm only for
     # |lse| ~ max * scale, where scores themselves are near the range's end)
     if math.isfinite(total) and absmax < _FLOAT_MAX[lse.dtype] * scale - LSE_FLOOR_MARGIN:
@@ -523,7 +539,7 @@ def _attention_forward(q, k, v, key_padding_mask, frame_size, causal, window_fra
     """``(out, lse, lse_absmax)``: the blocked path on the data as it is where its result
     passes the check (``lse_absmax`` = max |lse| then), else the careful blocked path or the
     reference (``lse_absmax`` None)."""
-    if (q.device.type == "cpu" and q.numel() and _flash_cpu() is not None
+    if (q.is_cpu and q.numel() and _flash_cpu() is not None
             and (key_padding_mask is None or bool(key_padding_mask.all()))):
         out, lse = _attention_fast(q, k, v, frame_size, causal, window_frames, sink_frames, scale, (q, k, v, None))
         absmax = _accepted(out, lse, scale)
@@ -674,16 +690,29 @@ def _sees_keys(rows, blocks, tq, tk, mask):
     return keys
 
 
+_CPU = torch.device("cpu")
+
+
 def _one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, device):
     """Positions (query indices) of the rows that see exactly one key, and that key
     (cached: callers only read them)."""
-    return _cached_one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, torch.device(device))
+    return _cached_one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, torch.device(device))[:2]
 
 
 @functools.lru_cache(maxsize=64)
 def _cached_one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, device):
+    """``(rows, keys, span)``: _build_one_key_rows' tensors and, where the rows are
+    ``r0..r1-1`` and their keys ``k0..k0+r1-r0-1`` (token-causal: row 0 and key 0), ``span =
+    (r0, r1, k0)`` for slices instead of index ops (each index op costs ~10-20 us on the
+    CPU), else None."""
     with torch.inference_mode(False):  # normal tensors, whatever mode the first caller ran in
-        return _build_one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, device)
+        rows, keys = _build_one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, device)
+    span = None
+    if rows.numel():
+        r, k = rows.tolist(), keys.tolist()
+        if r == list(range(r[0], r[0] + len(r))) and k == list(range(k[0], k[0] + len(k))):
+            span = (r[0], r[0] + len(r), k[0])
+    return rows, keys, span
 
 
 def _build_one_key_rows(tq, tk, frame_size, causal, window_frames, sink_frames, device):
@@ -713,7 +742,7 @@ def _flash_backward_pieces(grad_out, q, k, v, out, lse, plan, mask, scale):
     they are."""
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
-    bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+    bwd = _flash_cpu_backward()
     if len(plan) == 1 and len(plan[0][2]) == 1 and plan[0][2][0][:2] == (0, Tk):
         kind = plan[0][2][0][2]
         attn_mask = _piece_mask(0, Tq, Tk - Tq, 0, Tk, q.dtype, q.device, **mask) if kind == "mask" else None
@@ -731,7 +760,7 @@ def _flash_backward_pieces(grad_out, q, k, v, out, lse, plan, mask, scale):
             dk[:, :, lo:hi] += dk_p
             dv[:, :, lo:hi] += dv_p
         dqs.append(dq)
-    if len(dqs) == 1 and dqs[0].transpose(1, 2).is_contiguous():
+    if len(dqs) == 1 and _bthd_layout(dqs[0]):
         return dqs[0], dk, dv
     result = _empty_bthd(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
     torch.cat([d.transpose(1, 2) for d in dqs], 1, out=result.transpose(1, 2))
@@ -745,7 +774,9 @@ def _attention_backward_raw(grad_out, q, k, v, out, lse, frame_size, causal, win
     Callers make sure the forward's out is finite (so every value of every piece is: each
     is seen by some row) and |lse| <= FLASH_BACKWARD_MAX_LSE. What is left reaches dq: a
     NaN/inf dO of a row makes its dq NaN (its dP against any key it sees), as does a key
-    with a non-finite component (q . k = +inf or NaN: P NaN; -inf: P = 0 times the key)."""
+    with a non-finite component (q . k = +inf or NaN: P NaN; -inf: P = 0 times the key).
+    On small problems this path's host work is a visible share of the call (issue 11), so
+    it runs as few tensor ops as it can: slices where index ops would do."""
     mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
@@ -754,14 +785,22 @@ def _attention_backward_raw(grad_out, q, k, v, out, lse, frame_size, causal, win
     # key's dV as it is (the reference's stable softmax gives that bitwise, exp(s - lse)
     # nearly). An lse of +inf makes the kernel's P = exp(s - lse) exactly 0 for that row,
     # bitwise what the careful path's dO = 0 gives, at the cost of a copy of lse, not of dO.
-    one_rows, one_keys = _one_key_rows(Tq, Tk, **mask, device=q.device)
+    one_rows, one_keys, span = _cached_one_key_rows(Tq, Tk, frame_size, causal, window_frames, sink_frames,
+                                                    _CPU if q.is_cpu else q.device)
     if one_rows.numel():
         lse = lse.index_fill(2, one_rows, math.inf)
-    grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
+    if not (grad_out.stride(-1) == q.stride(-1) == k.stride(-1) == v.stride(-1) == out.stride(-1) == 1):
+        grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
     dq, dk, dv = _flash_backward_pieces(grad_out, q, k, v, out, lse, plan, mask, scale)
     if not math.isfinite(float(dq.sum())):  # an overflow of a finite sum is a false alarm, safe
         return None
-    if one_rows.numel():
+    if span is not None:
+        r0, r1, k0 = span
+        one_grad = grad_out[:, :, r0:r1]
+        if Hq != Hkv:
+            one_grad = one_grad.reshape(B, Hkv, Hq // Hkv, r1 - r0, D).sum(2)
+        dv[:, :, k0:k0 + r1 - r0] += one_grad
+    elif one_rows.numel():
         one_grad = grad_out[:, :, one_rows]
         dv.index_add_(2, one_keys, one_grad if Hq == Hkv else one_grad.reshape(B, Hkv, Hq // Hkv, -1, D).sum(2))
     return dq, dk, dv
@@ -846,7 +885,7 @@ def _attention_backward_torch(grad_out, grad_lse, q, k, v, out, lse, key_padding
                                                 scale=scale, key_padding_mask=key_padding_mask)
     results = []
     for g, like in zip(grads, (q, k, v)):
-        if g.dtype == like.dtype and g.transpose(1, 2).is_contiguous():
+        if g.dtype == like.dtype and _bthd_layout(g):
             results.append(g)
             continue
         r = _empty_bthd(*like.shape, dtype=like.dtype, device=like.device)
@@ -987,20 +1026,31 @@ class _AttentionEager(torch.autograd.Function):
         return out, (lse.contiguous() if need_lse else lse)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the custom op has no double backward either
     def backward(ctx, grad_out, grad_lse):
-        q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        args = (grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, *ctx.mask)
-        # the backend is read when the backward runs, as the custom op's backward does
-        if torch_backend_eager(q.device) and plain_tensors(grad_out, grad_lse):
-            dq, dk, dv = _attention_backward_torch(*args, lse_absmax=ctx.lse_absmax)
-        else:
-            if grad_lse is None:
-                grad_lse = torch.zeros_like(lse)
-            dq, dk, dv = _attention_backward_op(*args[:1], grad_lse, *args[2:])
-        return (None, dq, dk, dv) + (None,) * (1 + len(ctx.mask))
+        # once_differentiable's wrapper (a no_grad block, ~25 us on a small CPU call) is only
+        # needed when a graph is being built (create_graph=True): then double backward must
+        # raise, as the custom op's does
+        if torch.is_grad_enabled():
+            return _eager_backward_once(ctx, grad_out, grad_lse)
+        return _eager_backward(ctx, grad_out, grad_lse)
+
+
+def _eager_backward(ctx, grad_out, grad_lse):
+    q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    args = (grad_out, grad_lse, q, k, v, out, lse, key_padding_mask, *ctx.mask)
+    # the backend is read when the backward runs, as the custom op's backward does
+    if torch_backend_eager(_CPU if q.is_cpu else q.device) and plain_tensors(grad_out, grad_lse):
+        dq, dk, dv = _attention_backward_torch(*args, lse_absmax=ctx.lse_absmax)
+    else:
+        if grad_lse is None:
+            grad_lse = torch.zeros_like(lse)
+        dq, dk, dv = _attention_backward_op(*args[:1], grad_lse, *args[2:])
+    return (None, dq, dk, dv) + (None,) * (1 + len(ctx.mask))
+
+
+_eager_backward_once = torch.autograd.function.once_differentiable(_eager_backward)
 
 
 def _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale, need_lse=True):

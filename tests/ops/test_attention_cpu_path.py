@@ -499,3 +499,16 @@ def test_remembered_checks_still_refuse_bad_arguments():
     with pytest.raises(TypeError, match="q"):
         A.df_attention(q.tolist(), k, v)
     assert A.df_attention(q, k, v, frame_size=1).shape == q.shape
+
+
+def test_eager_path_first_order_under_create_graph_and_no_double_backward():
+    """The eager backward skips once_differentiable's wrapper unless a graph is being built:
+    with create_graph=True the first-order gradients are the same numbers, and
+    differentiating them again raises (the custom op has no double backward either)."""
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 2, 8, 8, 4, seed=50))
+    plain = torch.autograd.grad((A.df_attention(q, k, v, frame_size=2) ** 2).sum(), (q, k, v))
+    graph = torch.autograd.grad((A.df_attention(q, k, v, frame_size=2) ** 2).sum(), (q, k, v), create_graph=True)
+    for a, b in zip(plain, graph):
+        assert torch.equal(a, b.detach())
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        graph[0].sum().backward()
