@@ -42,7 +42,7 @@ live: ``SPLIT``) and a dQ kernel owns one query block. No atomics: deterministic
 import triton
 import triton.language as tl
 
-from . import INTERPRET, autotune
+from . import INTERPRET, _device, autotune
 
 _LOG2E = 1.4426950408889634
 LOG2E = tl.constexpr(_LOG2E)  # kernels read globals only as constexpr
@@ -819,10 +819,8 @@ _TUNED = {}
 def _launch(kernel, name, configs, big, grid_rows, args, meta):
     """Launch ``kernel`` with the interpreter's blocks, the heuristic config or, for big
     problems on a GPU, the autotuned one. ``grid_rows(BLOCK)`` gives the 1-D grid. Device-side
-    TMA descriptors need global scratch: grouped_mm's allocator is installed for the launch."""
-    from . import grouped_mm
-
-    with grouped_mm._scratch_allocator():
+    TMA descriptors need global scratch: _device's allocator is installed for the launch."""
+    with _device.scratch_allocator():
         _launch_config(kernel, name, configs, big, grid_rows, args, meta)
 
 
@@ -844,16 +842,14 @@ def _launch_config(kernel, name, configs, big, grid_rows, args, meta):
 
 def tma_operands(D, *tensors):
     """Whether the tiled kernels may load ``tensors`` ([B, H, T, D]) through TMA descriptors:
-    an sm_90+ device (``grouped_mm.tma_capable``, looked up at call time: the compile report
+    an sm_90+ device (``_device.tma_capable``, looked up at call time: the compile report
     patches it), unit stride along D, base and other strides 16-byte multiples (so every
     head's base is aligned too), D a 16-byte multiple (8 elements in 16-bit, 4 in fp32)
     and no empty dims. Otherwise every load stays a pointer load."""
-    from . import grouped_mm
-
     t0 = tensors[0]
-    return (D > 0 and (D * t0.element_size()) % grouped_mm._TMA_BYTES == 0
-            and all(t.numel() > 0 and grouped_mm._tma_strides(t, 3) for t in tensors)
-            and grouped_mm.tma_capable(t0.device))
+    return (D > 0 and (D * t0.element_size()) % _device.TMA_BYTES == 0
+            and all(t.numel() > 0 and _device.tma_strides(t, 3) for t in tensors)
+            and _device.tma_capable(t0.device))
 
 
 def _strides(t, n=4):
@@ -919,10 +915,8 @@ def _key_splits(programs, keys, block_n, device):
     CPU tensors (the interpreter) split only when a test sets KEY_SPLIT_SLOTS."""
     if device.type == "cpu":
         slots = KEY_SPLIT_SLOTS
-    else:
-        from . import grouped_mm  # its num_sms is what fastdf.bench.compile sets to the target's
-
-        slots = KEY_SPLIT_SLOTS or grouped_mm.num_sms(device)
+    else:  # (_device.num_sms is what fastdf.bench.compile sets to the target's)
+        slots = KEY_SPLIT_SLOTS or _device.num_sms(device)
     if not slots:
         return 1
 

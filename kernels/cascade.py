@@ -223,12 +223,12 @@ def _sm_resources(device):
     """(SM count, shared memory per SM in bytes) of ``device``. fastdf.bench.compile
     replaces this with the compile target's numbers, so its report shows the grid the
     launcher would pick on that GPU."""
-    from .grouped_mm import num_sms
-
     import torch
 
+    from . import _device
+
     props = torch.cuda.get_device_properties(device)
-    return num_sms(device), getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
+    return _device.num_sms(device), getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
 
 
 MIN_SPLIT_KEYS = 256  # fewer keys per split: the partial state (fp32 o per row) costs more than it spreads

@@ -10,18 +10,16 @@ no per-expert launches), so a skewed routing does not leave SMs idle.
 Operands are read through their strides (HF's ``[E, N, K]`` weights transposed are fine;
 Triton specialises unit strides, so the contiguous axis still gets vector loads). On sm_90+
 the weights and every operand not gathered through a row index load through TMA tensor
-descriptors made on the device, when their base and strides allow it (``_tma_strides``);
+descriptors made on the device, when their base and strides allow it (``_device.tma_strides``);
 otherwise, and for gathered rows, through pointers. The GLU variant on K-major weights
 reads gate and up columns as one box and runs one 2 BN-wide MMA per K step (``PAIR``).
 Accumulation is fp32 for every input dtype.
 """
 
-import contextlib
-
 import triton
 import triton.language as tl
 
-from . import INTERPRET, autotune
+from . import INTERPRET, _device, autotune
 
 # ---------------------------------------------------------------------------- activations
 # Codes shared with fastdf/ops/moe.py (ACT_CODES).
@@ -332,20 +330,7 @@ _GMM = {  # (glu, large) -> launcher
 def _num_programs(device, upper):
     if INTERPRET:
         return max(1, min(upper, 3))
-    return max(1, min(upper, num_sms(device)))
-
-
-_SMS = {}
-
-
-def num_sms(device):
-    import torch
-
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
+    return max(1, min(upper, _device.num_sms(device)))
 
 
 def _precision(t):
@@ -356,75 +341,17 @@ def _precision(t):
 
 # ---------------------------------------------------------------------------- TMA
 
-_TMA_BYTES = 16  # TMA: base address and every stride but the unit one in multiples of 16 B
-
-
-def tma_capable(device):
-    """Whether launches on ``device`` may use TMA descriptors: Hopper and later (Triton
-    lowers descriptors to plain unpipelined loads before sm_90, slower than our pointer
-    path), the interpreter (which checks the same alignment rules, so tests cover the
-    path), and meta tensors, which only the compile report (sm_90a) launches with."""
-    import torch
-
-    device = torch.device(device)
-    if INTERPRET or device.type == "meta":
-        return True
-    if device.type != "cuda" or torch.version.hip:  # (ROCm has no TMA: its capability 9.x is not Hopper)
-        return False
-    index = torch.cuda.current_device() if device.index is None else device.index
-    if index not in _CAPABILITY:
-        _CAPABILITY[index] = torch.cuda.get_device_capability(index)[0] >= 9
-    return _CAPABILITY[index]
-
-
-_CAPABILITY = {}
-
-
-def _tma_strides(t, inner):
-    """Whether a descriptor can read ``t`` with dim ``inner`` innermost: that dim has unit
-    stride, the base and every other stride (of a dim longer than 1) are multiples of 16 B."""
-    size = t.element_size()
-    if t.stride(inner) != 1 or (t.data_ptr() % _TMA_BYTES if t.device.type != "meta" else 0):
-        return False
-    return all(t.stride(d) > 0 and (t.stride(d) * size) % _TMA_BYTES == 0
-               for d in range(t.dim()) if d != inner % t.dim())
-
 
 def _w_layout(w, tw, n_offset):
     """(W_TMA, W_KMAJOR) for weights ``w`` [E, K, N'] and trainable ``tw`` (or None): TMA when
     both take a descriptor with the same dim contiguous. ``n_offset`` (the GLU up half's
     first column) must then sit on a 16-byte boundary when N is the contiguous dim."""
     for kmajor, inner in ((True, 1), (False, 2)):
-        if all(_tma_strides(t, inner) for t in (w, tw) if t is not None):
-            if not kmajor and (n_offset * w.element_size()) % _TMA_BYTES:
+        if all(_device.tma_strides(t, inner) for t in (w, tw) if t is not None):
+            if not kmajor and (n_offset * w.element_size()) % _device.TMA_BYTES:
                 return False, False
             return True, kmajor
     return False, False
-
-
-def _scratch(size, alignment, stream):
-    """Global scratch for the descriptors a kernel makes on the device (128 B each per
-    program), from torch's caching allocator on the current stream's device."""
-    import torch
-
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-@contextlib.contextmanager
-def _scratch_allocator():
-    """Make ``_scratch`` Triton's allocator for a launch, unless the caller set one: the
-    allocator is a ContextVar, so this neither leaks past the launch nor replaces theirs."""
-    from triton.runtime import _allocation
-
-    var = _allocation._allocator
-    if INTERPRET or not isinstance(var.get(), _allocation.NullAllocator):
-        yield
-        return
-    token = var.set(_scratch)
-    try:
-        yield
-    finally:
-        var.reset(token)
 
 
 def _ep(E):
@@ -456,17 +383,17 @@ def gmm(x, w, offs, out, *, rows=None, tw=None, slot=None, glu_act=None, h=None)
 
     # 0: no trainable weights; 1: they share w's inner strides (one mainloop); 2: they do not.
     tw_mode = 0 if tw is None else (1 if tw.stride()[1:] == w.stride()[1:] else 2)
-    tma = K > 0 and N > 0 and tma_capable(out.device)  # (a descriptor has no empty dims)
+    tma = K > 0 and N > 0 and _device.tma_capable(out.device)  # (a descriptor has no empty dims)
     w_tma, w_kmajor = _w_layout(w, tw, N if glu else 0) if tma else (False, False)
     # Gathered rows stay pointer loads; dense rows may cross into the next group: those
     # only feed output rows the epilogue masks.
-    a_tma = tma and rows is None and _tma_strides(x, 1)
+    a_tma = tma and rows is None and _device.tma_strides(x, 1)
     # GLU on K-major weights (HF's gate_up): gate and up columns as one [BK, 2 BN] tile, one
     # MMA per K step (one accumulator, A read from shared memory once). N-major weights keep
     # two tiles: merging the box's two inner dims makes Triton copy the tile through
     # registers (measured: 103 SASS instructions per K step, wgmma waited at depth 0).
     pair = glu and w_tma and w_kmajor
-    with _scratch_allocator():
+    with _device.scratch_allocator():
         kernel[grid](
             x, rows_t, w, tw_t, slot_t, offs, out, h_t,
             S_out, N, K, E, x.shape[0],
@@ -570,13 +497,14 @@ def gmm_dw(x, dy, offs, ids, dw, *, x_rows=None, dy_rows=None):
     def grid(meta):
         return (_num_programs(dw.device, E_t * triton.cdiv(K, meta["BK"]) * triton.cdiv(N, meta["BN"])),)
 
-    tma = tma_capable(dw.device)  # (descriptors are made per work item: none when K or N is 0)
-    with _scratch_allocator():
+    tma = _device.tma_capable(dw.device)  # (descriptors are made per work item: none when K or N is 0)
+    with _device.scratch_allocator():
         _DW[N * K >= LARGE][grid](
             x, x_rows if x_rows is not None else offs, dy, dy_rows if dy_rows is not None else offs, ids, offs, dw,
             N, K, E_t, S,
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dw.stride(0), dw.stride(1), dw.stride(2),
             HAS_XROWS=x_rows is not None, HAS_YROWS=dy_rows is not None, PRECISION=_precision(x),
-            X_TMA=tma and x_rows is None and _tma_strides(x, 1), Y_TMA=tma and dy_rows is None and _tma_strides(dy, 1),
+            X_TMA=tma and x_rows is None and _device.tma_strides(x, 1),
+            Y_TMA=tma and dy_rows is None and _device.tma_strides(dy, 1),
         )
     return dw

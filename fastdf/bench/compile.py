@@ -289,23 +289,23 @@ class _Capture:
         from triton.runtime.autotuner import Autotuner
         from triton.runtime.jit import JITFunction
 
-        from fastdf.kernels import cascade, grouped_mm
+        from fastdf.kernels import _device, cascade
 
         global _ACTIVE
-        saved = JITFunction.run, Autotuner.run, grouped_mm.num_sms, grouped_mm.tma_capable, cascade._sm_resources
+        saved = JITFunction.run, Autotuner.run, _device.num_sms, _device.tma_capable, cascade._sm_resources
         capture = _ACTIVE = self
         lim = LIMITS[capture.target.arch]
         JITFunction.run = lambda fn, *args, **kwargs: capture.jit_run(fn, args, kwargs)
         Autotuner.run = lambda tuner, *args, **kwargs: capture.tune_run(tuner, args, kwargs)
         # Launchers that size grids from the device see the target's SMs (meta tensors have none).
-        grouped_mm.num_sms = lambda device: lim["sms"]
+        _device.num_sms = lambda device: lim["sms"]
         cascade._sm_resources = lambda device: (lim["sms"], lim["smem"])
         # Meta tensors say nothing about the card: the launch takes TMA only where sm_90+ would.
-        grouped_mm.tma_capable = lambda device: capture.target.arch >= 90
+        _device.tma_capable = lambda device: capture.target.arch >= 90
         try:
             yield
         finally:
-            JITFunction.run, Autotuner.run, grouped_mm.num_sms, grouped_mm.tma_capable, cascade._sm_resources = saved
+            JITFunction.run, Autotuner.run, _device.num_sms, _device.tma_capable, cascade._sm_resources = saved
             _ACTIVE = None
 
 

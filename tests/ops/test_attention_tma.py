@@ -134,11 +134,11 @@ def test_each_operand_checked_on_its_own(kernels, launches):
 
 
 def test_no_descriptors_without_sm90(kernels, launches, monkeypatch):
-    """Devices before sm_90 (grouped_mm.tma_capable, read at call time: the compile report
+    """Devices before sm_90 (_device.tma_capable, read at call time: the compile report
     patches the same name) keep every load a pointer load."""
-    from fastdf.kernels import grouped_mm
+    from fastdf.kernels import _device
 
-    monkeypatch.setattr(grouped_mm, "tma_capable", lambda device: False)
+    monkeypatch.setattr(_device, "tma_capable", lambda device: False)
     D = 16
     q, k, v, g = (_heads(B, h, t, D, s) for s, (h, t) in enumerate(((HQ, 32), (HKV, 64), (HKV, 64), (HQ, 32))))
     assert kernels.tma_operands(D, k, v) is False

@@ -250,11 +250,13 @@ def test_tma_capability_and_scratch_allocator(monkeypatch):
     one the caller set."""
     from triton.runtime import _allocation
 
-    monkeypatch.setattr(G, "INTERPRET", False)
-    assert not G.tma_capable("cpu") and G.tma_capable("meta")
+    from fastdf.kernels import _device
+
+    monkeypatch.setattr(_device, "INTERPRET", False)
+    assert not _device.tma_capable("cpu") and _device.tma_capable("meta")
     assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
-    with G._scratch_allocator():
-        assert _allocation._allocator.get() is G._scratch
+    with _device.scratch_allocator():
+        assert _allocation._allocator.get() is _device.scratch
     assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
 
     def mine(size, alignment, stream):
@@ -262,7 +264,7 @@ def test_tma_capability_and_scratch_allocator(monkeypatch):
 
     token = _allocation._allocator.set(mine)
     try:
-        with G._scratch_allocator():
+        with _device.scratch_allocator():
             assert _allocation._allocator.get() is mine
     finally:
         _allocation._allocator.reset(token)
