@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..ops import _checks
 from ..ops.grouped_mm import check_trainable
-from ..ops.moe import _gather_op, moe_combine, moe_experts, moe_route, resolve_act
+from ..ops.moe import moe_combine, moe_experts, moe_gather, moe_route, resolve_act
 
 
 def _dist():
@@ -151,7 +151,6 @@ def moe_experts_ep(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_
     resolve_act(act)
     _, world = _world(group)
     per = len(mine)
-    K = topk_ids.shape[1]
     order, inverse, offs = moe_route(topk_ids, num_experts)
     # Rows per expert in sorted order; experts are contiguous per rank, so per rank too.
     counts = torch.diff(offs.long(), prepend=offs.new_zeros(1).long())
@@ -160,7 +159,7 @@ def moe_experts_ep(hidden: Tensor, topk_ids: Tensor, topk_weights: Tensor, gate_
     _dist().all_to_all_single(recv_counts, counts, group=group)  # [source, local expert]
     recv = recv_counts.view(world, per).sum(1).tolist()
 
-    rows = _gather_op(hidden, torch.div(order, K, rounding_mode="floor"), inverse)  # [T*K, H] sorted
+    rows = moe_gather(hidden, order, inverse)  # [T*K, H] sorted
     x = _exchange(rows, recv, send, group, anchored=False)
     local_ids = torch.arange(per, device=hidden.device).repeat(world).repeat_interleave(recv_counts)
     ones = torch.ones((x.shape[0], 1), dtype=hidden.dtype, device=hidden.device)

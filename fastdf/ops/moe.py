@@ -340,6 +340,25 @@ def _combine_backward(ctx, grad):
 _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
 
 
+def moe_gather(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+    """The rows each expert reads, in expert-sorted order: ``out[i] = x[order[i] // K]``
+    ([T*K, H], x's dtype) for ``x`` [T, H] and :func:`moe_route`'s ``order`` [T*K] and
+    ``inverse`` [T, K] (K = ``inverse.shape[1]``). Differentiable in ``x``: its gradient
+    sums each token's K copies in slot order (:func:`moe_combine`, unweighted), so it is
+    deterministic. ``order`` and ``inverse`` must index the T*K pairs (checked: ValueError,
+    one sync each). The inverse of :func:`moe_combine`'s layout; expert parallelism sends
+    these rows to the ranks that own the experts."""
+    _checks.tensor("x", x, ndim=2, dtypes=_checks.FLOAT_DTYPES + (torch.float64,))
+    _checks.same_device(x=x, order=_checks.tensor("order", order), inverse=_checks.tensor("inverse", inverse))
+    _checks.shape("inverse", inverse, (x.shape[0], None), what="([T, K] with x's T)")
+    pairs = inverse.numel()
+    _check_pairs(inverse)
+    _checks.shape("order", order, (pairs,), what="([T*K], T*K = inverse.numel())")
+    order = _checks.index_tensor("order", order, ndim=1, dtypes=(torch.int32, torch.int64), low=0, high=pairs)
+    inverse = _checks.index_tensor("inverse", inverse, ndim=2, dtypes=(torch.int32,), low=0, high=pairs)
+    return _gather_op(x, torch.div(order, max(inverse.shape[1], 1), rounding_mode="floor"), inverse)
+
+
 def moe_combine(y: Tensor, inverse: Tensor, weights: Tensor | None = None) -> Tensor:
     """``out[t] = sum_k weights[t, k] * y[inverse[t, k]]`` ([T, H], y's dtype), accumulated in
     fp32 with each token's slots summed in order: deterministic, no atomics. ``inverse``

@@ -5,7 +5,8 @@ import torch
 
 import fastdf
 from fastdf.ops import moe as moe_ops
-from fastdf.ops.moe import moe_combine, moe_combine_reference, moe_experts_reference, moe_route, moe_route_reference
+from fastdf.ops.moe import (moe_combine, moe_combine_reference, moe_experts_reference, moe_gather, moe_gather_reference,
+                            moe_route, moe_route_reference)
 from fastdf.testing import assert_matches_reference, poisoned
 
 DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)]
@@ -118,7 +119,28 @@ def test_combine_and_gather_gradients():
     w = weights.double().requires_grad_()
     torch.autograd.gradcheck(lambda y, w: moe_combine(y, inverse, w), (y, w))
     x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda x: moe_ops._gather_op(x, torch.div(order, 2, rounding_mode="floor"), inverse), (x,))
+    torch.autograd.gradcheck(lambda x: moe_gather(x, order, inverse), (x,))
+
+
+def test_gather_rows_and_bad_input():
+    """moe_gather reads x[order // K] (the reference), its gradient sums each token's K
+    copies (so combine(gather(x)) = K x), and every argument is checked before any work."""
+    ids, _ = _routing(6, 3, 5, "cpu", seed=3)
+    order, inverse, _ = moe_route(ids, 5)
+    x = torch.randn(6, 4)
+    rows = moe_gather(x, order, inverse)
+    assert torch.equal(rows, moe_gather_reference(x, torch.div(order, 3, rounding_mode="floor")))
+    assert torch.equal(rows, x[order.long() // 3])
+    torch.testing.assert_close(moe_combine(rows, inverse), 3 * x)
+    assert moe_gather(x, order[:0], inverse[:, :0]).shape == (0, 4)  # K = 0: no rows
+    for args, match in [((x[0], order, inverse), "x"), ((x, order[:-1], inverse), "order"),
+                        ((x, order + 100, inverse), "order"), ((x, order.float(), inverse), "order"),
+                        ((x, order, inverse.long()), "inverse"), ((x, order, inverse[:-1]), "inverse"),
+                        ((x, order, -inverse), "inverse"), ((x.long(), order, inverse), "x")]:
+        with pytest.raises(ValueError, match=match):
+            moe_gather(*args)
+    with pytest.raises(TypeError, match="order"):
+        moe_gather(x, order.tolist(), inverse)
 
 
 # ---------------------------------------------------------------------------- moe_experts
