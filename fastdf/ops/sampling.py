@@ -308,8 +308,29 @@ def _knob(name, value, rows, device, *, integer, low, high, low_open=False, chec
     return None, _checks.finite_float(name, value, low=low, high=high, low_open=low_open)
 
 
+_BELOW_ONE = float(torch.tensor(1.0).nextafter(torch.tensor(0.0)))  # the largest float32 below 1
+
+
+def _check_uniforms(uniforms, n, generator, device, check):
+    """sample's ``uniforms`` checked (float32 [n] on ``device``, not with a generator) and
+    ready for the kernels: contiguous; values in [0, 1) checked (one sync) or clamped."""
+    if generator is not None:
+        raise ValueError("pass generator or uniforms, not both")
+    _checks.tensor("uniforms", uniforms, ndim=1, dtypes=(torch.float32,))
+    _checks.shape("uniforms", uniforms, (n,), what="(one draw per output: logits' rows, or len(indices))")
+    if uniforms.device != device:
+        raise ValueError(f"uniforms is on {uniforms.device} but logits is on {device}; put them on one device")
+    if not check:
+        return torch.nan_to_num(uniforms, nan=0.0).clamp_(0.0, _BELOW_ONE)
+    if n and not bool(((uniforms >= 0) & (uniforms < 1)).all()):  # NaN fails both comparisons
+        bad = uniforms[~((uniforms >= 0) & (uniforms < 1))]
+        raise ValueError(f"uniforms must lie in [0, 1), got {bad[:4].tolist()}{'...' if bad.numel() > 4 else ''}")
+    return uniforms.contiguous()
+
+
 def sample(logits: Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-           generator: torch.Generator | None = None, indices: Tensor | None = None, check_nan: bool = True) -> Tensor:
+           generator: torch.Generator | None = None, indices: Tensor | None = None, check_nan: bool = True,
+           uniforms: Tensor | None = None) -> Tensor:
     """Sample one token id per row of ``logits`` without sorting the vocabulary.
 
     Args:
@@ -335,6 +356,12 @@ def sample(logits: Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
             no graph break under ``torch.compile``): a row with NaN/``+inf`` logits or none
             finite then yields id ``-1``, and bad knob tensors or indices are undefined
             behaviour.
+        uniforms: optional float32 ``[N]`` (N = rows, or ``len(indices)``) on logits'
+            device: the draw of each output, in ``[0, 1)``, instead of ``torch.rand``
+            (counter-based or replayed draws; the same uniforms give the same tokens on
+            every backend up to ties of rounding). Not with ``generator``. Values outside
+            ``[0, 1)`` or NaN raise ``ValueError`` when ``check_nan``; without the check they
+            are clamped into ``[0, 1)`` (NaN as 0), so every draw stays a kept token.
 
     Returns:
         int64 ``[B]`` (or ``[N]``) token ids. See the module docstring for the exact order
@@ -369,8 +396,11 @@ def sample(logits: Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
         if generator.device.type != "cpu" and generator.device != device:
             raise ValueError(f"generator is on {generator.device} but logits is on {device}; "
                              f"use a generator on {device} or on the CPU")
-    gen_device = generator.device if generator is not None else device
-    uniforms = torch.rand(n, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+    if uniforms is None:
+        gen_device = generator.device if generator is not None else device
+        uniforms = torch.rand(n, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+    else:
+        uniforms = _check_uniforms(uniforms, n, generator, device, check_nan)
     ids, status = _sample_op(logits, uniforms, indices, temperature, top_k, top_p, min_p, float(t_v), int(k_v),
                              float(p_v), float(mp_v))
     if check_nan and n:

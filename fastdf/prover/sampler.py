@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from ..ops import _checks
-from ..ops.sampling import _sample_op
 from ..ops.sampling import sample as sample_tokens
 from .decoder import DecodeCache, PrefixDecoder, StepGraph
 
@@ -405,10 +404,7 @@ class ProofSampler:
                 return sample_tokens(logits, indices=indices, generator=generator, check_nan=False, **knobs)
             sample_ids = np.asarray(rows, dtype=np.int64)  # sample g * N + n
             u = _uniforms(seeds[sample_ids // N], (sample_ids % N).astype(np.uint64), step).to(device)
-            # The op behind fastdf.sample, fed these uniforms; the knobs were checked in _check_args.
-            ids, _ = _sample_op(logits, u, indices, None, None, None, None, float(knobs["temperature"]),
-                                min(int(knobs["top_k"]), vocab), float(knobs["top_p"]), float(knobs["min_p"]))
-            return ids
+            return sample_tokens(logits, indices=indices, uniforms=u, check_nan=False, **knobs)
 
         new_tokens = draw(logits, range(G * N), 0, indices=group.clone())
         tokens = new_tokens

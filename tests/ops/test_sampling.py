@@ -155,6 +155,31 @@ def test_reproducible_with_a_generator(backend, device):
 
 
 @pytest.mark.op("sample")
+def test_given_uniforms_are_the_draws(backend, device):
+    """uniforms= replaces torch.rand: the generator's own uniforms give the generator's
+    tokens, the reference draws the same ids from them (one per output, with indices too),
+    and without the check out-of-range or NaN draws are clamped into [0, 1)."""
+    logits = _logits(16, 97, seed=21).to(device)
+    kw = dict(temperature=0.8, top_p=0.9, top_k=30)
+    u = torch.rand(16, generator=torch.Generator(device).manual_seed(3), device=device)
+    assert torch.equal(fastdf.sample(logits, uniforms=u, **kw), fastdf.sample(
+        logits, generator=torch.Generator(device).manual_seed(3), **kw))
+    rows = logits.shape[0]
+    knobs = [torch.full((rows,), v, device=device) for v in (0.8, 30, 0.9, 0.0)]
+    knobs[1] = knobs[1].long()
+    want, _ = sampling_ops.sample_reference(logits, u, *knobs)
+    assert torch.equal(fastdf.sample(logits, uniforms=u, **kw), want)
+    idx = torch.tensor([3, 3, 3, 0, 15], device=device)
+    u5 = torch.tensor([0.0, 0.5, 0.999, 0.25, 0.75], device=device)
+    want, _ = sampling_ops.sample_reference(logits, u5, *knobs, indices=idx)
+    assert torch.equal(fastdf.sample(logits, uniforms=u5, indices=idx, **kw), want)
+    edge = torch.tensor([-0.5, 2.0, float("nan"), 0.0, 1.0], device=device)
+    clamped = torch.tensor([0.0, sampling_ops._BELOW_ONE, 0.0, 0.0, sampling_ops._BELOW_ONE], device=device)
+    assert torch.equal(fastdf.sample(logits, uniforms=edge, indices=idx, check_nan=False, **kw),
+                       fastdf.sample(logits, uniforms=clamped, indices=idx, **kw))
+
+
+@pytest.mark.op("sample")
 @pytest.mark.parametrize("dtype", [torch.float16, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
 def test_low_precision_and_strided_logits(backend, device, dtype):
     """fp16/bf16 logits and a non-contiguous view (every other column of a wider buffer)."""
@@ -243,6 +268,12 @@ def test_compiles_fullgraph():
         (dict(indices=torch.tensor([0, 3])), ValueError, r"indices must lie in \[0, 3\)"),
         (dict(indices=torch.tensor([0, 1], dtype=torch.int32)), ValueError, "indices must be one of int64"),
         (dict(generator=0), TypeError, "generator must be a torch.Generator"),
+        (dict(uniforms=torch.rand(3), generator=torch.Generator()), ValueError, "generator or uniforms"),
+        (dict(uniforms=torch.rand(3, dtype=torch.float64)), ValueError, "uniforms must be one of float32"),
+        (dict(uniforms=torch.rand(2)), ValueError, r"uniforms must have shape \(3,\)"),
+        (dict(uniforms=torch.tensor([0.5, 1.0, 0.5])), ValueError, r"uniforms must lie in \[0, 1\)"),
+        (dict(uniforms=torch.tensor([0.5, float("nan"), 0.5])), ValueError, r"uniforms must lie in \[0, 1\)"),
+        (dict(uniforms=[0.5, 0.5, 0.5]), TypeError, "uniforms"),
     ],
 )
 def test_bad_input(kwargs, error, match):
