@@ -48,11 +48,16 @@ def parse_args(argv=None):
     parser.add_argument("--no-ceilings", action="store_true", help="skip measuring the GPU's copy/GEMM ceilings")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar (each case's line is "
                                                                    "still printed as it finishes)")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="measure each case N times and report the medians, with the range of each ratio "
+                             "(default 1; CPU ratios near parity swing +-5-15%% run to run)")
     parser.add_argument("--list", action="store_true", help="list the suites and exit")
     args = parser.parse_args(argv)
     if args.quick and args.full:
         parser.error("--quick and --full contradict each other")
-    if args.compile and (args.suite or args.markdown or args.plot or args.quick or args.full):
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: give a number of runs >= 1")
+    if args.compile and (args.suite or args.markdown or args.plot or args.quick or args.full or args.repeat != 1):
         parser.error("--compile takes only --json (see python -m fastdf.bench.compile --help for its options)")
     if not args.list:
         check_args(parser, args)
@@ -139,6 +144,7 @@ def main(argv=None):
     # (minutes) unless asked for.
     quick = args.quick or (device.type == "cpu" and not args.full)
     env = core.environment(device)
+    env["repeat"] = args.repeat
     if device.type == "cuda" and not args.no_ceilings:
         env["ceilings"] = core.measure_ceilings(device)
     print(" | ".join(f"{k}: {env[k]}" for k in ("device", "torch", "triton", "cuda", "commit", "fastdf._C")))
@@ -152,7 +158,7 @@ def main(argv=None):
     save = (lambda done: core.write_json(args.json, done, env)) if args.json else None
     try:
         core.run(args.suite or sorted(suites), device, quick, progress=not args.no_progress, rows=rows,
-                 on_case=save, echo=lambda line: print(line, flush=True))
+                 on_case=save, echo=lambda line: print(line, flush=True), repeat=args.repeat)
     except KeyboardInterrupt:  # e.g. a time limit in gpu_check.sh: keep what was measured
         interrupted = True
         print(f"interrupted: reporting the {len({(r['suite'], r['case']) for r in rows})} finished case(s)")

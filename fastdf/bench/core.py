@@ -296,12 +296,44 @@ def run_case(suite_name: str, case: Case, device, quick: bool, memory: bool = Tr
     return rows
 
 
+def combine_runs(runs: list[list[dict]]) -> list[dict]:
+    """One case measured ``len(runs)`` times (each a ``run_case`` result) as one set of rows:
+    per provider the median time (``ms``) and every run's time (``ms_runs``); per baseline
+    the median of the runs' ratios (``fastdf_speedup``: each ratio compares times taken in
+    the same interleaved rounds) and their range (``fastdf_speedup_range``). A provider
+    that failed in any run keeps that run's error."""
+    if len(runs) == 1:
+        return runs[0]
+    out = []
+    for i, first in enumerate(runs[0]):
+        same = [run[i] for run in runs if i < len(run) and run[i]["provider"] == first["provider"]]
+        failed = [r for r in same if "error" in r or "ms" not in r]
+        if failed or len(same) != len(runs):
+            out.append(failed[0] if failed else first)
+            continue
+        row = dict(first)
+        times = [r["ms"] for r in same]
+        row["ms"] = statistics.median(times)
+        row["ms_runs"] = times
+        for key in ("TFLOPs", "GBps"):
+            if key in first:
+                row[key] = first[key] * first["ms"] / row["ms"]
+        ratios = [r["fastdf_speedup"] for r in same if r.get("fastdf_speedup")]
+        if len(ratios) == len(same):
+            row["fastdf_speedup"] = statistics.median(ratios)
+            row["fastdf_speedup_range"] = [min(ratios), max(ratios)]
+        out.append(row)
+    return out
+
+
 def run(names, device, quick: bool, progress: bool = True, rows: list | None = None, on_case=None,
-        echo: Callable[[str], None] | None = None) -> list[dict]:
+        echo: Callable[[str], None] | None = None, repeat: int = 1) -> list[dict]:
     """Run the named suites case by case, appending result rows to ``rows`` (returned);
     ``on_case(rows)`` after each case lets a caller save partial results as it goes, and
     ``echo(line)`` receives each case's one-line summary as soon as it is measured (through
-    the progress bar's writer when the bar is shown, so the two do not garble each other)."""
+    the progress bar's writer when the bar is shown, so the two do not garble each other).
+    ``repeat`` > 1 measures each case that many times (fresh inputs each time) and reports
+    the medians with the ratios' range (:func:`combine_runs`)."""
     from tqdm.auto import tqdm
 
     suites = load_suites()
@@ -313,7 +345,7 @@ def run(names, device, quick: bool, progress: bool = True, rows: list | None = N
     bar = tqdm(work, desc="fastdf.bench", unit="case", disable=not progress)
     for i, (name, case) in enumerate(bar, 1):
         t0 = time.perf_counter()
-        done = run_case(name, case, device, quick)
+        done = combine_runs([run_case(name, case, device, quick) for _ in range(repeat)])
         rows.extend(done)
         if echo is not None:
             line = f"[{i}/{len(work)}] {case_line(done)}  ({time.perf_counter() - t0:.1f} s)"
@@ -333,8 +365,7 @@ def case_line(rows: list[dict]) -> str:
         if "error" in r:
             parts.append(f"{r['provider']} {r['error'][:80]}")
         else:
-            ratio = r.get("fastdf_speedup")
-            parts.append(f"{r['provider']} {r['ms']:.4g} ms" + (f" ({ratio:.2f}x)" if ratio else ""))
+            parts.append(f"{r['provider']} {r['ms']:.4g} ms" + (f" ({_ratio(r)})" if r.get("fastdf_speedup") else ""))
     return f"{rows[0]['suite']} | {rows[0]['case']}: " + " | ".join(parts)
 
 
@@ -343,6 +374,13 @@ def case_line(rows: list[dict]) -> str:
 
 def _fmt(value, spec):
     return "-" if value is None else format(value, spec)
+
+
+def _ratio(row) -> str:
+    """'1.23x', or '1.23x (1.10-1.31)' with the range of repeated runs."""
+    text = f"{row['fastdf_speedup']:.2f}x"
+    span = row.get("fastdf_speedup_range")
+    return text + (f" ({span[0]:.2f}-{span[1]:.2f})" if span else "")
 
 
 def table(rows: list[dict]) -> str:
@@ -356,7 +394,7 @@ def table(rows: list[dict]) -> str:
         lines.append((
             r["suite"], r["case"], r["provider"], _fmt(r.get("ms"), ".4g"), _fmt(r.get("TFLOPs"), ".1f"),
             _fmt(r.get("GBps"), ".0f"), _fmt(r.get("peak_MB"), ".0f"),
-            _fmt(r.get("fastdf_speedup"), ".2f") + ("x" if r.get("fastdf_speedup") else ""),
+            _ratio(r) if r.get("fastdf_speedup") else "-",
         ))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)] if lines else [len(h) for h in header]
     widths[3] = min(widths[3], 60)
@@ -382,10 +420,10 @@ def markdown(rows: list[dict], env: dict) -> str:
         if "error" in r:
             out.append(f"| {r['suite']} | {r['case']} | {r['provider']} | {r['error']} | | | | |")
             continue
-        speed = r.get("fastdf_speedup")
+        speed = _ratio(r) if r.get("fastdf_speedup") else "-"
         out.append(
             f"| {r['suite']} | {r['case']} | {r['provider']} | {_fmt(r.get('ms'), '.4g')} | {_fmt(r.get('TFLOPs'), '.1f')} | "
-            f"{_fmt(r.get('GBps'), '.0f')} | {_fmt(r.get('peak_MB'), '.0f')} | {_fmt(speed, '.2f') + ('x' if speed else '')} |"
+            f"{_fmt(r.get('GBps'), '.0f')} | {_fmt(r.get('peak_MB'), '.0f')} | {speed} |"
         )
     return "\n".join(out)
 

@@ -180,3 +180,34 @@ def test_cpu_timer_interleaves_providers_and_survives_a_failing_one():
     core.time_cpu_interleaved({"a": provider("a"), "b": provider("b"), "c": provider("c")}, quick=True)
     assert len(calls) % 3 == 0 and all(x != y for x, y in zip(calls, calls[1:]))
     assert {calls[i] for i in range(0, len(calls), 3)} == {"a", "b", "c"}
+
+
+def test_repeat_reports_medians_and_the_range_of_each_ratio(monkeypatch, capsys):
+    """--repeat N measures each case N times: the medians of the times and of the per-run
+    ratios, with the ratios' range in the line, table and Markdown; a provider that failed
+    in any run keeps its error; N < 1 is refused before running."""
+    runs = [[dict(suite="s", case="c", provider="fastdf", ms=ms, GBps=10.0 / ms),
+             dict(suite="s", case="c", provider="base", ms=b, fastdf_speedup=b / ms),
+             dict(suite="s", case="c", provider="flaky", **({"error": "boom"} if i == 1 else
+                                                             dict(ms=1.0, fastdf_speedup=1.0 / ms)))]
+            for i, (ms, b) in enumerate([(1.0, 1.2), (2.0, 1.8), (1.0, 0.95)])]
+    rows = core.combine_runs(runs)
+    fast, base, flaky = rows
+    assert fast["ms"] == 1.0 and fast["ms_runs"] == [1.0, 2.0, 1.0] and fast["GBps"] == 10.0
+    assert base["fastdf_speedup"] == 0.95 and base["fastdf_speedup_range"] == [0.9, 1.2]
+    assert flaky["error"] == "boom"
+    assert "0.95x (0.90-1.20)" in core.case_line(rows) and "0.95x (0.90-1.20)" in core.table(rows)
+    assert "0.95x (0.90-1.20)" in core.markdown(rows, dict(device="d", torch="t", date="x"))
+    assert core.combine_runs(runs[:1]) is runs[0]
+
+    from fastdf.bench import cli
+
+    seen = []
+    monkeypatch.setattr(core, "run", lambda names, device, quick, **kw: seen.append(kw["repeat"]) or [])
+    monkeypatch.setattr(core, "environment", lambda device: dict.fromkeys(
+        ("device", "torch", "triton", "cuda", "commit", "fastdf._C"), "x"))
+    assert cli.main(["--device", "cpu", "--suite", "cascade", "--repeat", "3"]) == 0 and seen == [3]
+    for bad in ("0", "-2"):
+        with pytest.raises(SystemExit):
+            cli.main(["--repeat", bad])
+        assert "--repeat" in capsys.readouterr().err
