@@ -424,6 +424,10 @@ def _build_piece_mask(s, e, off, lo, hi, dtype, device, mask):
 
 
 def _last_dim_contiguous(*ts):
+    # the common case (every row already contiguous) returns the tensors as they are,
+    # without building a list: this runs on every small CPU call
+    if all(t.stride(-1) == 1 for t in ts):
+        return ts
     return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
 
 
@@ -447,8 +451,7 @@ def _attention_fast(q, k, v, frame_size, causal, window_frames, sink_frames, sca
     # the kernel reads rows of D as contiguous: other views are copied, once
     if dtype != acc:
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
-    if not q.stride(-1) == k.stride(-1) == v.stride(-1) == 1:
-        q, k, v = _last_dim_contiguous(q, k, v)
+    q, k, v = _last_dim_contiguous(q, k, v)
     mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
     plan = _plan(Tq, Tk, **mask, work=B * Hq * D)
     outs, lses = [], []
@@ -789,8 +792,7 @@ def _attention_backward_raw(grad_out, q, k, v, out, lse, frame_size, causal, win
                                                     _CPU if q.is_cpu else q.device)
     if one_rows.numel():
         lse = lse.index_fill(2, one_rows, math.inf)
-    if not (grad_out.stride(-1) == q.stride(-1) == k.stride(-1) == v.stride(-1) == out.stride(-1) == 1):
-        grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
+    grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
     dq, dk, dv = _flash_backward_pieces(grad_out, q, k, v, out, lse, plan, mask, scale)
     if not math.isfinite(float(dq.sum())):  # an overflow of a finite sum is a false alarm, safe
         return None

@@ -311,15 +311,14 @@ def _knob(name, value, rows, device, *, integer, low, high, low_open=False, chec
 _BELOW_ONE = float(torch.tensor(1.0).nextafter(torch.tensor(0.0)))  # the largest float32 below 1
 
 
-def _check_uniforms(uniforms, n, generator, device, check):
-    """sample's ``uniforms`` checked (float32 [n] on ``device``, not with a generator) and
-    ready for the kernels: contiguous; values in [0, 1) checked (one sync) or clamped."""
+def _check_uniforms(uniforms, n, generator, logits, check):
+    """sample's ``uniforms`` checked (float32 [n] on logits' device, not with a generator)
+    and ready for the kernels: contiguous; values in [0, 1) checked (one sync) or clamped."""
     if generator is not None:
         raise ValueError("pass generator or uniforms, not both")
     _checks.tensor("uniforms", uniforms, ndim=1, dtypes=(torch.float32,))
     _checks.shape("uniforms", uniforms, (n,), what="(one draw per output: logits' rows, or len(indices))")
-    if uniforms.device != device:
-        raise ValueError(f"uniforms is on {uniforms.device} but logits is on {device}; put them on one device")
+    _checks.same_device(logits=logits, uniforms=uniforms)
     if not check:
         return torch.nan_to_num(uniforms, nan=0.0).clamp_(0.0, _BELOW_ONE)
     if n and not bool(((uniforms >= 0) & (uniforms < 1)).all()):  # NaN fails both comparisons
@@ -400,7 +399,7 @@ def sample(logits: Tensor, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
         gen_device = generator.device if generator is not None else device
         uniforms = torch.rand(n, generator=generator, device=gen_device, dtype=torch.float32).to(device)
     else:
-        uniforms = _check_uniforms(uniforms, n, generator, device, check_nan)
+        uniforms = _check_uniforms(uniforms, n, generator, logits, check_nan)
     ids, status = _sample_op(logits, uniforms, indices, temperature, top_k, top_p, min_p, float(t_v), int(k_v),
                              float(p_v), float(mp_v))
     if check_nan and n:

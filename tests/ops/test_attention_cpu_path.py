@@ -253,19 +253,24 @@ def test_one_key_rows_follow_the_rule():
 # ---------------------------------------------------------------------------- eager path
 
 
-@pytest.fixture
-def spy_eager(monkeypatch):
-    """Counts calls of the torch forward made by the eager path (the custom op reaches the
-    same function through the backend registry, which this does not patch)."""
+def _spy(monkeypatch, name):
+    """The argument tuples of every call of ``A.<name>``, which still runs."""
     calls = []
-    real = A._eager_forward
+    real = getattr(A, name)
 
     def spy(*args):
         calls.append(args)
         return real(*args)
 
-    monkeypatch.setattr(A, "_eager_forward", spy)
+    monkeypatch.setattr(A, name, spy)
     return calls
+
+
+@pytest.fixture
+def spy_eager(monkeypatch):
+    """Counts calls of the torch forward made by the eager path (the custom op reaches the
+    same function through the backend registry, which this does not patch)."""
+    return _spy(monkeypatch, "_eager_forward")
 
 
 EAGER_CASES = {
@@ -381,15 +386,7 @@ def test_compile_fullgraph_keeps_the_custom_op(spy_eager):
 
 def _count_careful(monkeypatch):
     """Counts runs of the careful paths (the norm-checked forward and backward)."""
-    calls = []
-    real = A._fast_path_data
-
-    def spy(*args):
-        calls.append(args)
-        return real(*args)
-
-    monkeypatch.setattr(A, "_fast_path_data", spy)
-    return calls
+    return _spy(monkeypatch, "_fast_path_data")
 
 
 @pytest.mark.parametrize("mask", [{}, dict(frame_size=3), dict(frame_size=8), dict(frame_size=4, window_frames=2,
