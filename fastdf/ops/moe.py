@@ -21,8 +21,9 @@ products and combine; the CPU path). Routing is integer-exact: every backend giv
 
 In eager mode with the torch backend on CPU tensors (``auto`` on the CPU, nothing tracing)
 ``moe_experts`` skips the custom op: the same computation in plain torch (an
-``autograd.Function`` with the same backward when gradients are needed), one host read for
-routing and the id range check, ``torch._grouped_mm`` where its layout rule holds.
+``autograd.Function`` when gradients are needed), one host read for routing and the id
+range check, ``torch._grouped_mm`` where its layout rule holds. Its backward also keeps
+``h2`` (as HF's does) to cut elementwise passes, which are what a CPU backward pays for.
 """
 
 from __future__ import annotations
@@ -646,8 +647,9 @@ def _(grad, hidden, topk_weights, gate_up, down, tids, tgu, tdown, h1, order, in
             ref_dn.new_empty((n,) + tuple(down.shape[1:])) if need_ddown else hidden.new_empty(0))
 
 
-def _save(ctx, hidden, topk_weights, gate_up, down, tids, tgu, tdown, act, h1, order, inverse, offs):
-    ctx.save_for_backward(hidden, topk_weights, gate_up, down, tids, tgu, tdown, h1, order, inverse, offs)
+def _save(ctx, hidden, topk_weights, gate_up, down, tids, tgu, tdown, act, *kept):
+    """``kept``: what the forward kept for the backward (h1, [h2,] order, inverse, offs)."""
+    ctx.save_for_backward(hidden, topk_weights, gate_up, down, tids, tgu, tdown, *kept)
     ctx.act = act
     ctx.has_trainable = tids is not None
     ctx.set_materialize_grads(False)  # h1 and the routing outputs never get gradients
@@ -729,7 +731,69 @@ def _forward_eager(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdo
     h2 = grouped_mm_loop(a, down.transpose(1, 2), offs, trainable_w=_t(tdown), trainable_ids=tids, bounds=bounds)
     del a, gate, up
     out = _combine_torch_fast(h2, inverse, topk_weights)
-    return out, (h1 if save else None), order, inverse, offs
+    if not save:
+        return out, None
+    return out, (h1, h2, order, inverse, offs, bounds)
+
+
+def _backward_eager(grad, hidden, topk_weights, gate_up, down, tids, tgu, tdown, h1, h2, order, inverse, offs,
+                    act, need_dx, need_dw, need_dgu, need_ddown, *, bounds):
+    """``_backward(_TorchPrims, ...)`` for the eager CPU path, which also keeps ``h2`` (S x H,
+    what HF's backward keeps too). Elementwise passes over S x I arrays are what this
+    backward costs on the CPU (memory-bound, ~0.2 ms per 1 MiB pass here), so:
+
+    - the routing-weight gradient is ``dout[t] . h2`` at width H (the reference's own
+      formulation) instead of ``da . act(gate) * up`` at width I (two passes);
+    - the routing weight scales the gathered ``dout`` rows (width H) before the GEMM, so
+      ``da`` arrives weighted (no ``da * w`` pass);
+    - ``act(gate) * up`` (the down projection's input) only for the rows of experts that
+      train: with ESFT most experts are frozen.
+
+    Same products as the op's backward, grouped differently, so not its bits: the tests
+    hold both to the reference."""
+    T, K = inverse.shape
+    dev = hidden.device
+    acc = torch.float64 if h1.dtype == torch.float64 else torch.float32
+    tok = torch.div(order, K, rounding_mode="floor")
+    ids = tids.tolist() if tids is not None else range(gate_up.shape[0])
+    g = grad.index_select(0, tok)
+    w_sorted = topk_weights.reshape(-1).index_select(0, order)
+    ddown, dgu, dx, dweights = (hidden.new_empty(0) for _ in range(4))  # distinct: outputs may not alias
+    if need_dw:
+        dw_sorted = torch.linalg.vecdot(g.to(acc), h2.to(acc))
+        dweights = dw_sorted.index_select(0, inverse.reshape(-1)).view(T, K).to(topk_weights.dtype)
+    gw = (g.to(acc) * w_sorted.to(acc).unsqueeze(-1)).to(grad.dtype)
+    del g
+    dd = grouped_mm_loop(gw, down, offs, trainable_w=tdown, trainable_ids=tids, bounds=bounds).to(acc)
+    gate, up = h1.to(acc).chunk(2, dim=-1)
+    ag = _act_torch(act)(gate)
+    I = gate.shape[1]
+    dh1 = _alloc.empty((h1.shape[0], 2 * I), dtype=acc, device=dev)
+    if act == 0:  # torch's fused SiLU derivative, written into the gate half
+        torch.ops.aten.silu_backward.grad_input(dd * up, gate, grad_input=dh1[:, :I])
+    else:
+        torch.mul(dd * up, _act_grad_torch(gate, act), out=dh1[:, :I])
+    torch.mul(dd, ag, out=dh1[:, I:])
+    del dd
+    dh1 = dh1.to(h1.dtype)
+    if need_ddown:
+        ref = tdown if tids is not None else down
+        ddown = _alloc.empty((len(ids),) + tuple(down.shape[1:]), dtype=ref.dtype, device=dev)
+        for j, e in enumerate(ids):
+            lo, hi = bounds[e], bounds[e + 1]
+            a = (ag[lo:hi] * up[lo:hi]).to(h1.dtype)  # the forward's a, rounded as it was
+            torch.mm(gw[lo:hi].transpose(0, 1), a, out=ddown[j]) if ddown.dtype == a.dtype \
+                else ddown[j].copy_(gw[lo:hi].transpose(0, 1) @ a)
+    del gw, ag, gate, up
+    if need_dgu:
+        ref = tgu if tids is not None else gate_up
+        dgu = _alloc.empty((len(ids),) + tuple(gate_up.shape[1:]), dtype=ref.dtype, device=dev)
+        _TorchPrims.gemm_dw(hidden, dh1, offs, torch.tensor(list(ids), dtype=torch.int64), dgu.transpose(1, 2),
+                            x_rows=tok)
+    if need_dx:
+        dx = _combine_torch_fast(grouped_mm_loop(dh1, gate_up, offs, trainable_w=tgu, trainable_ids=tids,
+                                                 bounds=bounds), inverse, None)
+    return dx, dweights, dgu, ddown
 
 
 class _MoeFunction(torch.autograd.Function):
@@ -739,13 +803,15 @@ class _MoeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act):
-        out, *routing = _forward_eager(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act, True)
-        _save(ctx, hidden, topk_weights, gate_up, down, tids, tgu, tdown, act, *routing)
+        out, (h1, h2, order, inverse, offs, bounds) = _forward_eager(hidden, topk_ids, topk_weights, gate_up, down,
+                                                                     tids, tgu, tdown, act, True)
+        _save(ctx, hidden, topk_weights, gate_up, down, tids, tgu, tdown, act, h1, h2, order, inverse, offs)
+        ctx.bounds = bounds
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        return _grads(ctx, grad, functools.partial(_backward, _TorchPrims))
+        return _grads(ctx, grad, functools.partial(_backward_eager, bounds=ctx.bounds))
 
 
 def _moe_eager(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act):

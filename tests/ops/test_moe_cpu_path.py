@@ -51,32 +51,48 @@ def test_eager_forward_is_the_custom_op_bitwise(dtype, T, K, E, H, I, act):
 
 @pytest.mark.parametrize("K", [1, 2, 3])
 @pytest.mark.parametrize("trainable", [False, True])
-def test_eager_backward_is_the_custom_op_bitwise(K, trainable):
-    T, E, H, I = 31, 5, 12, 16
-    hidden, ids, weights, gate_up, down = _layer(T, K, E, H, I, torch.float32, seed=K)
-    grad = torch.randn(T, H, generator=torch.Generator().manual_seed(9))
-    tids = torch.tensor([1, 4]) if trainable else None
+@pytest.mark.parametrize("dtype,act", [(torch.float32, "silu"), (torch.float64, "silu"), (torch.float32, "gelu"),
+                                       (torch.float32, "relu")])
+def test_eager_backward_matches_the_reference(K, trainable, dtype, act):
+    """The eager backward keeps h2 and groups its products differently from the op's
+    backward (weighted dout rows before the GEMM, the routing-weight gradient from h2): the
+    forward is the op's bits, every gradient is held to the reference by the rule, the op's
+    too. Trainable experts include one no token reaches (its gradients: zeros)."""
+    T, E, H, I = 31, 6, 12, 16
+    hidden, ids, weights, gate_up, down = _layer(T, K, E, H, I, dtype, seed=K)
+    ids = torch.stack([torch.randperm(5, generator=torch.Generator().manual_seed(t))[:K] for t in range(T)])
+    grad = torch.randn(T, H, generator=torch.Generator().manual_seed(9)).to(dtype)
+    tids = torch.tensor([1, 5, 4]) if trainable else None  # expert 5: no rows
+    code = moe.ACTIVATIONS[act]
 
-    def run(fn):
-        h, w = hidden.clone().requires_grad_(), weights.clone().requires_grad_()
-        gu, dn = (torch.nn.Parameter(t.detach().clone()) for t in (gate_up, down))
+    def run(fn, hidden, ids, weights, gate_up, down, grad, tids):
+        h, w = hidden.detach().clone().requires_grad_(), weights.detach().clone().requires_grad_()
+        gu, dn = (torch.nn.Parameter(t.detach().clone(), requires_grad=not trainable) for t in (gate_up, down))
         tgu = torch.nn.Parameter(gate_up.detach()[tids].clone()) if trainable else None
         tdn = torch.nn.Parameter(down.detach()[tids].clone()) if trainable else None
-        if trainable:
-            gu.requires_grad_(False)
-            dn.requires_grad_(False)
-        out = fn(h, w, gu, dn, tgu, tdn)
+        out = fn(h, ids, w, gu, dn, tids, tgu, tdn)
         out.backward(grad)
+        assert not trainable or (gu.grad, dn.grad) == (None, None), "frozen experts got weight gradients"
         params = (tgu, tdn) if trainable else (gu, dn)
-        assert (gu.grad, dn.grad) == (None, None) or not trainable, "frozen experts got weight gradients"
         return out.detach(), h.grad, w.grad, *(p.grad for p in params)
 
+    def eager(h, ids, w, gu, dn, tids, tgu, tdn):
+        return fastdf.moe_experts(h, ids, w, gu, dn, act=act, trainable_ids=tids, trainable_gate_up=tgu,
+                                  trainable_down=tdn)
+
+    def reference(h, ids, w, gu, dn, tids, tgu, tdn):
+        return moe.moe_experts_reference(h, ids, w, gu, dn, act=act, trainable_ids=tids, trainable_gate_up=tgu,
+                                         trainable_down=tdn)
+
     with unittest.mock.patch.object(moe, "_moe_op", side_effect=AssertionError("custom op called")):
-        got = run(lambda h, w, gu, dn, tgu, tdn: fastdf.moe_experts(
-            h, ids, w, gu, dn, trainable_ids=tids, trainable_gate_up=tgu, trainable_down=tdn))
-    want = run(lambda h, w, gu, dn, tgu, tdn: _op(h, ids, w, gu, dn, tids, tgu, tdn, save=True))
-    for a, b in zip(got, want, strict=True):
-        assert torch.equal(a, b)
+        got = run(eager, hidden, ids, weights, gate_up, down, grad, tids)
+    op = run(lambda h, ids, w, gu, dn, tids, tgu, tdn: _op(h, ids, w, gu, dn, tids, tgu, tdn, act=code, save=True),
+             hidden, ids, weights, gate_up, down, grad, tids)
+    assert torch.equal(got[0], op[0])
+    if trainable:  # expert 5 (slot 1) has no rows
+        assert not got[-1][1].any() and not got[-2][1].any()
+    for result in (got, op):
+        assert_matches_reference(result, run, reference, hidden, ids, weights, gate_up, down, grad, tids)
 
 
 def test_eager_path_only_for_the_torch_backend_and_plain_tensors(monkeypatch):
