@@ -1,13 +1,16 @@
 """Build script for fastdf.
 
 The Python package is pure; `fastdf._C` (csrc/, CUDA + pybind11) is built when nvcc is
-found. csrc/ includes no torch headers, so the extension compiles on a CPU-only machine
+found, and `fastdf._cpu` (csrc/cpu/, host C++ + OpenMP + pybind11: the CPU path's own
+kernels, for x86-64 CPUs with AVX-512) when the host C++ compiler builds it. csrc/ includes no torch headers, so the extension compiles on a CPU-only machine
 and loads under any torch version. cudart is linked statically, so `import fastdf._C`
 works on a machine without a GPU; its entry points raise a clear error there.
 
 Knobs (environment variables):
   FASTDF_FORCE_CUDA=1        fail unless fastdf._C is built
   FASTDF_SKIP_CUDA_BUILD=1   never build fastdf._C
+  FASTDF_FORCE_CPU=1         fail unless fastdf._cpu is built
+  FASTDF_SKIP_CPU_BUILD=1    never build fastdf._cpu
   FASTDF_CUDA_ARCHS          ';'-separated targets, default "80;90a" (append +PTX to
                              also embed PTX, e.g. "80;90a;100+PTX")
   MAX_JOBS                   parallel nvcc jobs (default: from cores and free memory)
@@ -94,6 +97,8 @@ class BuildExt(build_ext):
     """Compiles csrc/ with nvcc (through ninja when available) and links with nvcc."""
 
     def build_extension(self, ext):
+        if ext.name == "fastdf._cpu":
+            return self._build_cpu(ext)
         if ext.name != "fastdf._C":
             return super().build_extension(ext)
         import pybind11
@@ -119,6 +124,20 @@ class BuildExt(build_ext):
             self._ninja(ninja, nvcc, cflags, ldflags, sources, objects, out, tmp, jobs)
         else:
             self._pool(nvcc, cflags, ldflags, sources, objects, out, jobs)
+
+    def _build_cpu(self, ext):
+        """The host compiler, through setuptools; a failure is a warning unless
+        FASTDF_FORCE_CPU=1 (the CPU path then runs on aten's kernels alone)."""
+        import pybind11
+
+        ext.include_dirs.append(pybind11.get_include())
+        try:
+            super().build_extension(ext)
+        except Exception as err:  # noqa: BLE001 (compiler errors come in several types)
+            if env_flag("FASTDF_FORCE_CPU"):
+                raise
+            sys.stderr.write(f"WARNING: fastdf: could not build fastdf._cpu ({err}); the CPU path runs without "
+                             "its own kernels. FASTDF_FORCE_CPU=1 makes this an error.\n")
 
     @staticmethod
     def _ninja(ninja, nvcc, cflags, ldflags, sources, objects, out, tmp, jobs):
@@ -150,7 +169,28 @@ class BuildExt(build_ext):
         subprocess.run([nvcc, *ldflags, *map(str, objects), "-o", str(out)], check=True)
 
 
+def cpu_extensions():
+    if env_flag("FASTDF_SKIP_CPU_BUILD"):
+        if env_flag("FASTDF_FORCE_CPU"):
+            raise SystemExit("FASTDF_FORCE_CPU=1 and FASTDF_SKIP_CPU_BUILD=1 contradict each other; unset one")
+        return []
+    import platform
+
+    if sys.platform != "linux" or platform.machine() not in {"x86_64", "AMD64"}:
+        if env_flag("FASTDF_FORCE_CPU"):
+            raise SystemExit(f"fastdf: FASTDF_FORCE_CPU=1 but fastdf._cpu builds on x86-64 Linux only "
+                             f"(this is {sys.platform} {platform.machine()})")
+        return []
+    flags = ["-std=c++17", "-O3", "-fopenmp", "-fvisibility=hidden", "-Wno-psabi"]
+    return [Extension("fastdf._cpu", sources=["csrc/cpu/attention.cpp"], extra_compile_args=flags,
+                      extra_link_args=["-fopenmp"], language="c++")]
+
+
 def extensions():
+    return cpu_extensions() + cuda_extensions()
+
+
+def cuda_extensions():
     if env_flag("FASTDF_SKIP_CUDA_BUILD"):
         if env_flag("FASTDF_FORCE_CUDA"):
             raise SystemExit("FASTDF_FORCE_CUDA=1 and FASTDF_SKIP_CUDA_BUILD=1 contradict each other; unset one")

@@ -53,3 +53,29 @@ def stream(t: torch.Tensor) -> int:
 
 def dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cpu():
+    try:
+        mod = importlib.import_module("fastdf._cpu")
+    except ImportError as err:
+        return None, (
+            f"fastdf._cpu is not importable ({err}); fastdf was installed without its CPU kernels (no C++ "
+            "compiler with OpenMP at install time, or FASTDF_SKIP_CPU_BUILD=1). Reinstall with g++ on PATH, "
+            "e.g. FASTDF_FORCE_CPU=1 pip install --no-build-isolation -e ."
+        )
+    if not mod.has_avx512():
+        return None, "fastdf._cpu's kernels need a CPU with AVX-512 (F, BW, DQ, VL); this one has not"
+    return mod, None
+
+
+def cpu_module():
+    """fastdf._cpu (host C++ kernels for the CPU path) where it is built and this CPU runs
+    it, else None; :func:`cpu_unavailable_reason` says why."""
+    return _load_cpu()[0]
+
+
+def cpu_unavailable_reason() -> str | None:
+    """Why fastdf._cpu's kernels cannot run in this process (None if they can)."""
+    return _load_cpu()[1]

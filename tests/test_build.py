@@ -1,5 +1,6 @@
 """The CUDA extension: it builds (CI forces it), imports without a GPU, and says clearly
-when it cannot run; the build refuses FASTDF_FORCE_CUDA=1 without nvcc."""
+when it cannot run; the build refuses FASTDF_FORCE_CUDA=1 without nvcc. The CPU extension
+(fastdf._cpu, CI forces it too): it imports, and the build refuses contradicting knobs."""
 
 import os
 import re
@@ -56,6 +57,26 @@ def test_force_cuda_without_nvcc_fails_with_advice(tmp_path):
     assert out.returncode != 0
     assert "FASTDF_FORCE_CUDA=1 but nvcc was not found" in out.stderr + out.stdout
     assert "CUDA_HOME" in out.stderr + out.stdout
+
+
+def test_cpu_extension_imports_and_says_what_it_needs():
+    try:
+        import fastdf._cpu as cpu
+    except ImportError as err:
+        if os.environ.get("FASTDF_FORCE_CPU") == "1":
+            pytest.fail(f"FASTDF_FORCE_CPU=1 but fastdf._cpu does not import: {err}")
+        pytest.skip(f"fastdf._cpu not built: {err}")
+    assert cpu.MAX_KEYS == 512 and cpu.MAX_DIM == 256
+    reason = _native.cpu_unavailable_reason()
+    assert (reason is None) == cpu.has_avx512()
+    if reason is not None:
+        assert "AVX-512" in reason
+
+
+def test_cpu_build_knobs_that_contradict_are_refused():
+    env = {**os.environ, "FASTDF_FORCE_CPU": "1", "FASTDF_SKIP_CPU_BUILD": "1"}
+    out = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "contradict" in out.stderr + out.stdout
 
 
 def test_bad_arch_list_is_refused():

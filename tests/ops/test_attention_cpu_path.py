@@ -3,7 +3,9 @@ on the keys it can see, through the CPU flash kernel forward and a blocked recom
 backward. These tests pin the block planner to the mask rule, compare forward and backward
 against the fp64 reference across the block shapes the planner makes (single-frame blocks,
 grouped small frames with masked pieces, window + sink pieces merged by log-sum-exp,
-token-causal squares, cut backward row blocks), and check the fallbacks."""
+token-causal squares, cut backward row blocks), and check the fallbacks. The forward of
+fp32 heads that fastdf._cpu's kernel takes is under test in test_attention_cpu_kernel.py:
+here it is off, so the aten path runs where the kernel would."""
 
 import pytest
 import torch
@@ -44,6 +46,11 @@ CASES = {
     "token-window": (1, 2, 2, 30, 30, 8, dict(window_frames=7)),
     "bidirectional": (1, 2, 2, 9, 20, 8, dict(causal=False)),
 }
+
+
+@pytest.fixture(autouse=True)
+def aten_path(monkeypatch):
+    monkeypatch.setattr(A, "CPU_KERNEL", False)
 
 
 @pytest.fixture

@@ -1,0 +1,393 @@
+// fastdf._cpu: the CPU forward of df_attention for short key ranges (fp32).
+//
+// Why an own kernel: on the CPU, fastdf's attention otherwise runs aten's flash kernel (the
+// one SDPA runs) and then reads the whole output once to check it, because that kernel
+// multiplies masked probabilities (0) with values it cannot see (0 x NaN = NaN) and
+// accumulates unnormalised value sums that can overflow. This kernel never touches a key a
+// row cannot see and sums normalised weights, so its result needs no check: a row is NaN
+// exactly when it sees a non-finite input, as in the reference. It also skips aten's dense
+// mask, and per-head overheads that dominate short sequences (16-token heads cost aten
+// ~3.4 us each).
+//
+// Layout: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D], out like q, any strides (in elements)
+// except a contiguous last dim; lse [B, Hq, Tq]. Query head h reads K/V head h / (Hq / Hkv).
+// ranges [Tq, 4] int32: the keys row i sees are [lo0, hi0) and [lo1, hi1), lo1 >= hi0
+// (sink frames, then the window; the second range may be empty).
+//
+// Work: one (batch, kv head) per task, OpenMP over tasks (the process's libgomp: torch's
+// wheel ships it under the soname this links to, so both share one thread pool). Per task,
+// K is transposed once into a [D, Tk] scratch (16x16 register transposes) so scores come
+// from broadcast-FMAs over 16 keys at a time, 8 query rows per block (8 independent FMA
+// chains); softmax per row in registers (scalar stores followed by vector loads stall store
+// forwarding); P @ V per row with 1-8 accumulator sets (8 FMA chains in flight for D = 16..128).
+// No torch headers: pointers and sizes come from fastdf/ops/attention.py.
+
+#include <pybind11/pybind11.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+// The kernel is written for 16-lane registers: compiled for x86-64-v4 (AVX-512 F/BW/DQ/VL)
+// only, and called only where the CPU has it (measured: the same code as x86-64-v3 runs
+// ~14x slower, its 16-lane shuffles split; a target_clones build ran ~2x slower than a
+// whole-section target, the helpers then being compiled for the baseline first).
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+#define INLINE static inline __attribute__((always_inline))
+
+constexpr int MAX_KEYS = 512;  // keys per head this kernel takes (the scratch per thread)
+constexpr int MAX_DIM = 256;
+constexpr int ROWS = 8;         // query rows per score block
+
+INLINE v16 splat(float x) { return (v16){} + x; }
+INLINE v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
+INLINE void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+INLINE v16 from_bits(i16v b) { v16 v; std::memcpy(&v, &b, sizeof v); return v; }
+
+// e^x on 16 lanes: Cephes expf (x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, within
+// ~1 ulp), with 2^n applied as two normal halves so results down to the smallest subnormal
+// come out as libm's do. NaN stays NaN; x < -104 gives 0, x > 88.73 gives inf.
+INLINE v16 vexp(v16 x) {
+    const float hi = 88.7228391f, lo = -104.0f;
+    v16 xc = x > hi ? splat(hi) : x;
+    xc = xc < lo ? splat(lo) : xc;
+    v16 t = xc * 1.44269504088896341f;
+    t = t + (t >= 0.0f ? splat(0.5f) : splat(-0.5f));
+    i16v n = __builtin_convertvector(t, i16v);  // round half away from zero
+    v16 nf = __builtin_convertvector(n, v16);
+    v16 r = xc - nf * 0.693359375f - nf * -2.12194440e-4f;
+    v16 p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    i16v n1 = n >> 1, n2 = n - n1;
+    v16 out = p * from_bits((n1 + 127) << 23) * from_bits((n2 + 127) << 23);
+    out = x < lo ? splat(0.0f) : out;
+    return x > hi ? splat(INFINITY) : out;
+}
+
+typedef int32_t m16 __attribute__((vector_size(64)));
+
+// 16 x 16 transpose of r[0..16) in registers: four rounds of two-source permutes, each
+// swapping the off-diagonal blocks of size 8, 4, 2, 1.
+INLINE void transpose16(v16* r) {
+#define FASTDF_ROUND(B, LO, HI)                                                  \
+    for (int i = 0; i < 16; ++i)                                                 \
+        if (!(i & B)) {                                                          \
+            v16 a = r[i], c = r[i + B];                                          \
+            r[i] = __builtin_shuffle(a, c, (m16)LO);                             \
+            r[i + B] = __builtin_shuffle(a, c, (m16)HI);                         \
+        }
+    FASTDF_ROUND(8, ((m16){0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23}),
+                 ((m16){8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31}))
+    FASTDF_ROUND(4, ((m16){0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27}),
+                 ((m16){4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31}))
+    FASTDF_ROUND(2, ((m16){0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29}),
+                 ((m16){2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31}))
+    FASTDF_ROUND(1, ((m16){0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30}),
+                 ((m16){1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31}))
+#undef FASTDF_ROUND
+}
+
+const i16v IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+struct Args {
+    const float *q, *k, *v;
+    float *out, *lse;
+    int B, Hq, Hkv, Tq, Tk, D;
+    int64_t qs[3], ks[3], vs[3], os[3], ls[3];  // strides of (batch, head, token)
+    const int32_t* ranges;
+    float scale;
+};
+
+// out_row = sum over the row's ranges of w[j] * v[j], D = 16 * ND, with SETS interleaved
+// accumulator sets (independent FMA chains), summed at the end.
+template <int ND>
+INLINE void weighted_rows(const float* w, const float* vb, int64_t vst, const int32_t* rg, float* orow) {
+    constexpr int SETS = ND >= 8 ? 1 : 8 / ND;
+    v16 acc[SETS][ND];
+    for (int s = 0; s < SETS; ++s)
+        for (int c = 0; c < ND; ++c) acc[s][c] = (v16){};
+    for (int seg = 0; seg < 2; ++seg) {
+        const int lo = rg[2 * seg], hi = rg[2 * seg + 1];
+        int j = lo;
+        for (; j + SETS <= hi; j += SETS)
+            for (int s = 0; s < SETS; ++s) {
+                const float* vr = vb + (j + s) * vst;
+                for (int c = 0; c < ND; ++c) acc[s][c] += w[j + s] * load(vr + 16 * c);
+            }
+        for (; j < hi; ++j) {
+            const float* vr = vb + j * vst;
+            for (int c = 0; c < ND; ++c) acc[0][c] += w[j] * load(vr + 16 * c);
+        }
+    }
+    for (int s = 1; s < SETS; ++s)
+        for (int c = 0; c < ND; ++c) acc[0][c] += acc[s][c];
+    for (int c = 0; c < ND; ++c) store(orow + 16 * c, acc[0][c]);
+}
+
+// P @ V for four rows at once (D = 16 * ND <= 64): each V row is loaded once for the four.
+// Per range, the keys all four rows see run blocked; each row's own remainder (the nested
+// ranges of token-causal rows differ by a few keys) runs per row. Never a key a row cannot
+// see: its weight is 0 but its value may be NaN.
+template <int ND>
+INLINE void weighted_rows4(const float* const* w, const float* vb, int64_t vst, const int32_t* const* rg,
+                           float* const* orow) {
+    v16 acc[4][ND];
+    for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < ND; ++c) acc[r][c] = (v16){};
+    for (int seg = 0; seg < 2; ++seg) {
+        int lo = 0, hi = 1 << 30;
+        for (int r = 0; r < 4; ++r) {
+            lo = std::max(lo, rg[r][2 * seg]);
+            hi = std::min(hi, rg[r][2 * seg + 1]);
+        }
+        if (lo >= hi) lo = hi = 1 << 30;  // nothing shared: every row on its own below
+        for (int j = lo; j < hi; ++j) {
+            const float* vr = vb + j * vst;
+            v16 vv[ND];
+            for (int c = 0; c < ND; ++c) vv[c] = load(vr + 16 * c);
+            for (int r = 0; r < 4; ++r)
+                for (int c = 0; c < ND; ++c) acc[r][c] += w[r][j] * vv[c];
+        }
+        for (int r = 0; r < 4; ++r) {
+            const int rlo = rg[r][2 * seg], rhi = rg[r][2 * seg + 1];
+            for (int j = rlo; j < rhi; ++j) {
+                if (j == lo) {  // skip the shared part
+                    j = hi - 1;
+                    continue;
+                }
+                const float* vr = vb + j * vst;
+                for (int c = 0; c < ND; ++c) acc[r][c] += w[r][j] * load(vr + 16 * c);
+            }
+        }
+    }
+    for (int r = 0; r < 4; ++r)
+        for (int c = 0; c < ND; ++c) store(orow[r] + 16 * c, acc[r][c]);
+}
+
+// P @ V for one row, D = 16 * nd (nd <= 8), dispatched to the unrolled body (inlined into
+// each ISA clone of the caller).
+INLINE void weighted_rows_any(int nd, const float* w, const float* vb, int64_t vst, const int32_t* rg,
+                              float* orow) {
+    switch (nd) {
+        case 1: weighted_rows<1>(w, vb, vst, rg, orow); break;
+        case 2: weighted_rows<2>(w, vb, vst, rg, orow); break;
+        case 3: weighted_rows<3>(w, vb, vst, rg, orow); break;
+        case 4: weighted_rows<4>(w, vb, vst, rg, orow); break;
+        case 5: weighted_rows<5>(w, vb, vst, rg, orow); break;
+        case 6: weighted_rows<6>(w, vb, vst, rg, orow); break;
+        case 7: weighted_rows<7>(w, vb, vst, rg, orow); break;
+        default: weighted_rows<8>(w, vb, vst, rg, orow); break;
+    }
+}
+
+// One (batch, kv head): every query head of its group. Returns whether every output and
+// lse element is finite; updates *absmax with max |lse|.
+bool attend_head(const Args& a, int b, int hk, float* kT, float (*s)[MAX_KEYS], float* absmax) {
+    const int D = a.D, Tq = a.Tq, Tk = a.Tk, ND = D / 16;
+    const int KP = (Tk + 15) / 16 * 16;
+    const float* kb = a.k + b * a.ks[0] + hk * a.ks[1];
+    const float* vb = a.v + b * a.vs[0] + hk * a.vs[1];
+    const int64_t kst = a.ks[2], vst = a.vs[2];
+    for (int j0 = 0; j0 < KP; j0 += 16)
+        for (int d0 = 0; d0 < D; d0 += 16) {
+            v16 r[16];
+            for (int j = 0; j < 16; ++j) r[j] = j0 + j < Tk ? load(kb + (j0 + j) * kst + d0) : (v16){};
+            transpose16(r);
+            for (int d = 0; d < 16; ++d) store(kT + (d0 + d) * KP + j0, r[d]);
+        }
+    bool finite = true;
+    float amax = *absmax;
+    const int group = a.Hq / a.Hkv;
+    for (int hq = hk * group; hq < (hk + 1) * group; ++hq) {
+        const float* qb = a.q + b * a.qs[0] + hq * a.qs[1];
+        float* ob = a.out + b * a.os[0] + hq * a.os[1];
+        float* lb = a.lse + b * a.ls[0] + hq * a.ls[1];
+        for (int i0 = 0; i0 < Tq; i0 += ROWS) {
+            const int nr = std::min(ROWS, Tq - i0);
+            int kend = 0;  // keys any row of the block sees end before kend
+            for (int r = 0; r < nr; ++r) {
+                const int32_t* rg = a.ranges + 4 * (i0 + r);
+                kend = std::max(kend, rg[2] < rg[3] ? rg[3] : rg[1]);
+            }
+            const float* qr[ROWS];
+            for (int r = 0; r < ROWS; ++r) qr[r] = qb + (i0 + std::min(r, nr - 1)) * a.qs[2];
+            for (int c = 0; c < kend; c += 16) {
+                v16 acc[ROWS] = {};
+                for (int d = 0; d < D; ++d) {
+                    const v16 kv = load(kT + d * KP + c);
+                    for (int r = 0; r < ROWS; ++r) acc[r] += qr[r][d] * kv;
+                }
+                for (int r = 0; r < ROWS; ++r) store(s[r] + c, acc[r] * a.scale);
+            }
+            float lse_rows[ROWS];
+            for (int r = 0; r < nr; ++r) {
+                const int32_t* rg = a.ranges + 4 * (i0 + r);
+                float* sr = s[r];
+                const int end = rg[2] < rg[3] ? rg[3] : rg[1];
+                // keys outside the ranges: -inf (e^-inf = 0 exactly); a select, so a NaN
+                // score of a key the row cannot see is dropped, not multiplied
+                // (chunks inside one range need no select; chunks between the ranges are skipped:
+                // nothing reads them)
+                const v16 ninf = splat(-INFINITY);
+                v16 mv = ninf;
+                for (int c = 0; c < end; c += 16) {
+                    if (c >= rg[1] && c + 16 <= rg[2]) continue;
+                    v16 sv = load(sr + c);
+                    if (!((c >= rg[0] && c + 16 <= rg[1]) || (c >= rg[2] && c + 16 <= rg[3]))) {
+                        const i16v jv = IOTA + c;
+                        sv = ((jv >= rg[0]) & (jv < rg[1])) | ((jv >= rg[2]) & (jv < rg[3])) ? sv : ninf;
+                        store(sr + c, sv);
+                    }
+                    mv = sv > mv ? sv : mv;
+                }
+                float m = -INFINITY;
+                for (int e = 0; e < 16; ++e) m = mv[e] > m ? mv[e] : m;
+                // a NaN score never wins the max; e^(NaN - m) then makes the row NaN, as the
+                // reference's softmax does
+                v16 lsum = {};
+                for (int c = 0; c < end; c += 16) {
+                    if (c >= rg[1] && c + 16 <= rg[2]) continue;
+                    const v16 p = vexp(load(sr + c) - m);
+                    store(sr + c, p);
+                    lsum += p;
+                }
+                float l = 0.0f;
+                for (int e = 0; e < 16; ++e) l += lsum[e];
+                const float inv = 1.0f / l;
+                for (int c = 0; c < end; c += 16)
+                    if (!(c >= rg[1] && c + 16 <= rg[2])) store(sr + c, load(sr + c) * inv);
+                lse_rows[r] = m + std::log(l);
+            }
+            int r0 = 0;
+            if (ND <= 4)  // four rows share each V row load: 4 x ND accumulators
+                for (; r0 + 4 <= nr; r0 += 4) {
+                    const float* w[4] = {s[r0], s[r0 + 1], s[r0 + 2], s[r0 + 3]};
+                    const int32_t* rg[4];
+                    float* orow[4];
+                    for (int r = 0; r < 4; ++r) {
+                        rg[r] = a.ranges + 4 * (i0 + r0 + r);
+                        orow[r] = ob + (i0 + r0 + r) * a.os[2];
+                    }
+                    switch (ND) {
+                        case 1: weighted_rows4<1>(w, vb, vst, rg, orow); break;
+                        case 2: weighted_rows4<2>(w, vb, vst, rg, orow); break;
+                        case 3: weighted_rows4<3>(w, vb, vst, rg, orow); break;
+                        default: weighted_rows4<4>(w, vb, vst, rg, orow); break;
+                    }
+                }
+            for (int r = r0; r < nr; ++r) {
+                const int32_t* rg = a.ranges + 4 * (i0 + r);
+                float* orow = ob + (i0 + r) * a.os[2];
+                for (int c0 = 0; c0 < ND; c0 += 8)  // D > 128: in parts of at most 128
+                    weighted_rows_any(std::min(8, ND - c0), s[r], vb + 16 * c0, vst, rg, orow + 16 * c0);
+            }
+            for (int r = 0; r < nr; ++r) {
+                const int i = i0 + r;
+                const float* orow = ob + i * a.os[2];
+                lb[i * a.ls[2]] = lse_rows[r];
+                v16 bad = {};
+                for (int c = 0; c < ND; ++c) {
+                    const v16 o = load(orow + 16 * c);
+                    bad += o - o;  // 0 where finite, NaN otherwise
+                }
+                float badsum = 0.0f;
+                for (int e = 0; e < 16; ++e) badsum += bad[e];
+                finite = finite && badsum == 0.0f && std::isfinite(lse_rows[r]);
+                amax = std::max(amax, std::fabs(lse_rows[r]));
+            }
+        }
+    }
+    *absmax = amax;
+    return finite;
+}
+
+#pragma GCC pop_options
+
+bool has_avx512() {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
+py::tuple attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int B, int Hq,
+                            int Hkv, int Tq, int Tk, int D, py::tuple qs, py::tuple ks, py::tuple vs, py::tuple os,
+                            py::tuple ls, uintptr_t ranges, float scale, int threads) {
+    if (!has_avx512())
+        throw std::runtime_error("fastdf._cpu.attention_forward: needs a CPU with AVX-512 (F, BW, DQ, VL)");
+    if (D % 16 != 0 || D < 16 || D > MAX_DIM)
+        throw std::invalid_argument("fastdf._cpu.attention_forward: D must be a multiple of 16 in [16, 256]");
+    if (Tk < 1 || Tk > MAX_KEYS || Tq < 1 || Tq > Tk)
+        throw std::invalid_argument("fastdf._cpu.attention_forward: needs 1 <= Tq <= Tk <= 512");
+    if (B < 1 || Hkv < 1 || Hq % Hkv != 0)
+        throw std::invalid_argument("fastdf._cpu.attention_forward: needs B >= 1 and Hq a multiple of Hkv >= 1");
+    Args a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+           reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse),
+           B, Hq, Hkv, Tq, Tk, D, {}, {}, {}, {}, {}, reinterpret_cast<const int32_t*>(ranges), scale};
+    for (int i = 0; i < 3; ++i) {
+        a.qs[i] = qs[i].cast<int64_t>();
+        a.ks[i] = ks[i].cast<int64_t>();
+        a.vs[i] = vs[i].cast<int64_t>();
+        a.os[i] = os[i].cast<int64_t>();
+        a.ls[i] = ls[i].cast<int64_t>();
+    }
+    const int tasks = B * Hkv;
+    threads = std::max(1, std::min(threads, tasks));
+    std::vector<float> absmax(threads, 0.0f);
+    std::vector<char> finite(threads, 1);
+    {
+        py::gil_scoped_release release;
+#pragma omp parallel num_threads(threads)
+        {
+            const int t = omp_get_thread_num();
+            const int KP = (a.Tk + 15) / 16 * 16;
+            float* kT = static_cast<float*>(std::aligned_alloc(64, sizeof(float) * a.D * KP));
+            auto* s = static_cast<float(*)[MAX_KEYS]>(std::aligned_alloc(64, sizeof(float) * ROWS * MAX_KEYS));
+            float am = 0.0f;
+            bool fin = true;
+#pragma omp for schedule(static)
+            for (int task = 0; task < tasks; ++task)
+                fin = attend_head(a, task / a.Hkv, task % a.Hkv, kT, s, &am) && fin;
+            absmax[t] = am;
+            finite[t] = fin;
+            std::free(kT);
+            std::free(s);
+        }
+    }
+    float am = 0.0f;
+    bool fin = true;
+    for (int t = 0; t < threads; ++t) {
+        am = std::max(am, absmax[t]);
+        fin = fin && finite[t];
+    }
+    return py::make_tuple(fin, am);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, m) {
+    m.doc() = "fastdf's CPU kernels (host C++, no torch headers)";
+    m.attr("MAX_KEYS") = MAX_KEYS;
+    m.attr("MAX_DIM") = MAX_DIM;
+    m.def("attention_forward", &attention_forward,
+          "df_attention's forward for Tk <= MAX_KEYS, fp32, D a multiple of 16 up to MAX_DIM: writes out and "
+          "lse, returns (every element finite, max |lse|)");
+    m.def("has_avx512", &has_avx512, "whether this CPU runs the kernels (AVX-512 F, BW, DQ, VL)");
+}

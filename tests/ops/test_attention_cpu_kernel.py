@@ -1,0 +1,199 @@
+"""fastdf._cpu's attention forward (csrc/cpu/attention.cpp), the torch backend's forward for
+fp32 heads of up to CPU_KERNEL_MAX_KEYS keys on AVX-512 CPUs: its key ranges against the
+mask rule, its results against the fp64 reference by the 2x rule across head dims, GQA,
+caches, frames, windows and sinks, layouts and thread counts, what takes it and what does
+not, and non-finite data (the hardening suite runs through it too)."""
+
+import pytest
+import torch
+
+import fastdf
+from fastdf import _native
+from fastdf.ops import attention as A
+from fastdf.ops.attention import df_attention_mask, df_attention_reference
+from fastdf.testing import assert_matches_reference
+
+pytestmark = pytest.mark.skipif(_native.cpu_module() is None, reason=str(_native.cpu_unavailable_reason()))
+
+
+def _rand(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _inputs(B, Hq, Hkv, Tq, Tk, D, seed=0):
+    # [B, H, T, D] views of [B, T, H, D] storage, as a model's projections give them
+    q = _rand(B, Tq, Hq, D, seed=seed).transpose(1, 2)
+    k = _rand(B, Tk, Hkv, D, seed=seed + 1).transpose(1, 2)
+    v = _rand(B, Tk, Hkv, D, seed=seed + 2).transpose(1, 2)
+    return q, k, v
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the kernel's calls (and makes sure the module flag is on)."""
+    calls = []
+    run = A._attention_cpu_kernel
+    monkeypatch.setattr(A, "CPU_KERNEL", True)
+    monkeypatch.setattr(A, "_attention_cpu_kernel", lambda *a, **kw: calls.append(a[0].shape) or run(*a, **kw))
+    return calls
+
+
+def _ranges_mask(tq, tk, mask):
+    rule = A._normalise_mask(tk, mask.get("frame_size", 1), mask.get("causal", True), mask.get("window_frames"),
+                             mask.get("sink_frames", 0))
+    r = A._key_ranges(tq, tk, rule[0], mask.get("causal", True), rule[1], rule[2]).long()
+    j = torch.arange(tk)
+    seen = ((j >= r[:, :1]) & (j < r[:, 1:2])) | ((j >= r[:, 2:3]) & (j < r[:, 3:4]))
+    assert (r[:, 1] >= r[:, 0]).all() and (r[:, 3] >= r[:, 2]).all() and ((r[:, 2] >= r[:, 1]) | (r[:, 3] == r[:, 2])).all()
+    return seen
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_key_ranges_are_the_mask_rule(seed):
+    g = torch.Generator().manual_seed(seed)
+    tk = int(torch.randint(1, 70, (), generator=g))
+    tq = int(torch.randint(1, tk + 1, (), generator=g))
+    mask = dict(frame_size=int(torch.randint(1, 12, (), generator=g)))
+    kind = seed % 4
+    if kind == 1:
+        mask.update(window_frames=int(torch.randint(1, 6, (), generator=g)))
+    if kind == 2:
+        mask.update(window_frames=int(torch.randint(1, 6, (), generator=g)), sink_frames=int(torch.randint(1, 4, (), generator=g)))
+    if kind == 3:
+        mask = dict(causal=False)
+    assert torch.equal(_ranges_mask(tq, tk, mask), df_attention_mask(tq, tk, **mask)), mask
+
+
+# (B, Hq, Hkv, Tq, Tk, D, mask)
+CASES = {
+    "token-causal-D64": (2, 2, 2, 40, 40, 64, {}),
+    "tiny-heads-D16": (9, 4, 4, 16, 16, 16, {}),
+    "cache-gqa-D32": (2, 4, 2, 13, 50, 32, {}),
+    "frames-D48": (1, 2, 1, 36, 36, 48, dict(frame_size=12)),
+    "frames-cache-midframe-D128": (1, 4, 2, 17, 40, 128, dict(frame_size=6)),
+    "window-sink-D144": (1, 2, 2, 40, 64, 144, dict(frame_size=8, window_frames=2, sink_frames=1)),
+    "window-sink-adjacent-D80": (1, 2, 2, 24, 24, 80, dict(frame_size=8, window_frames=2, sink_frames=1)),
+    "token-window-D256": (1, 2, 2, 30, 30, 256, dict(window_frames=7)),
+    "bidirectional-D16": (1, 2, 2, 9, 20, 16, dict(causal=False)),
+    "one-query-512-keys": (1, 2, 1, 1, 512, 64, dict(frame_size=100, window_frames=3, sink_frames=1)),
+    "512-keys": (1, 1, 1, 512, 512, 32, dict(frame_size=64)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_matches_the_reference(kernel_calls, case):
+    B, Hq, Hkv, Tq, Tk, D, mask = CASES[case]
+    q, k, v = _inputs(B, Hq, Hkv, Tq, Tk, D, seed=len(case))
+    with fastdf.backend("torch"):
+        out, lse = fastdf.df_attention(q, k, v, return_lse=True, **mask)
+    assert len(kernel_calls) == 1
+    assert out.transpose(1, 2).is_contiguous()  # the documented [B, Tq, Hq, D] memory
+
+    def reference(q, k, v):
+        return df_attention_reference(q, k, v, **mask)
+    assert_matches_reference((out, lse), reference, q, k, v)
+
+
+@pytest.mark.parametrize("layout", ["bhtd", "sliced", "rows-strided"])
+def test_layouts_and_thread_counts_give_the_same_bits(kernel_calls, layout):
+    """Any strides (rows that are not contiguous are copied first), and 1 or 2 OpenMP
+    threads: each (batch, kv head) is one task, so the bits do not depend on either."""
+    q, k, v = _inputs(3, 4, 2, 20, 33, 32, seed=5)
+    if layout == "bhtd":
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    elif layout == "sliced":
+        q, k, v = (torch.cat([t, t], -1)[..., :32] for t in (q, k, v))
+    else:
+        q, k, v = (torch.stack([t, t], -1)[..., 0] for t in (q, k, v))
+    mask = dict(frame_size=4, window_frames=3, sink_frames=1)
+    want = fastdf.df_attention(q.contiguous(), k.contiguous(), v.contiguous(), **mask)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(fastdf.df_attention(q, k, v, **mask), want)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(kernel_calls) == 3
+
+
+def test_what_the_kernel_takes(kernel_calls, monkeypatch):
+    """fp32 only, D a multiple of 16 up to 256, at most 512 keys, no key padding; the aten
+    path (checked) runs everything else, and CPU_KERNEL = False turns the kernel off."""
+    def run(B, Hq, Tq, Tk, D, dtype=torch.float32, **kw):
+        q, k, v = (t.to(dtype) for t in _inputs(B, Hq, Hq, Tq, Tk, D, seed=1))
+        with fastdf.backend("torch"):
+            fastdf.df_attention(q, k, v, **kw)
+        return len(kernel_calls)
+
+    assert run(1, 2, 8, 8, 16) == 1
+    for args, kw in [((1, 2, 8, 8, 40), {}), ((1, 2, 8, 8, 272), {}), ((1, 1, 8, 513, 16), {}),
+                     ((1, 2, 8, 8, 16, torch.float16), {}), ((1, 2, 8, 8, 16, torch.float64), {}),
+                     ((1, 2, 8, 8, 16), dict(key_padding_mask=torch.tensor([[True] * 7 + [False]])))]:
+        assert run(*args, **kw) == 1, (args, kw)
+    assert run(1, 2, 8, 8, 16, key_padding_mask=torch.ones(1, 8, dtype=torch.bool)) == 2  # all True: no padding
+    monkeypatch.setattr(A, "CPU_KERNEL", False)
+    assert run(1, 2, 8, 8, 16) == 2
+    monkeypatch.setattr(A, "CPU_KERNEL", True)
+    monkeypatch.setattr(_native, "cpu_module", lambda: None)
+    assert run(1, 2, 8, 8, 16) == 2
+
+
+def test_kernel_and_aten_path_agree_and_gradients_flow(kernel_calls, monkeypatch):
+    """The backward (aten's flash backward, given the kernel's out and lse) matches the
+    reference, and the aten forward agrees with the kernel's within the rule."""
+    q, k, v = _inputs(2, 4, 2, 24, 40, 64, seed=11)
+    g = _rand(2, 24, 4, 64, seed=12).transpose(1, 2)
+    mask = dict(frame_size=8, window_frames=2, sink_frames=1)
+
+    def fwd_bwd(q, k, v):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        with fastdf.backend("torch"):
+            out = fastdf.df_attention(*inputs, **mask)
+        return (out, *torch.autograd.grad((out * g).sum(), inputs))
+
+    got = fwd_bwd(q, k, v)
+    assert len(kernel_calls) == 1
+    monkeypatch.setattr(A, "CPU_KERNEL", False)
+    aten = fwd_bwd(q, k, v)
+    for a, b in zip(got, aten):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+    def reference(q, k, v):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, _ = df_attention_reference(*inputs, **mask)
+        return (out, *torch.autograd.grad((out * g.to(out.dtype)).sum(), inputs))
+    assert_matches_reference(got, reference, q, k, v)
+
+
+def test_poison_stays_with_the_rows_that_see_it(kernel_calls):
+    """A NaN key and an inf value: rows that cannot see them are bitwise the clean run's
+    (the kernel never reads a key outside a row's ranges), the rest are the reference's;
+    keys nobody sees are never read at all."""
+    q, k, v = _inputs(1, 2, 2, 30, 40, 32, seed=3)
+    mask = dict(frame_size=5, window_frames=2, sink_frames=1)
+    with fastdf.backend("torch"):
+        clean, clean_lse = fastdf.df_attention(q, k, v, return_lse=True, **mask)
+        k2, v2 = k.clone(), v.clone()
+        k2[:, :, 22] = float("nan")  # frame 4 (keys 20-24): rows of frames 4 and 5 see it
+        v2[:, :, 23, 0] = float("inf")
+        out, lse = fastdf.df_attention(q, k2, v2, return_lse=True, **mask)
+    seen = df_attention_mask(30, 40, **mask)[:, 22]
+    assert torch.equal(out[:, :, ~seen], clean[:, :, ~seen]) and torch.equal(lse[:, :, ~seen], clean_lse[:, :, ~seen])
+    ref, ref_lse = df_attention_reference(q, k2, v2, upcast=True, **mask)
+    torch.testing.assert_close(out, ref, equal_nan=True)
+    assert torch.isnan(out[:, :, seen]).all()
+
+
+def test_binding_refuses_what_it_cannot_run():
+    mod = _native.cpu_module()
+    q = torch.zeros(1, 1, 4, 40)
+    lse = torch.zeros(1, 1, 4)
+    ranges = torch.zeros(4, 4, dtype=torch.int32)
+    args = [q.data_ptr()] * 4 + [lse.data_ptr(), 1, 1, 1, 4, 4, 40] + [(160, 160, 40)] * 4 + [(4, 4, 1),
+                                                                                               ranges.data_ptr(), 1.0, 1]
+    with pytest.raises(ValueError, match="multiple of 16"):
+        mod.attention_forward(*args)
+    args[10], args[9] = 16, 600
+    with pytest.raises(ValueError, match="Tk <= 512"):
+        mod.attention_forward(*args)
