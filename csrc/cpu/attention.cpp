@@ -1,4 +1,4 @@
-// fastdf._cpu: the CPU forward of df_attention for short key ranges (fp32).
+// fastdf._cpu: the CPU forward and backward of df_attention for short key ranges (fp32).
 //
 // Why an own kernel: on the CPU, fastdf's attention otherwise runs aten's flash kernel (the
 // one SDPA runs) and then reads the whole output once to check it, because that kernel
@@ -19,7 +19,8 @@
 // K is transposed once into a [D, Tk] scratch (16x16 register transposes) so scores come
 // from broadcast-FMAs over 16 keys at a time, 8 query rows per block (8 independent FMA
 // chains); softmax per row in registers (scalar stores followed by vector loads stall store
-// forwarding); P @ V per row with 1-8 accumulator sets (8 FMA chains in flight for D = 16..128).
+// forwarding); P @ V for 4 rows per V row load (D <= 64), else per row with 1-8 accumulator
+// sets (8 FMA chains in flight). The backward reuses those pieces (see attend_head_backward).
 // No torch headers: pointers and sizes come from fastdf/ops/attention.py.
 
 #include <pybind11/pybind11.h>
@@ -31,6 +32,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace py = pybind11;
@@ -199,6 +201,68 @@ INLINE void weighted_rows_any(int nd, const float* w, const float* vb, int64_t v
     }
 }
 
+// dst [D, KP] = the transpose of T rows of D (row stride st), zero past T.
+INLINE void transpose_keys(const float* src, int64_t st, int T, int D, int KP, float* dst) {
+    for (int j0 = 0; j0 < KP; j0 += 16)
+        for (int d0 = 0; d0 < D; d0 += 16) {
+            v16 r[16];
+            for (int j = 0; j < 16; ++j) r[j] = j0 + j < T ? load(src + (j0 + j) * st + d0) : (v16){};
+            transpose16(r);
+            for (int d = 0; d < 16; ++d) store(dst + (d0 + d) * KP + j0, r[d]);
+        }
+}
+
+// dst rows j < T (row stride st) = column j of src [D, KP].
+INLINE void untranspose_keys(const float* src, int KP, int T, int D, float* dst, int64_t st) {
+    for (int j0 = 0; j0 < T; j0 += 16)
+        for (int d0 = 0; d0 < D; d0 += 16) {
+            v16 r[16];
+            for (int d = 0; d < 16; ++d) r[d] = load(src + (d0 + d) * KP + j0);
+            transpose16(r);
+            for (int j = 0; j < 16 && j0 + j < T; ++j) store(dst + (j0 + j) * st + d0, r[j]);
+        }
+}
+
+INLINE float hsum(v16 v) {
+    float x = 0.0f;
+    for (int e = 0; e < 16; ++e) x += v[e];
+    return x;
+}
+
+INLINE bool all_finite(const float* row, int ND) {
+    v16 bad = {};
+    for (int c = 0; c < ND; ++c) {
+        const v16 o = load(row + 16 * c);
+        bad += o - o;  // 0 where finite, NaN otherwise
+    }
+    return hsum(bad) == 0.0f;
+}
+
+// out rows r < nr (row stride ost) = w[r] @ the rows of vb over each row's ranges.
+INLINE void weighted_block(float (*w)[MAX_KEYS], int nr, const int32_t* ranges, const float* vb, int64_t vst,
+                           float* ob, int64_t ost, int ND) {
+    int r0 = 0;
+    if (ND <= 4)  // four rows share each V row load: 4 x ND accumulators
+        for (; r0 + 4 <= nr; r0 += 4) {
+            const float* wr[4] = {w[r0], w[r0 + 1], w[r0 + 2], w[r0 + 3]};
+            const int32_t* rg[4];
+            float* orow[4];
+            for (int r = 0; r < 4; ++r) {
+                rg[r] = ranges + 4 * (r0 + r);
+                orow[r] = ob + (r0 + r) * ost;
+            }
+            switch (ND) {
+                case 1: weighted_rows4<1>(wr, vb, vst, rg, orow); break;
+                case 2: weighted_rows4<2>(wr, vb, vst, rg, orow); break;
+                case 3: weighted_rows4<3>(wr, vb, vst, rg, orow); break;
+                default: weighted_rows4<4>(wr, vb, vst, rg, orow); break;
+            }
+        }
+    for (int r = r0; r < nr; ++r)
+        for (int c0 = 0; c0 < ND; c0 += 8)  // D > 128: in parts of at most 128
+            weighted_rows_any(std::min(8, ND - c0), w[r], vb + 16 * c0, vst, ranges + 4 * r, ob + r * ost + 16 * c0);
+}
+
 // One (batch, kv head): every query head of its group. Returns whether every output and
 // lse element is finite; updates *absmax with max |lse|.
 bool attend_head(const Args& a, int b, int hk, float* kT, float (*s)[MAX_KEYS], float* absmax) {
@@ -207,13 +271,7 @@ bool attend_head(const Args& a, int b, int hk, float* kT, float (*s)[MAX_KEYS], 
     const float* kb = a.k + b * a.ks[0] + hk * a.ks[1];
     const float* vb = a.v + b * a.vs[0] + hk * a.vs[1];
     const int64_t kst = a.ks[2], vst = a.vs[2];
-    for (int j0 = 0; j0 < KP; j0 += 16)
-        for (int d0 = 0; d0 < D; d0 += 16) {
-            v16 r[16];
-            for (int j = 0; j < 16; ++j) r[j] = j0 + j < Tk ? load(kb + (j0 + j) * kst + d0) : (v16){};
-            transpose16(r);
-            for (int d = 0; d < 16; ++d) store(kT + (d0 + d) * KP + j0, r[d]);
-        }
+    transpose_keys(kb, kst, Tk, D, KP, kT);
     bool finite = true;
     float amax = *absmax;
     const int group = a.Hq / a.Hkv;
@@ -277,46 +335,132 @@ bool attend_head(const Args& a, int b, int hk, float* kT, float (*s)[MAX_KEYS], 
                     if (!(c >= rg[1] && c + 16 <= rg[2])) store(sr + c, load(sr + c) * inv);
                 lse_rows[r] = m + std::log(l);
             }
-            int r0 = 0;
-            if (ND <= 4)  // four rows share each V row load: 4 x ND accumulators
-                for (; r0 + 4 <= nr; r0 += 4) {
-                    const float* w[4] = {s[r0], s[r0 + 1], s[r0 + 2], s[r0 + 3]};
-                    const int32_t* rg[4];
-                    float* orow[4];
-                    for (int r = 0; r < 4; ++r) {
-                        rg[r] = a.ranges + 4 * (i0 + r0 + r);
-                        orow[r] = ob + (i0 + r0 + r) * a.os[2];
-                    }
-                    switch (ND) {
-                        case 1: weighted_rows4<1>(w, vb, vst, rg, orow); break;
-                        case 2: weighted_rows4<2>(w, vb, vst, rg, orow); break;
-                        case 3: weighted_rows4<3>(w, vb, vst, rg, orow); break;
-                        default: weighted_rows4<4>(w, vb, vst, rg, orow); break;
-                    }
-                }
-            for (int r = r0; r < nr; ++r) {
-                const int32_t* rg = a.ranges + 4 * (i0 + r);
-                float* orow = ob + (i0 + r) * a.os[2];
-                for (int c0 = 0; c0 < ND; c0 += 8)  // D > 128: in parts of at most 128
-                    weighted_rows_any(std::min(8, ND - c0), s[r], vb + 16 * c0, vst, rg, orow + 16 * c0);
-            }
+            weighted_block(s, nr, a.ranges + 4 * i0, vb, vst, ob + i0 * a.os[2], a.os[2], ND);
             for (int r = 0; r < nr; ++r) {
                 const int i = i0 + r;
                 const float* orow = ob + i * a.os[2];
                 lb[i * a.ls[2]] = lse_rows[r];
-                v16 bad = {};
-                for (int c = 0; c < ND; ++c) {
-                    const v16 o = load(orow + 16 * c);
-                    bad += o - o;  // 0 where finite, NaN otherwise
-                }
-                float badsum = 0.0f;
-                for (int e = 0; e < 16; ++e) badsum += bad[e];
-                finite = finite && badsum == 0.0f && std::isfinite(lse_rows[r]);
+                finite = finite && all_finite(orow, ND) && std::isfinite(lse_rows[r]);
                 amax = std::max(amax, std::fabs(lse_rows[r]));
             }
         }
     }
     *absmax = amax;
+    return finite;
+}
+
+struct BwdArgs {
+    const float *q, *k, *v, *out, *dout, *lse;
+    float *dq, *dk, *dv;
+    int B, Hq, Hkv, Tq, Tk, D;
+    int64_t qs[3], ks[3], vs[3], os[3], gs[3], ls[3], dqs[3], dks[3], dvs[3];
+    const int32_t* ranges;
+    float scale;
+};
+
+// The backward of one (batch, kv head), every query head of its group: with P = e^(S - lse)
+// on each row's ranges, dP = dO V^T, dS = P (dP - rowsum(dO * O)) * scale:
+// dQ = dS K, dK = dS^T Q, dV = P^T dO. Scores and dP come 8 rows x 16 keys at a time from
+// the transposed K and V; dQ rows like the forward's P @ V; dK^T and dV^T 16 keys at a time
+// into fp32 [D, Tk] scratch, transposed back at the end (a pair a row cannot see has P =
+// dS = 0 by a select, and finite Q and dO there: a non-finite dO shows in dQ, and the
+// caller rejects results with non-finite elements). A row that sees
+// one key has P = 1 and dS = 0 exactly, as the reference's softmax gives. Returns whether
+// every gradient element is finite.
+bool attend_head_backward(const BwdArgs& a, int b, int hk, float* kT, float* vT, float* dKT, float* dVT,
+                          float (*S)[MAX_KEYS], float (*P)[MAX_KEYS]) {
+    const int D = a.D, Tq = a.Tq, Tk = a.Tk, ND = D / 16;
+    const int KP = (Tk + 15) / 16 * 16;
+    const float* kb = a.k + b * a.ks[0] + hk * a.ks[1];
+    const float* vb = a.v + b * a.vs[0] + hk * a.vs[1];
+    transpose_keys(kb, a.ks[2], Tk, D, KP, kT);
+    transpose_keys(vb, a.vs[2], Tk, D, KP, vT);
+    std::memset(dKT, 0, sizeof(float) * D * KP);
+    std::memset(dVT, 0, sizeof(float) * D * KP);
+    bool finite = true;
+    const int group = a.Hq / a.Hkv;
+    for (int hq = hk * group; hq < (hk + 1) * group; ++hq) {
+        const float* qb = a.q + b * a.qs[0] + hq * a.qs[1];
+        const float* gb = a.dout + b * a.gs[0] + hq * a.gs[1];
+        const float* ob = a.out + b * a.os[0] + hq * a.os[1];
+        const float* lb = a.lse + b * a.ls[0] + hq * a.ls[1];
+        float* dqb = a.dq + b * a.dqs[0] + hq * a.dqs[1];
+        for (int i0 = 0; i0 < Tq; i0 += ROWS) {
+            const int nr = std::min(ROWS, Tq - i0);
+            const int32_t* rgs = a.ranges + 4 * i0;
+            int kend = 0;
+            for (int r = 0; r < nr; ++r) kend = std::max(kend, rgs[4 * r + 2] < rgs[4 * r + 3] ? rgs[4 * r + 3] : rgs[4 * r + 1]);
+            kend = (kend + 15) / 16 * 16;
+            const float *qr[ROWS], *gr[ROWS];
+            for (int r = 0; r < ROWS; ++r) {
+                qr[r] = qb + (i0 + std::min(r, nr - 1)) * a.qs[2];
+                gr[r] = gb + (i0 + std::min(r, nr - 1)) * a.gs[2];
+            }
+            for (int c = 0; c < kend; c += 16) {
+                v16 sa[ROWS] = {}, pa[ROWS] = {};
+                for (int d = 0; d < D; ++d) {
+                    const v16 kv = load(kT + d * KP + c), vv = load(vT + d * KP + c);
+                    for (int r = 0; r < ROWS; ++r) {
+                        sa[r] += qr[r][d] * kv;
+                        pa[r] += gr[r][d] * vv;
+                    }
+                }
+                for (int r = 0; r < ROWS; ++r) {
+                    store(S[r] + c, sa[r] * a.scale);
+                    store(P[r] + c, pa[r]);
+                }
+            }
+            for (int r = 0; r < nr; ++r) {
+                const int i = i0 + r;
+                const int32_t* rg = rgs + 4 * r;
+                const bool one = (rg[1] - rg[0]) + (rg[3] - rg[2]) == 1;
+                const float* orow = ob + i * a.os[2];
+                const float* grow = gr[r];
+                v16 dacc = {};
+                for (int c = 0; c < ND; ++c) dacc += load(grow + 16 * c) * load(orow + 16 * c);
+                const float delta = hsum(dacc), lse = lb[i * a.ls[2]];
+                const v16 zero = {};
+                for (int c = 0; c < kend; c += 16) {
+                    const i16v jv = IOTA + c;
+                    const auto vis = ((jv >= rg[0]) & (jv < rg[1])) | ((jv >= rg[2]) & (jv < rg[3]));
+                    const v16 p = vexp(load(S[r] + c) - lse);
+                    const v16 ds = p * (load(P[r] + c) - delta) * a.scale;
+                    store(P[r] + c, vis ? (one ? splat(1.0f) : p) : zero);
+                    store(S[r] + c, one ? zero : (vis ? ds : zero));
+                }
+            }
+            weighted_block(S, nr, rgs, kb, a.ks[2], dqb + i0 * a.dqs[2], a.dqs[2], ND);  // dQ = dS K
+            for (int r = 0; r < nr; ++r) finite = finite && all_finite(dqb + (i0 + r) * a.dqs[2], ND);
+            // dK^T += Q^T dS, dV^T += dO^T P, 16 keys per vector (the scores' layout): the
+            // block's dS and P chunks stay in registers over d, two partial sums per chunk
+            for (int c = 0; c < kend; c += 16) {
+                v16 sv[ROWS], pv[ROWS];
+                for (int r = 0; r < ROWS; ++r) {
+                    sv[r] = r < nr ? load(S[r] + c) : (v16){};
+                    pv[r] = r < nr ? load(P[r] + c) : (v16){};
+                }
+                for (int d = 0; d < D; ++d) {
+                    v16 k0 = {}, k1 = {}, v0 = {}, v1 = {};
+                    for (int r = 0; r < ROWS; r += 2) {
+                        k0 += qr[r][d] * sv[r];
+                        k1 += qr[r + 1][d] * sv[r + 1];
+                        v0 += gr[r][d] * pv[r];
+                        v1 += gr[r + 1][d] * pv[r + 1];
+                    }
+                    float* kt = dKT + d * KP + c;
+                    float* vt = dVT + d * KP + c;
+                    store(kt, load(kt) + (k0 + k1));
+                    store(vt, load(vt) + (v0 + v1));
+                }
+            }
+        }
+    }
+    float* dkb = a.dk + b * a.dks[0] + hk * a.dks[1];
+    float* dvb = a.dv + b * a.dvs[0] + hk * a.dvs[1];
+    untranspose_keys(dKT, KP, Tk, D, dkb, a.dks[2]);
+    untranspose_keys(dVT, KP, Tk, D, dvb, a.dvs[2]);
+    for (int j = 0; j < Tk; ++j)
+        finite = finite && all_finite(dkb + j * a.dks[2], ND) && all_finite(dvb + j * a.dvs[2], ND);
     return finite;
 }
 
@@ -327,17 +471,20 @@ bool has_avx512() {
            __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 }
 
+void check_sizes(const char* name, int B, int Hq, int Hkv, int Tq, int Tk, int D) {
+    const std::string who = std::string("fastdf._cpu.") + name;
+    if (!has_avx512()) throw std::runtime_error(who + ": needs a CPU with AVX-512 (F, BW, DQ, VL)");
+    if (D % 16 != 0 || D < 16 || D > MAX_DIM)
+        throw std::invalid_argument(who + ": D must be a multiple of 16 in [16, 256]");
+    if (Tk < 1 || Tk > MAX_KEYS || Tq < 1 || Tq > Tk) throw std::invalid_argument(who + ": needs 1 <= Tq <= Tk <= 512");
+    if (B < 1 || Hkv < 1 || Hq < 1 || Hq % Hkv != 0)
+        throw std::invalid_argument(who + ": needs B >= 1 and Hq a multiple of Hkv >= 1");
+}
+
 py::tuple attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int B, int Hq,
                             int Hkv, int Tq, int Tk, int D, py::tuple qs, py::tuple ks, py::tuple vs, py::tuple os,
                             py::tuple ls, uintptr_t ranges, float scale, int threads) {
-    if (!has_avx512())
-        throw std::runtime_error("fastdf._cpu.attention_forward: needs a CPU with AVX-512 (F, BW, DQ, VL)");
-    if (D % 16 != 0 || D < 16 || D > MAX_DIM)
-        throw std::invalid_argument("fastdf._cpu.attention_forward: D must be a multiple of 16 in [16, 256]");
-    if (Tk < 1 || Tk > MAX_KEYS || Tq < 1 || Tq > Tk)
-        throw std::invalid_argument("fastdf._cpu.attention_forward: needs 1 <= Tq <= Tk <= 512");
-    if (B < 1 || Hkv < 1 || Hq % Hkv != 0)
-        throw std::invalid_argument("fastdf._cpu.attention_forward: needs B >= 1 and Hq a multiple of Hkv >= 1");
+    check_sizes("attention_forward", B, Hq, Hkv, Tq, Tk, D);
     Args a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
            reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse),
            B, Hq, Hkv, Tq, Tk, D, {}, {}, {}, {}, {}, reinterpret_cast<const int32_t*>(ranges), scale};
@@ -380,6 +527,53 @@ py::tuple attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out
     return py::make_tuple(fin, am);
 }
 
+bool attention_backward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t dout, uintptr_t lse,
+                        uintptr_t dq, uintptr_t dk, uintptr_t dv, int B, int Hq, int Hkv, int Tq, int Tk, int D,
+                        py::tuple strides, uintptr_t ranges, float scale, int threads) {
+    check_sizes("attention_backward", B, Hq, Hkv, Tq, Tk, D);
+    if (strides.size() != 9) throw std::invalid_argument("fastdf._cpu.attention_backward: 9 stride triples");
+    BwdArgs a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+              reinterpret_cast<const float*>(v), reinterpret_cast<const float*>(out),
+              reinterpret_cast<const float*>(dout), reinterpret_cast<const float*>(lse),
+              reinterpret_cast<float*>(dq), reinterpret_cast<float*>(dk), reinterpret_cast<float*>(dv),
+              B, Hq, Hkv, Tq, Tk, D, {}, {}, {}, {}, {}, {}, {}, {}, {}, reinterpret_cast<const int32_t*>(ranges),
+              scale};
+    int64_t* dst[9] = {a.qs, a.ks, a.vs, a.os, a.gs, a.ls, a.dqs, a.dks, a.dvs};
+    for (int t = 0; t < 9; ++t) {
+        py::tuple st = strides[t].cast<py::tuple>();
+        for (int i = 0; i < 3; ++i) dst[t][i] = st[i].cast<int64_t>();
+    }
+    const int tasks = B * Hkv;
+    threads = std::max(1, std::min(threads, tasks));
+    std::vector<char> finite(threads, 1);
+    {
+        py::gil_scoped_release release;
+#pragma omp parallel num_threads(threads)
+        {
+            const int t = omp_get_thread_num();
+            const int KP = (a.Tk + 15) / 16 * 16;
+            const size_t kd = sizeof(float) * a.D * KP, rows = sizeof(float) * ROWS * MAX_KEYS;
+            float* kT = static_cast<float*>(std::aligned_alloc(64, kd));
+            float* vT = static_cast<float*>(std::aligned_alloc(64, kd));
+            float* dK = static_cast<float*>(std::aligned_alloc(64, kd));
+            float* dV = static_cast<float*>(std::aligned_alloc(64, kd));
+            auto* S = static_cast<float(*)[MAX_KEYS]>(std::aligned_alloc(64, rows));
+            auto* P = static_cast<float(*)[MAX_KEYS]>(std::aligned_alloc(64, rows));
+            bool fin = true;
+#pragma omp for schedule(static)
+            for (int task = 0; task < tasks; ++task)
+                fin = attend_head_backward(a, task / a.Hkv, task % a.Hkv, kT, vT, dK, dV, S, P) && fin;
+            finite[t] = fin;
+            for (void* ptr : {static_cast<void*>(kT), static_cast<void*>(vT), static_cast<void*>(dK),
+                              static_cast<void*>(dV), static_cast<void*>(S), static_cast<void*>(P)})
+                std::free(ptr);
+        }
+    }
+    for (int t = 0; t < threads; ++t)
+        if (!finite[t]) return false;
+    return true;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cpu, m) {
@@ -389,5 +583,8 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("attention_forward", &attention_forward,
           "df_attention's forward for Tk <= MAX_KEYS, fp32, D a multiple of 16 up to MAX_DIM: writes out and "
           "lse, returns (every element finite, max |lse|)");
+    m.def("attention_backward", &attention_backward,
+          "df_attention's backward for what attention_forward takes, given its out and lse: writes dq, dk, dv; "
+          "returns whether every element is finite");
     m.def("has_avx512", &has_avx512, "whether this CPU runs the kernels (AVX-512 F, BW, DQ, VL)");
 }

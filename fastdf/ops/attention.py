@@ -299,21 +299,41 @@ def _flash_cpu_backward():
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
-# fastdf._cpu's forward (csrc/cpu/attention.cpp): fp32 heads of at most CPU_KERNEL_MAX_KEYS
-# keys on AVX-512 CPUs. It reads only the keys each row sees (two ranges per row: sinks and
-# window) and sums normalised weights, so a row is non-finite only where it sees
-# non-finite data, and its result needs no read-back check; the aten kernel above is
-# checked by one read of out and lse (issue 11: that check alone kept small calls below
-# SDPA's speed). Measured against SDPA's flash kernel on the CPU suite's cases a-e
-# (1 thread, AVX-512): 1.18-1.49x its forward. False turns it off (tests compare both).
+# fastdf._cpu's kernels (csrc/cpu/attention.cpp): fp32 heads of at most CPU_KERNEL_MAX_KEYS
+# keys on AVX-512 CPUs, forward and backward. They read only the keys each row sees (two
+# ranges per row: sinks and window) and the forward sums normalised weights, so a row is
+# non-finite only where it sees non-finite data, and its result needs no read-back check;
+# the aten kernel above is checked by one read of out and lse (issue 11: that check alone
+# kept small calls below SDPA's speed). Measured against SDPA on the CPU suite's cases a-e
+# (1 thread, AVX-512): forward 1.16-1.35x on a, b, d, e. False turns them off (tests
+# compare both routes).
 CPU_KERNEL = True
 CPU_KERNEL_MAX_KEYS = 512
+# Where every row sees all of at least this many keys, the backward stays on aten's kernel
+# (unmasked, GEMM-based): measured against it (1 thread), the kernel's backward ran 0.82x /
+# 1.00x / 0.93x its speed on 96 x 288 keys at D = 128 / 64 / 32, 0.88x bidirectional 288 x
+# 288 D32, but 1.21x on 16-key heads and 1.23-1.56x wherever a mask hides keys.
+CPU_KERNEL_DENSE_BACKWARD_KEYS = 128
 
 
 def _cpu_kernel_fits(q, k):
     D, Tk = q.shape[3], k.shape[2]
     return (q.dtype == torch.float32 and D % 16 == 0 and D <= 256 and Tk <= CPU_KERNEL_MAX_KEYS
             and _native.cpu_module() is not None)
+
+
+def _cpu_kernel_backward(q, k, out, lse, mask):
+    """Whether the backward runs fastdf._cpu's kernel (see CPU_KERNEL_DENSE_BACKWARD_KEYS)."""
+    if not (CPU_KERNEL and out.dtype == torch.float32 and lse.dtype == torch.float32 and _cpu_kernel_fits(q, k)):
+        return False
+    Tq, Tk = q.shape[2], k.shape[2]
+    return Tk < CPU_KERNEL_DENSE_BACKWARD_KEYS or not _sees_every_key(Tq, Tk, *mask.values())
+
+
+@functools.lru_cache(maxsize=256)
+def _sees_every_key(tq, tk, frame_size, causal, window_frames, sink_frames):
+    r = _key_ranges(tq, tk, frame_size, causal, window_frames, sink_frames)
+    return bool(((r[:, 0] == 0) & (r[:, 1] == tk)).all())
 
 
 @functools.lru_cache(maxsize=256)
@@ -356,6 +376,27 @@ def _attention_cpu_kernel(q, k, v, frame_size, causal, window_frames, sink_frame
     if finite and absmax < _FLOAT_MAX[torch.float32] * scale - LSE_FLOOR_MARGIN:
         return out, lse, absmax
     return None
+
+
+def _attention_backward_cpu_kernel(grad_out, q, k, v, out, lse, frame_size, causal, window_frames, sink_frames,
+                                   scale):
+    """``(dq, dk, dv)`` from fastdf._cpu's backward (the forward's out and lse given), or
+    None where an element is not finite (the callers' other routes then run). The kernel
+    multiplies a pair a row cannot see by 0, which is exact for the finite q and out an
+    accepted forward implies; a non-finite dO also shows in dq, so it is rejected too."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    q, k, v, out, grad_out = _last_dim_contiguous(q, k, v, out, grad_out)
+    ranges = _key_ranges(Tq, Tk, frame_size, causal, window_frames, sink_frames)
+    dq = _empty_bthd(B, Hq, Tq, D, dtype=q.dtype, device=q.device)
+    dk = _empty_bthd(B, Hkv, Tk, D, dtype=q.dtype, device=q.device)
+    dv = _empty_bthd(B, Hkv, Tk, D, dtype=q.dtype, device=q.device)
+    strides = tuple(t.stride()[:3] for t in (q, k, v, out, grad_out, lse, dq, dk, dv))
+    finite = _native.cpu_module().attention_backward(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), grad_out.data_ptr(), lse.data_ptr(), dq.data_ptr(),
+        dk.data_ptr(), dv.data_ptr(), B, Hq, Hkv, Tq, Tk, D, strides, ranges.data_ptr(), scale,
+        torch.get_num_threads())
+    return (dq, dk, dv) if finite else None
 
 
 def _attention_cpu_careful(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale):
@@ -907,9 +948,14 @@ def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, w
     else is bitwise that of clean data."""
     if lse_absmax is None and math.isfinite(float(out.sum())):
         lse_absmax = float(torch.linalg.vector_norm(lse, float("inf")))
+    mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
+    kernel = _cpu_kernel_backward(q, k, out, lse, mask)
     if lse_absmax is not None and lse_absmax <= FLASH_BACKWARD_MAX_LSE:
-        grads = _attention_backward_raw(grad_out, q, k, v, out, lse, frame_size, causal, window_frames, sink_frames,
-                                        scale)
+        if kernel:
+            grads = _attention_backward_cpu_kernel(grad_out, q, k, v, out, lse, scale=scale, **mask)
+        else:
+            grads = _attention_backward_raw(grad_out, q, k, v, out, lse, frame_size, causal, window_frames,
+                                            sink_frames, scale)
         if grads is not None:
             return grads
     data = _fast_path_data(q, k, v, None, scale)
@@ -921,7 +967,6 @@ def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, w
         finite_lse = torch.isfinite(lse)
         if bool((lse.abs() > FLASH_BACKWARD_MAX_LSE).logical_and_(finite_lse).any()):
             return None
-    mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
     B, Hq, Tq, D = q.shape
     Tk = k.shape[2]
     plan = _plan(Tq, Tk, **mask, work=B * Hq * D)
@@ -930,6 +975,13 @@ def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, w
         rows, keys = _affected(q, k, v, grad_out, plan, mask)
         grad_out = _finite_or_zero(grad_out).masked_fill(rows[..., None], 0.0)
         out, lse = _finite_or_zero(out), _finite_or_zero(lse)
+    if kernel:  # on the zeroed data: the rows and keys that none of it reaches keep their bits
+        grads = _attention_backward_cpu_kernel(grad_out, qf, kf, vf, out, lse, scale=scale, **mask)
+        if grads is None:
+            return None
+        result, dk, dv = grads
+        return _patch_affected(result, dk, dv, rows, keys if rows is not None else None, grad_in, q, k, v, scale,
+                               mask)
     # A row that sees one key has P = 1 exactly: zero dq and dk, and its dO goes to that
     # key's dV as it is (the reference's stable softmax gives that bitwise, exp(s - lse)
     # nearly). Such rows run with dO = 0 and are added below.
@@ -945,12 +997,17 @@ def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, w
     if one_rows.numel():
         Hkv = k.shape[1]
         dv.index_add_(2, one_keys, one_grad.reshape(B, Hkv, Hq // Hkv, -1, D).sum(2))
+    return _patch_affected(result, dk, dv, rows, keys if rows is not None else None, grad_in, q, k, v, scale, mask)
+
+
+def _patch_affected(dq, dk, dv, rows, keys, grad_out, q, k, v, scale, mask):
+    """The reference's dq of ``rows`` and dk/dv of ``keys`` (those non-finite data reaches)."""
     if rows is not None and bool(rows.any()):
-        rq, rk, rv = df_attention_backward_reference(grad_in, None, q, k, v, None, None, scale=scale, **mask)
-        result.copy_(torch.where(rows[..., None], rq, result))
+        rq, rk, rv = df_attention_backward_reference(grad_out, None, q, k, v, None, None, scale=scale, **mask)
+        dq.copy_(torch.where(rows[..., None], rq, dq))
         dk.copy_(torch.where(keys[..., None], rk, dk))
         dv.copy_(torch.where(keys[..., None], rv, dv))
-    return result, dk, dv
+    return dq, dk, dv
 
 
 @ATTENTION_BACKWARD.register("torch")

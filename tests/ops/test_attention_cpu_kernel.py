@@ -1,8 +1,9 @@
-"""fastdf._cpu's attention forward (csrc/cpu/attention.cpp), the torch backend's forward for
-fp32 heads of up to CPU_KERNEL_MAX_KEYS keys on AVX-512 CPUs: its key ranges against the
-mask rule, its results against the fp64 reference by the 2x rule across head dims, GQA,
-caches, frames, windows and sinks, layouts and thread counts, what takes it and what does
-not, and non-finite data (the hardening suite runs through it too)."""
+"""fastdf._cpu's attention kernels (csrc/cpu/attention.cpp), the torch backend's forward and
+backward for fp32 heads of up to CPU_KERNEL_MAX_KEYS keys on AVX-512 CPUs: key ranges
+against the mask rule, results and gradients against the fp64 reference by the 2x rule
+across head dims, GQA, caches, frames, windows and sinks, layouts and thread counts, what
+takes them and what does not, and non-finite data (the hardening suite runs through them
+too)."""
 
 import pytest
 import torch
@@ -30,12 +31,27 @@ def _inputs(B, Hq, Hkv, Tq, Tk, D, seed=0):
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts the kernel's calls (and makes sure the module flag is on)."""
+    """Counts the forward kernel's calls (and makes sure the module flag is on)."""
     calls = []
     run = A._attention_cpu_kernel
     monkeypatch.setattr(A, "CPU_KERNEL", True)
     monkeypatch.setattr(A, "_attention_cpu_kernel", lambda *a, **kw: calls.append(a[0].shape) or run(*a, **kw))
     return calls
+
+
+@pytest.fixture
+def backward_calls(monkeypatch):
+    calls = []
+    run = A._attention_backward_cpu_kernel
+    monkeypatch.setattr(A, "_attention_backward_cpu_kernel", lambda *a, **kw: calls.append(1) or run(*a, **kw))
+    return calls
+
+
+def _fwd_bwd(q, k, v, g, **mask):
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    with fastdf.backend("torch"):
+        out = fastdf.df_attention(*inputs, **mask)
+        return (out, *torch.autograd.grad((out * g).sum(), inputs))
 
 
 def _ranges_mask(tq, tk, mask):
@@ -81,7 +97,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_forward_matches_the_reference(kernel_calls, case):
+def test_forward_and_backward_match_the_reference(kernel_calls, backward_calls, case):
     B, Hq, Hkv, Tq, Tk, D, mask = CASES[case]
     q, k, v = _inputs(B, Hq, Hkv, Tq, Tk, D, seed=len(case))
     with fastdf.backend("torch"):
@@ -92,6 +108,52 @@ def test_forward_matches_the_reference(kernel_calls, case):
     def reference(q, k, v):
         return df_attention_reference(q, k, v, **mask)
     assert_matches_reference((out, lse), reference, q, k, v)
+
+    g = _rand(B, Tq, Hq, D, seed=7).transpose(1, 2)
+    got = _fwd_bwd(q, k, v, g, **mask)
+    assert len(backward_calls) == 1
+    assert all(t.transpose(1, 2).is_contiguous() for t in got)
+
+    def grads(q, k, v):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        o, _ = df_attention_reference(*inputs, **mask)
+        return (o, *torch.autograd.grad((o * g.to(o.dtype)).sum(), inputs))
+    assert_matches_reference(got, grads, q, k, v)
+
+
+def test_backward_of_long_dense_rows_stays_on_aten(kernel_calls, backward_calls):
+    """Every row seeing every one of >= CPU_KERNEL_DENSE_BACKWARD_KEYS keys: aten's backward
+    (measured faster there); the forward is still the kernel's."""
+    q, k, v = _inputs(1, 2, 2, 40, A.CPU_KERNEL_DENSE_BACKWARD_KEYS, 32, seed=4)
+    g = _rand(1, 40, 2, 32, seed=5).transpose(1, 2)
+    _fwd_bwd(q, k, v, g, causal=False)
+    assert (len(kernel_calls), len(backward_calls)) == (1, 0)
+    _fwd_bwd(q, k, v, g, frame_size=200)  # one frame: every key too
+    assert (len(kernel_calls), len(backward_calls)) == (2, 0)
+    _fwd_bwd(q[:, :, :16], k[:, :, :16], v[:, :, :16], g[:, :, :16], causal=False)  # short: the kernel
+    assert (len(kernel_calls), len(backward_calls)) == (3, 1)
+
+
+@pytest.mark.parametrize("poison", ["v", "k", "dout"])
+def test_backward_poison_stays_with_what_it_reaches(backward_calls, poison):
+    """NaN in the last key (behind the token-causal diagonal of every earlier row) or in the
+    last row's upstream gradient: the earlier rows' outputs and dq are bitwise the clean
+    run's, through the kernel in both runs (the first run's result is accepted; the second
+    is rejected and runs again on zeroed data, with the reference's values where the NaN
+    reaches: every key the last row sees, as in the reference)."""
+    q, k, v = _inputs(1, 2, 2, 40, 40, 32, seed=22)
+    g = _rand(1, 40, 2, 32, seed=23).transpose(1, 2).contiguous()
+    g[:, :, -1] = 0  # the loss reads the clean rows only
+    clean = _fwd_bwd(q, k, v, g)
+    k2, v2, g2 = k.clone(), v.clone(), g.clone()
+    {"v": v2, "k": k2, "dout": g2}[poison][:, :, -1, 3] = float("nan")
+    dirty = _fwd_bwd(q, k2, v2, g2)
+    # clean run 1; a NaN dO passes the forward: the kernel on the data as it is, rejected, then
+    # on zeroed data; a NaN key/value fails the forward's check: the zeroed run only
+    assert len(backward_calls) == (3 if poison == "dout" else 2)
+    assert torch.equal(dirty[0][:, :, :-1], clean[0][:, :, :-1])
+    assert torch.equal(dirty[1][:, :, :-1], clean[1][:, :, :-1])  # dq of the rows that do not see key 39
+    assert any(bool(t.isnan().any()) for t in dirty[1:])
 
 
 @pytest.mark.parametrize("layout", ["bhtd", "sliced", "rows-strided"])
