@@ -15,7 +15,8 @@
 // (sink frames, then the window; the second range may be empty).
 //
 // Work: one (batch, kv head) per task, OpenMP over tasks (the process's libgomp: torch's
-// wheel ships it under the soname this links to, so both share one thread pool). Per task,
+// wheel ships it under the soname this links to, so both share one thread pool); the
+// forward also cuts a pair's rows when pairs are fewer than threads. Per task,
 // K is transposed once into a [D, Tk] scratch (16x16 register transposes) so scores come
 // from broadcast-FMAs over 16 keys at a time, 8 query rows per block (8 independent FMA
 // chains); softmax per row in registers (scalar stores followed by vector loads stall store
@@ -265,7 +266,9 @@ INLINE void weighted_block(float (*w)[MAX_KEYS], int nr, const int32_t* ranges, 
 
 // One (batch, kv head): every query head of its group. Returns whether every output and
 // lse element is finite; updates *absmax with max |lse|.
-bool attend_head(const Args& a, int b, int hk, float* kT, float (*s)[MAX_KEYS], float* absmax) {
+// Rows [row_lo, row_hi) of every query head of the group (whole blocks of ROWS).
+bool attend_head(const Args& a, int b, int hk, int row_lo, int row_hi, float* kT, float (*s)[MAX_KEYS],
+                 float* absmax) {
     const int D = a.D, Tq = a.Tq, Tk = a.Tk, ND = D / 16;
     const int KP = (Tk + 15) / 16 * 16;
     const float* kb = a.k + b * a.ks[0] + hk * a.ks[1];
@@ -279,7 +282,7 @@ bool attend_head(const Args& a, int b, int hk, float* kT, float (*s)[MAX_KEYS], 
         const float* qb = a.q + b * a.qs[0] + hq * a.qs[1];
         float* ob = a.out + b * a.os[0] + hq * a.os[1];
         float* lb = a.lse + b * a.ls[0] + hq * a.ls[1];
-        for (int i0 = 0; i0 < Tq; i0 += ROWS) {
+        for (int i0 = row_lo; i0 < row_hi; i0 += ROWS) {
             const int nr = std::min(ROWS, Tq - i0);
             int kend = 0;  // keys any row of the block sees end before kend
             for (int r = 0; r < nr; ++r) {
@@ -495,7 +498,12 @@ py::tuple attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out
         a.os[i] = os[i].cast<int64_t>();
         a.ls[i] = ls[i].cast<int64_t>();
     }
-    const int tasks = B * Hkv;
+    // (batch, kv head) pairs, each cut into row ranges when there are fewer pairs than
+    // threads (rows are independent: the same bits whatever the cut; each piece transposes
+    // its K again, cheap next to its rows)
+    const int pairs = B * Hkv, blocks = (Tq + ROWS - 1) / ROWS;
+    const int splits = std::max(1, std::min(blocks, (threads + pairs - 1) / pairs));
+    const int tasks = pairs * splits;
     threads = std::max(1, std::min(threads, tasks));
     std::vector<float> absmax(threads, 0.0f);
     std::vector<char> finite(threads, 1);
@@ -510,8 +518,11 @@ py::tuple attention_forward(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out
             float am = 0.0f;
             bool fin = true;
 #pragma omp for schedule(static)
-            for (int task = 0; task < tasks; ++task)
-                fin = attend_head(a, task / a.Hkv, task % a.Hkv, kT, s, &am) && fin;
+            for (int task = 0; task < tasks; ++task) {
+                const int pair = task / splits, part = task % splits;
+                const int lo = blocks * part / splits * ROWS, hi = std::min(a.Tq, blocks * (part + 1) / splits * ROWS);
+                fin = attend_head(a, pair / a.Hkv, pair % a.Hkv, lo, hi, kT, s, &am) && fin;
+            }
             absmax[t] = am;
             finite[t] = fin;
             std::free(kT);

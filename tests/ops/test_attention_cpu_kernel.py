@@ -179,6 +179,23 @@ def test_layouts_and_thread_counts_give_the_same_bits(kernel_calls, layout):
     assert len(kernel_calls) == 3
 
 
+def test_rows_cut_across_threads_give_the_same_bits(kernel_calls):
+    """Fewer (batch, kv head) pairs than threads: the forward cuts a pair's rows across
+    threads (one pair, 2 threads: two row ranges), rows are independent, so the bits stay."""
+    q, k, v = _inputs(1, 2, 1, 45, 60, 32, seed=8)
+    mask = dict(frame_size=5, window_frames=4, sink_frames=1)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = fastdf.df_attention(q, k, v, return_lse=True, **mask)
+        torch.set_num_threads(2)
+        got = fastdf.df_attention(q, k, v, return_lse=True, **mask)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert len(kernel_calls) == 2
+
+
 def test_what_the_kernel_takes(kernel_calls, monkeypatch):
     """fp32 only, D a multiple of 16 up to 256, at most 512 keys, no key padding; the aten
     path (checked) runs everything else, and CPU_KERNEL = False turns the kernel off."""
