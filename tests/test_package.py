@@ -58,3 +58,30 @@ def test_kernels_subpackage_is_fastdf_kernels(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env, check=True)
     found, path = out.stdout.split()
     assert found == "False" and Path(path).resolve().parent == ROOT / "kernels"
+
+
+def test_sdist_carries_every_csrc_file(tmp_path):
+    """An sdist builds both extensions: every source and header under csrc/ is in it (the
+    extensions' own source lists leave the headers out; MANIFEST.in adds them). Built from
+    a copy of the sources, so no earlier egg-info's file list helps."""
+    import shutil
+    import tarfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.py", "pyproject.toml", "README.md", "MANIFEST.in"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, src / name)
+    skip = shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info")
+    for name in ("csrc", "fastdf", "kernels"):
+        shutil.copytree(ROOT / name, src / name, ignore=skip)
+    env = {**os.environ, "FASTDF_SKIP_CUDA_BUILD": "1", "FASTDF_SKIP_CPU_BUILD": "1"}
+    env.pop("FASTDF_FORCE_CUDA", None)
+    env.pop("FASTDF_FORCE_CPU", None)
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src, env=env,
+                   check=True, capture_output=True)
+    (archive,) = (tmp_path / "dist").glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    wanted = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").rglob("*") if p.suffix in {".h", ".cu", ".cpp"}}
+    assert wanted and wanted <= names, sorted(wanted - names)
