@@ -317,9 +317,11 @@ CPU_KERNEL_DENSE_BACKWARD_KEYS = 128
 
 
 def _cpu_kernel_fits(q, k):
+    """Whether fastdf._cpu takes these tensors (CPU memory only: it gets raw pointers; the
+    torch backend also runs CUDA tensors when chosen)."""
     D, Tk = q.shape[3], k.shape[2]
-    return (q.dtype == torch.float32 and D % 16 == 0 and D <= 256 and Tk <= CPU_KERNEL_MAX_KEYS
-            and _native.cpu_module() is not None)
+    return (q.is_cpu and k.is_cpu and q.dtype == torch.float32 and D % 16 == 0 and D <= 256
+            and Tk <= CPU_KERNEL_MAX_KEYS and _native.cpu_module() is not None)
 
 
 def _cpu_kernel_backward(q, k, out, lse, mask):
@@ -327,7 +329,7 @@ def _cpu_kernel_backward(q, k, out, lse, mask):
     if not (CPU_KERNEL and out.dtype == torch.float32 and lse.dtype == torch.float32 and _cpu_kernel_fits(q, k)):
         return False
     Tq, Tk = q.shape[2], k.shape[2]
-    return Tk < CPU_KERNEL_DENSE_BACKWARD_KEYS or not _sees_every_key(Tq, Tk, *mask.values())
+    return Tk < CPU_KERNEL_DENSE_BACKWARD_KEYS or not _sees_every_key(Tq, Tk, **mask)
 
 
 @functools.lru_cache(maxsize=256)

@@ -206,6 +206,8 @@ def test_what_the_kernel_takes(kernel_calls, monkeypatch):
         return len(kernel_calls)
 
     assert run(1, 2, 8, 8, 16) == 1
+    meta = torch.empty(1, 2, 8, 16, device="meta")  # not CPU memory (a CUDA tensor on the torch backend)
+    assert not A._cpu_kernel_fits(meta, meta) and A._cpu_kernel_fits(torch.empty(1, 2, 8, 16), torch.empty(1, 2, 8, 16))
     for args, kw in [((1, 2, 8, 8, 40), {}), ((1, 2, 8, 8, 272), {}), ((1, 1, 8, 513, 16), {}),
                      ((1, 2, 8, 8, 16, torch.float16), {}), ((1, 2, 8, 8, 16, torch.float64), {}),
                      ((1, 2, 8, 8, 16), dict(key_padding_mask=torch.tensor([[True] * 7 + [False]])))]:
