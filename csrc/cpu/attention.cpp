@@ -40,6 +40,21 @@ namespace py = pybind11;
 
 namespace {
 
+// o rows r in [lo, hi) = lerp(o_b, o_a, w[r]) from the nearer end, as torch.lerp computes it.
+#define FASTDF_BLEND_BODY                                                          \
+    for (int64_t r = lo; r < hi; ++r) {                                            \
+        const float wr = w[r];                                                     \
+        const float* xa = oa + r * D;                                              \
+        const float* xb = ob + r * D;                                              \
+        float* y = o + r * D;                                                      \
+        if (wr < 0.5f) {                                                           \
+            for (int64_t j = 0; j < D; ++j) y[j] = xb[j] + wr * (xa[j] - xb[j]);   \
+        } else {                                                                   \
+            const float wc = 1.0f - wr;                                            \
+            for (int64_t j = 0; j < D; ++j) y[j] = xa[j] - (xa[j] - xb[j]) * wc;   \
+        }                                                                          \
+    }
+
 // The kernel is written for 16-lane registers: compiled for x86-64-v4 (AVX-512 F/BW/DQ/VL)
 // only, and called only where the CPU has it (measured: the same code as x86-64-v3 runs
 // ~14x slower, its 16-lane shuffles split; a target_clones build ran ~2x slower than a
@@ -467,7 +482,89 @@ bool attend_head_backward(const BwdArgs& a, int b, int hk, float* kT, float* vT,
     return finite;
 }
 
+// log(x) on 16 lanes for normal x > 0 (Cephes logf: x = m 2^e, m in [sqrt(1/2), sqrt(2)),
+// degree-8 polynomial in m - 1, within ~1 ulp).
+INLINE v16 vlog(v16 x) {
+    i16v bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    i16v e = ((bits >> 23) & 0xff) - 126;
+    v16 m = from_bits((bits & 0x007fffff) | 0x3f000000);  // [0.5, 1)
+    const auto low = m < 0.707106781186547524f;
+    e = low ? e - 1 : e;
+    m = low ? m + m - 1.0f : m - 1.0f;
+    const v16 z = m * m;
+    v16 y = splat(7.0376836292e-2f);
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    const v16 ef = __builtin_convertvector(e, v16);
+    y += ef * -2.12194440e-4f;
+    y += -0.5f * z;
+    return m + y + ef * 0.693359375f;
+}
+
+// The merge's per-row part for rows [0, n), 16 at a time (n a multiple of 16): lse =
+// max + log1p(e^-|d|) and the weight sigmoid(d) of state a, d = la - lb finite.
+// log1p(t) as log(u) t / (u - 1) with u = 1 + t (exact where u rounds to 1: then t).
+void merge_weights(const float* la, const float* lb, float* lse, float* w, int64_t n) {
+    for (int64_t r = 0; r < n; r += 16) {
+        const v16 a = load(la + r), b = load(lb + r), d = a - b;
+        const v16 t = vexp(-(d < 0.0f ? -d : d));
+        const v16 u = 1.0f + t;
+        const v16 l1p = u == 1.0f ? t : vlog(u) * (t / (u - 1.0f));
+        store(lse + r, (a > b ? a : b) + l1p);
+        store(w + r, 1.0f / (1.0f + vexp(-d)));
+    }
+}
+
+// The same blend compiled for AVX-512 (the macro body of blend_rows, auto-vectorised).
+void blend_rows_wide(const float* oa, const float* ob, const float* w, float* o, int64_t lo, int64_t hi, int64_t D) {
+    FASTDF_BLEND_BODY
+}
 #pragma GCC pop_options
+
+// merge_attention_states for fp32 rows with finite lse, in one pass and one call (a
+// 256-row decode merge is ~30 us of dispatches in torch ops): lse = logaddexp(la, lb),
+// o = lerp(o_b, o_a, w) with w = sigmoid(la - lb), the formula torch's lerp uses (from the
+// nearer end). Returns false, having written nothing trustworthy, when some la - lb is not
+// finite: the caller then runs the general path (empty and +inf states).
+void blend_rows(const float* oa, const float* ob, const float* w, float* o, int64_t lo, int64_t hi, int64_t D) {
+    FASTDF_BLEND_BODY
+}
+
+bool has_avx512();
+
+bool merge_rows(const float* oa, const float* ob, const float* la, const float* lb, float* o, float* lse,
+                int64_t rows, int64_t D, int threads) {
+    for (int64_t r = 0; r < rows; ++r)
+        if (!std::isfinite(la[r] - lb[r])) return false;
+    std::vector<float> w(rows);
+    const bool wide = has_avx512();
+    const int64_t vec = wide ? rows / 16 * 16 : 0;
+    if (vec) merge_weights(la, lb, lse, w.data(), vec);
+    for (int64_t r = vec; r < rows; ++r) {  // the rest, and every row without AVX-512
+        const float a = la[r], b = lb[r], d = a - b;
+        lse[r] = std::max(a, b) + std::log1p(std::exp(-std::fabs(d)));
+        w[r] = 1.0f / (1.0f + std::exp(-d));
+    }
+    const int64_t work = rows * D;
+    const int parts = work > (1 << 18) ? std::max(1, threads) : 1;
+#pragma omp parallel for schedule(static) if (parts > 1) num_threads(parts)
+    for (int p = 0; p < parts; ++p) {
+        const int64_t lo = rows * p / parts, hi = rows * (p + 1) / parts;
+        if (wide)
+            blend_rows_wide(oa, ob, w.data(), o, lo, hi, D);
+        else
+            blend_rows(oa, ob, w.data(), o, lo, hi, D);
+    }
+    return true;
+}
 
 bool has_avx512() {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -597,5 +694,17 @@ PYBIND11_MODULE(_cpu, m) {
     m.def("attention_backward", &attention_backward,
           "df_attention's backward for what attention_forward takes, given its out and lse: writes dq, dk, dv; "
           "returns whether every element is finite");
+    m.def(
+        "merge_states",
+        [](uintptr_t oa, uintptr_t ob, uintptr_t la, uintptr_t lb, uintptr_t o, uintptr_t lse, int64_t rows,
+           int64_t D, int threads) {
+            py::gil_scoped_release release;
+            return merge_rows(reinterpret_cast<const float*>(oa), reinterpret_cast<const float*>(ob),
+                              reinterpret_cast<const float*>(la), reinterpret_cast<const float*>(lb),
+                              reinterpret_cast<float*>(o), reinterpret_cast<float*>(lse), rows, D,
+                              std::max(1, threads));
+        },
+        "merge_attention_states of contiguous fp32 [rows, D] states with finite lse: writes o and lse; "
+        "false (nothing to use) where some lse_a - lse_b is not finite");
     m.def("has_avx512", &has_avx512, "whether this CPU runs the kernels (AVX-512 F, BW, DQ, VL)");
 }

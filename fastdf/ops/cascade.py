@@ -218,12 +218,44 @@ def merge_attention_states(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tenso
         _checks.shape("lse_a", lse_a, tuple(o_a.shape[:-1]), what="(o_a's shape without its last dim)")
         _checks.shape("lse_b", lse_b, tuple(o_a.shape[:-1]), what="(o_a's shape without its last dim)")
     if torch_backend_eager(_CPU if o_a.is_cpu else o_a.device) and o_a.numel():
-        # Finite states: plain torch with native autograd (the same math as the custom op's
-        # backward there); any -inf/+inf/NaN lse takes the custom op and its semantics.
-        fast = _merge_finite(o_a, lse_a, o_b, lse_b)
+        # Finite states: fastdf._cpu's one-call merge where nothing needs a gradient, else
+        # plain torch with native autograd (the same math as the custom op's backward
+        # there); any -inf/+inf/NaN lse takes the custom op and its semantics.
+        fast = None
+        if MERGE_CPU_KERNEL and o_a.is_cpu and o_a.dtype == torch.float32 and not (
+                torch.is_grad_enabled() and (o_a.requires_grad or o_b.requires_grad or lse_a.requires_grad
+                                             or lse_b.requires_grad)):
+            fast = _merge_cpu(o_a, lse_a, o_b, lse_b)
+        if fast is None:
+            fast = _merge_finite(o_a, lse_a, o_b, lse_b)
         if fast is not None:
             return fast
     return _merge_op(o_a, lse_a, o_b, lse_b)
+
+
+# A merge of a few hundred rows costs more in dispatches than in work (7 torch ops on the
+# lerp path, ~30 us for 256 rows against ~5 us of memory traffic): fastdf._cpu merges
+# contiguous fp32 states in one call. False turns it off.
+MERGE_CPU_KERNEL = True
+
+
+def _merge_cpu(o_a, lse_a, o_b, lse_b):
+    """``(o, lse)`` from fastdf._cpu.merge_states, or None (not built, not contiguous, or an
+    lse difference that is not finite: the general path's cases)."""
+    mod = _native.cpu_module()
+    if mod is None or not (o_a.is_contiguous() and o_b.is_contiguous() and lse_a.is_contiguous()
+                           and lse_b.is_contiguous()):
+        return None
+    # empty_like of the contiguous inputs: ~0.8 us each against ~2.9 us for empty(shape, ...)
+    o, lse = torch.empty_like(o_a), torch.empty_like(lse_a)
+    if _alloc.POISON[0]:
+        o.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    D = o_a.shape[-1]
+    if not mod.merge_states(o_a.data_ptr(), o_b.data_ptr(), lse_a.data_ptr(), lse_b.data_ptr(), o.data_ptr(),
+                            lse.data_ptr(), lse_a.numel(), D, torch.get_num_threads()):
+        return None
+    return o, lse
 
 
 # ---------------------------------------------------------------------------- shared prefix

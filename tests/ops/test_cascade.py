@@ -151,3 +151,55 @@ def test_merge_bad_input(mutate, error, match):
     args = _states((2, 3), 8, torch.float32, "cpu")
     with pytest.raises(error, match=match):
         fastdf.merge_attention_states(*mutate(args))
+
+
+# ---------------------------------------------------------------------------- fastdf._cpu's merge
+
+def _merge_calls(monkeypatch):
+    from fastdf.ops import cascade
+    calls = []
+    run = cascade._merge_cpu
+    monkeypatch.setattr(cascade, "_merge_cpu", lambda *a: calls.append(run(*a)) or calls[-1])
+    return calls
+
+
+@pytest.mark.skipif(fastdf._native.cpu_module() is None, reason=str(fastdf._native.cpu_unavailable_reason()))
+@pytest.mark.parametrize("shape,d,gap", [((3, 5), 64, 3.0), ((16,), 8, 3.0), ((2, 33), 24, 80.0), ((37,), 1, 0.0),
+                                         ((600,), 512, 3.0)],
+                         ids=["tail-rows", "16-rows", "far-apart", "equal-lse", "threads"])
+def test_cpu_merge_kernel_matches_reference(monkeypatch, shape, d, gap):
+    """fp32 CPU states without gradients take fastdf._cpu's one-call merge: 16-row vector
+    groups and a scalar tail, lse gaps up to 80 (weights e^-80), equal lse, the threaded
+    blend (rows x D > 2^18); poisoned outputs are fully written."""
+    calls = _merge_calls(monkeypatch)
+    o_a, lse_a, o_b, lse_b = _states(shape, d, torch.float32, "cpu", seed=d)
+    lse_b = lse_a - gap * torch.sign(torch.randn(shape, generator=torch.Generator().manual_seed(1))) if gap else lse_a.clone()
+    with poisoned():
+        got = fastdf.merge_attention_states(o_a, lse_a, o_b, lse_b)
+    assert len(calls) == 1 and calls[0] is not None
+    assert_matches_reference(got, merge_attention_states_reference, o_a, lse_a, o_b, lse_b)
+    assert torch.equal(got[1], torch.logaddexp(lse_a, lse_b)) or torch.allclose(got[1], torch.logaddexp(lse_a, lse_b),
+                                                                                rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(fastdf._native.cpu_module() is None, reason=str(fastdf._native.cpu_unavailable_reason()))
+def test_cpu_merge_kernel_leaves_the_rest_to_the_general_path(monkeypatch):
+    """Empty (-inf) or +inf states, gradients, strided views and 16-bit states do not use
+    the kernel's result; the answers are the general path's."""
+    calls = _merge_calls(monkeypatch)
+    o_a, lse_a, o_b, lse_b = _states((4, 8), 16, torch.float32, "cpu")
+    lse_b[1, 2] = float("-inf")
+    o_b[1, 2] = float("nan")  # an empty state's o is never read
+    got = fastdf.merge_attention_states(o_a, lse_a, o_b, lse_b)
+    assert calls == [None]
+    assert torch.equal(got[0][1, 2], o_a[1, 2]) and torch.equal(got[1][1, 2], lse_a[1, 2])
+    o_b[1, 2] = 0.0
+    lse_b[1, 2] = 0.0
+    o_a.requires_grad_()
+    fastdf.merge_attention_states(o_a, lse_a, o_b, lse_b)[0].sum().backward()
+    assert calls == [None] and o_a.grad is not None
+    o_a = o_a.detach()
+    strided = torch.stack([o_a, o_a], -1)[..., 0]
+    assert fastdf.merge_attention_states(strided, lse_a, o_b, lse_b) is not None and calls[-1] is None
+    fastdf.merge_attention_states(o_a.half(), lse_a, o_b.half(), lse_b)
+    assert len(calls) == 2  # fp16: not offered to the kernel
