@@ -126,6 +126,12 @@ INLINE void transpose16(v16* r) {
 
 const i16v IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
+// Lanes of keys c..c+15 that a row with ranges rg ([lo0, hi0) and [lo1, hi1)) sees.
+INLINE i16v in_ranges(int c, const int32_t* rg) {
+    const i16v jv = IOTA + c;
+    return ((jv >= rg[0]) & (jv < rg[1])) | ((jv >= rg[2]) & (jv < rg[3]));
+}
+
 struct Args {
     const float *q, *k, *v;
     float *out, *lse;
@@ -329,8 +335,7 @@ bool attend_head(const Args& a, int b, int hk, int row_lo, int row_hi, float* kT
                     if (c >= rg[1] && c + 16 <= rg[2]) continue;
                     v16 sv = load(sr + c);
                     if (!((c >= rg[0] && c + 16 <= rg[1]) || (c >= rg[2] && c + 16 <= rg[3]))) {
-                        const i16v jv = IOTA + c;
-                        sv = ((jv >= rg[0]) & (jv < rg[1])) | ((jv >= rg[2]) & (jv < rg[3])) ? sv : ninf;
+                        sv = in_ranges(c, rg) ? sv : ninf;
                         store(sr + c, sv);
                     }
                     mv = sv > mv ? sv : mv;
@@ -346,8 +351,7 @@ bool attend_head(const Args& a, int b, int hk, int row_lo, int row_hi, float* kT
                     store(sr + c, p);
                     lsum += p;
                 }
-                float l = 0.0f;
-                for (int e = 0; e < 16; ++e) l += lsum[e];
+                const float l = hsum(lsum);
                 const float inv = 1.0f / l;
                 for (int c = 0; c < end; c += 16)
                     if (!(c >= rg[1] && c + 16 <= rg[2])) store(sr + c, load(sr + c) * inv);
@@ -439,8 +443,7 @@ bool attend_head_backward(const BwdArgs& a, int b, int hk, float* kT, float* vT,
                 const float delta = hsum(dacc), lse = lb[i * a.ls[2]];
                 const v16 zero = {};
                 for (int c = 0; c < kend; c += 16) {
-                    const i16v jv = IOTA + c;
-                    const auto vis = ((jv >= rg[0]) & (jv < rg[1])) | ((jv >= rg[2]) & (jv < rg[3]));
+                    const i16v vis = in_ranges(c, rg);
                     const v16 p = vexp(load(S[r] + c) - lse);
                     const v16 ds = p * (load(P[r] + c) - delta) * a.scale;
                     store(P[r] + c, vis ? (one ? splat(1.0f) : p) : zero);

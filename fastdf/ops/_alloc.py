@@ -19,4 +19,10 @@ def empty(shape, *, dtype, device) -> torch.Tensor:
 
 
 def empty_like(t: torch.Tensor, *, dtype=None) -> torch.Tensor:
-    return empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+    """A contiguous tensor of ``t``'s shape. ``torch.empty_like`` costs ~1 us on the CPU
+    against ~3 us for ``torch.empty(shape, dtype=, device=)``: a visible share of a
+    launch-bound call (a 256-row state merge is ~14 us in all)."""
+    out = torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
+    if POISON[0]:
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out

@@ -246,11 +246,7 @@ def _merge_cpu(o_a, lse_a, o_b, lse_b):
     if mod is None or not (o_a.is_contiguous() and o_b.is_contiguous() and lse_a.is_contiguous()
                            and lse_b.is_contiguous()):
         return None
-    # empty_like of the contiguous inputs: ~0.8 us each against ~2.9 us for empty(shape, ...)
-    o, lse = torch.empty_like(o_a), torch.empty_like(lse_a)
-    if _alloc.POISON[0]:
-        o.fill_(float("nan"))
-        lse.fill_(float("nan"))
+    o, lse = _alloc.empty_like(o_a), _alloc.empty_like(lse_a)
     D = o_a.shape[-1]
     if not mod.merge_states(o_a.data_ptr(), o_b.data_ptr(), lse_a.data_ptr(), lse_b.data_ptr(), o.data_ptr(),
                             lse.data_ptr(), lse_a.numel(), D, torch.get_num_threads()):
