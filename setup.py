@@ -182,7 +182,7 @@ def cpu_extensions():
                              f"(this is {sys.platform} {platform.machine()})")
         return []
     flags = ["-std=c++17", "-O3", "-fopenmp", "-fvisibility=hidden", "-Wno-psabi"]
-    return [Extension("fastdf._cpu", sources=["csrc/cpu/attention.cpp"], extra_compile_args=flags,
+    return [Extension("fastdf._cpu", sources=["csrc/cpu/attention.cpp", "csrc/cpu/adaln.cpp"], extra_compile_args=flags,
                       extra_link_args=["-fopenmp"], language="c++")]
 
 

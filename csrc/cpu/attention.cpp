@@ -24,7 +24,8 @@
 // sets (8 FMA chains in flight). The backward reuses those pieces (see attend_head_backward).
 // No torch headers: pointers and sizes come from fastdf/ops/attention.py.
 
-#include <pybind11/pybind11.h>
+#include "common.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -55,26 +56,12 @@ namespace {
         }                                                                          \
     }
 
-// The kernel is written for 16-lane registers: compiled for x86-64-v4 (AVX-512 F/BW/DQ/VL)
-// only, and called only where the CPU has it (measured: the same code as x86-64-v3 runs
-// ~14x slower, its 16-lane shuffles split; a target_clones build ran ~2x slower than a
-// whole-section target, the helpers then being compiled for the baseline first).
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16v __attribute__((vector_size(64)));
-
-#define INLINE static inline __attribute__((always_inline))
 
 constexpr int MAX_KEYS = 512;  // keys per head this kernel takes (the scratch per thread)
 constexpr int MAX_DIM = 256;
 constexpr int ROWS = 8;         // query rows per score block
-
-INLINE v16 splat(float x) { return (v16){} + x; }
-INLINE v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-INLINE void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
-INLINE v16 from_bits(i16v b) { v16 v; std::memcpy(&v, &b, sizeof v); return v; }
 
 // e^x on 16 lanes: Cephes expf (x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, within
 // ~1 ulp), with 2^n applied as two normal halves so results down to the smallest subnormal
@@ -243,12 +230,6 @@ INLINE void untranspose_keys(const float* src, int KP, int T, int D, float* dst,
             transpose16(r);
             for (int j = 0; j < 16 && j0 + j < T; ++j) store(dst + (j0 + j) * st + d0, r[j]);
         }
-}
-
-INLINE float hsum(v16 v) {
-    float x = 0.0f;
-    for (int e = 0; e < 16; ++e) x += v[e];
-    return x;
 }
 
 INLINE bool all_finite(const float* row, int ND) {
@@ -541,8 +522,6 @@ void blend_rows(const float* oa, const float* ob, const float* w, float* o, int6
     FASTDF_BLEND_BODY
 }
 
-bool has_avx512();
-
 bool merge_rows(const float* oa, const float* ob, const float* la, const float* lb, float* o, float* lse,
                 int64_t rows, int64_t D, int threads) {
     for (int64_t r = 0; r < rows; ++r)
@@ -567,11 +546,6 @@ bool merge_rows(const float* oa, const float* ob, const float* la, const float* 
             blend_rows(oa, ob, w.data(), o, lo, hi, D);
     }
     return true;
-}
-
-bool has_avx512() {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
 }
 
 void check_sizes(const char* name, int B, int Hq, int Hkv, int Tq, int Tk, int D) {
@@ -710,4 +684,5 @@ PYBIND11_MODULE(_cpu, m) {
         "merge_attention_states of contiguous fp32 [rows, D] states with finite lse: writes o and lse; "
         "false (nothing to use) where some lse_a - lse_b is not finite");
     m.def("has_avx512", &has_avx512, "whether this CPU runs the kernels (AVX-512 F, BW, DQ, VL)");
+    add_adaln(m);
 }

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _native
 from . import _alloc, _checks
-from ._eager import plain_tensors, torch_backend_eager
+from ._eager import PLAIN, direct_apply, plain_tensors, torch_backend_eager
 from ._backend import Op
 from ._library import custom_op
 
@@ -146,7 +147,8 @@ def _modulate_eager(x, shift, scale, weight, bias, rms, eps):
         n = n + bias
     if not (torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale.requires_grad
                                          or (weight is not None and weight.requires_grad)
-                                         or (bias is not None and bias.requires_grad))):
+                                         or (bias is not None and bias.requires_grad))) \
+            and plain_tensors(x, shift, scale):  # out= has no vmap rule
         return _modulate_into(n, shift, scale)
     y = (n.view(B, shift.shape[1], -1, C) * (1 + scale[:, :, None]) + shift[:, :, None]).view(B, T, C)
     return y if y.dtype == x.dtype else y.to(x.dtype)
@@ -241,9 +243,9 @@ def _gated_eager(x, y, gate):
     """The torch backend as plain torch (no custom op): one addcmul without autograd, a
     lean autograd.Function with it (eager's graph under functorch transforms and
     dispatch modes, which a Function without vmap rules cannot enter)."""
-    if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad)):
-        return _gated_into(_alloc.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
-    if plain_tensors(x, y, gate):
+    if plain_tensors(x, y, gate):  # else eager's graph: out= has no vmap rule, the Function none either
+        if not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad)):
+            return _gated_into(_alloc.empty(x.shape, dtype=x.dtype, device=x.device), x, y, gate)
         return _GatedFunction.apply(x, y, gate)
     frames = gate.shape[1]
     out = _per_frame(x, frames) + gate[:, :, None] * _per_frame(y, frames)
@@ -258,6 +260,156 @@ def _gated_backward_torch(grad, y, gate):
     d_y = (g4 * gate.to(acc)[:, :, None, :]).reshape(y.shape).to(y.dtype)
     d_gate = (g4 * _per_frame(y.to(acc), frames)).sum(2).to(gate.dtype)
     return d_y, d_gate
+
+
+# ---------------------------------------------------------------------------- fastdf._cpu kernels
+
+# The torch backend's CPU route for fp32 (issue 11): fastdf._cpu's one-visit-per-row kernels
+# (csrc/cpu/adaln.cpp) instead of eager's LayerNorm + broadcast passes; tests switch it off
+# to hold the eager route to the same references.
+CPU_KERNEL = True
+
+
+def _table(t):
+    return (t.data_ptr(), t.stride(0), t.stride(1))
+
+
+_F32 = torch.float32
+
+
+def _cpu_route() -> bool:
+    """fastdf._cpu's kernels may run now: built for this CPU, the torch backend chosen for
+    CPU tensors, nothing tracing, no dispatch mode or functorch transform (the kernels read
+    data pointers, which fake or batched tensors do not have)."""
+    return (CPU_KERNEL and torch_backend_eager(_CPU) and _native.cpu_module() is not None
+            and not _len_dispatch_stack() and not _functorch_active())
+
+
+_len_dispatch_stack = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+_CPU = torch.device("cpu")
+
+
+# The route tests below are also the public functions' argument checks for the cases they
+# accept (each line one condition of _check_tables / the shape rules), in one expression:
+# on a 256 KiB tensor the whole op takes ~30-200 us here, and the separate checks, routing
+# and wrappers had cost ~20 us of Python a call, which eager PyTorch does not pay (issue 11).
+
+
+def _table_ok(t, B, T, C) -> bool:
+    """A plain CPU fp32 [B, F, C] table with T % F == 0 and a contiguous last dim."""
+    if type(t) not in PLAIN or t.dtype != _F32 or not t.is_cpu:
+        return False
+    shape = t.shape
+    return len(shape) == 3 and shape[0] == B and shape[2] == C and shape[1] > 0 and T % shape[1] == 0 \
+        and t.stride(2) == 1
+
+
+def _vector_ok(t, C) -> bool:
+    return t is None or (type(t) in PLAIN and t.dtype == _F32 and t.is_cpu and t.shape == (C,) and t.is_contiguous())
+
+
+def _rows_ok(x) -> bool:
+    """A plain, contiguous, non-empty CPU fp32 [B, T, C] tensor."""
+    return (type(x) in PLAIN and x.dtype == _F32 and x.is_cpu and x.dim() == 3 and x.is_contiguous()
+            and x.numel() > 0)
+
+
+def _modulate_on_cpu_kernel(x, shift, scale, weight, bias) -> bool:
+    if not _rows_ok(x):
+        return False
+    B, T, C = x.shape
+    return (_table_ok(shift, B, T, C) and _table_ok(scale, B, T, C) and shift.shape == scale.shape
+            and _vector_ok(weight, C) and _vector_ok(bias, C) and _cpu_route())
+
+
+def _gated_on_cpu_kernel(x, y, gate) -> bool:
+    if not (_rows_ok(x) and type(y) in PLAIN and y.dtype == _F32 and y.is_cpu and y.is_contiguous()):
+        return False
+    shape = x.shape
+    return y.shape == shape and _table_ok(gate, *shape) and _cpu_route()
+
+
+def _modulate_forward_cpu(x, shift, scale, weight, bias, rms, eps, stats):
+    """``(y, mean, rstd)`` (statistics None unless ``stats``) from fastdf._cpu."""
+    B, T, C = x.shape
+    y = _alloc.empty_like(x)
+    mean = rstd = None
+    if stats:
+        mean = _alloc.empty((B, T), dtype=torch.float32, device=x.device)
+        rstd = _alloc.empty((B, T), dtype=torch.float32, device=x.device)
+    _native.cpu_module().modulate_forward(
+        x.data_ptr(), _table(shift), _table(scale), 0 if weight is None else weight.data_ptr(),
+        0 if bias is None else bias.data_ptr(), y.data_ptr(), 0 if mean is None else mean.data_ptr(),
+        0 if rstd is None else rstd.data_ptr(), B, T, shift.shape[1], C, rms, eps, torch.get_num_threads())
+    return y, mean, rstd
+
+
+class _ModulateCpu(torch.autograd.Function):
+    """adaln_modulate on fastdf._cpu: one visit per row forward (statistics and y), one
+    backward (the frame sums, the affine sums and dx), against eager's ~3 + ~5 passes."""
+
+    @staticmethod
+    def forward(ctx, x, shift, scale, weight, bias, rms, eps):
+        y, mean, rstd = _modulate_forward_cpu(x, shift, scale, weight, bias, rms, eps, True)
+        ctx.save_for_backward(x, scale, weight, bias, mean, rstd)
+        ctx.rms = rms
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, weight, bias, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if not grad.is_contiguous():  # a sum's gradient arrives expanded
+            grad = grad.contiguous()
+        B, T, C = x.shape
+        new = lambda wanted, like: _alloc.empty(like.shape, dtype=torch.float32, device=like.device) if wanted else None  # noqa: E731
+        dx, d_shift, d_scale = new(need[0], x), new(need[1], scale), new(need[2], scale)
+        d_weight, d_bias = new(need[3], weight), new(need[4], bias)
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        _native.cpu_module().modulate_backward(
+            grad.data_ptr(), x.data_ptr(), _table(scale), ptr(weight), ptr(bias), mean.data_ptr(), rstd.data_ptr(),
+            ptr(dx), ptr(d_shift), ptr(d_scale), ptr(d_weight), ptr(d_bias), B, T, scale.shape[1], C, ctx.rms,
+            torch.get_num_threads())
+        return dx, d_shift, d_scale, d_weight, d_bias, None, None
+
+
+def _gated_forward_cpu(x, y, gate):
+    B, T, C = x.shape
+    out = _alloc.empty_like(x)
+    _native.cpu_module().gated_forward(x.data_ptr(), y.data_ptr(), _table(gate), out.data_ptr(), B, T,
+                                       gate.shape[1], C, torch.get_num_threads())
+    return out
+
+
+class _GatedCpu(torch.autograd.Function):
+    """gated_residual on fastdf._cpu: dx is the incoming gradient itself; d y and the frame
+    sums of d gate in one visit per row."""
+
+    @staticmethod
+    def forward(ctx, x, y, gate):
+        ctx.save_for_backward(y, gate)
+        return _gated_forward_cpu(x, y, gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, gate = ctx.saved_tensors
+        _, need_y, need_gate = ctx.needs_input_grad
+        if not grad.is_contiguous():  # a sum's gradient arrives expanded
+            grad = grad.contiguous()
+        B, T, C = y.shape
+        d_y = _alloc.empty_like(y) if need_y else None
+        d_gate = _alloc.empty_like(gate) if need_gate else None
+        if need_y or need_gate:
+            _native.cpu_module().gated_backward(
+                grad.data_ptr(), y.data_ptr(), _table(gate), 0 if d_y is None else d_y.data_ptr(),
+                0 if d_gate is None else d_gate.data_ptr(), B, T, gate.shape[1], C, torch.get_num_threads())
+        return grad, d_y, d_gate
+
+
+_gated_apply = direct_apply(_GatedCpu)  # the route has checked that no functorch transform is active
 
 
 # ---------------------------------------------------------------------------- triton backend
@@ -481,6 +633,13 @@ def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, *, norm: str = "laye
         ``[B, T, C]`` in x's dtype. Differentiable in x, shift, scale, weight and bias; the
         table gradients are reduced per frame inside the kernel.
     """
+    if (type(norm) is str and norm in NORMS and type(eps) is float and 0.0 <= eps <= _F32_MAX
+            and _modulate_on_cpu_kernel(x, shift, scale, weight, bias)):
+        if torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale.requires_grad
+                                        or (weight is not None and weight.requires_grad)
+                                        or (bias is not None and bias.requires_grad)):
+            return _ModulateCpu.apply(x, shift, scale, weight, bias, norm == "rms", eps)
+        return _modulate_forward_cpu(x, shift, scale, weight, bias, norm == "rms", eps, False)[0]
     if not _modulate_args_ok(x, shift, scale, norm, weight, bias):  # the checks below name what is wrong
         _checks.tensor("x", x, ndim=3, dtypes=_DTYPES)
         if not isinstance(norm, str):
@@ -518,6 +677,10 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
         ``[B, T, C]`` in x's dtype (computed in fp32). Differentiable in x, y and gate (gate's gradient is
         reduced per frame inside the kernel).
     """
+    if _gated_on_cpu_kernel(x, y, gate):
+        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad):
+            return _gated_apply(x, y, gate)
+        return _gated_forward_cpu(x, y, gate)
     if not _gated_args_ok(x, y, gate):  # the checks below name what is wrong
         _checks.tensor("x", x, ndim=3, dtypes=_DTYPES)
         _checks.tensor("y", y, ndim=3, dtypes=_DTYPES)

@@ -264,3 +264,24 @@ def test_zero_sized_dims(backend, device, shape, norm):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b)
     assert not got[3].any() and not got[4].any(), "no tokens or channels: the table gradients are zero"
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "eager"])
+def test_vmap_and_grad_transforms(monkeypatch, kernel):
+    """Under torch.func transforms both ops run (a regression: the CPU eager route's out=
+    addcmul has no batching rule) and give the reference's values and gradients."""
+    from fastdf.ops import adaln
+
+    monkeypatch.setattr(adaln, "CPU_KERNEL", kernel)
+    x = torch.randn(3, 2, 12, 16, generator=torch.Generator().manual_seed(0))
+
+    def ours(a):
+        return fastdf.gated_residual(a, fastdf.adaln_modulate(a, a[:, :3], a[:, 3:6], norm="rms"), a[:, 6:9])
+
+    def ref(a):
+        return gated_residual_reference(a, adaln_modulate_reference(a, a[:, :3], a[:, 3:6], norm="rms"), a[:, 6:9])
+
+    torch.testing.assert_close(torch.func.vmap(ours)(x), torch.stack([ref(a) for a in x]))
+    got = torch.func.vmap(torch.func.grad(lambda a: ours(a).square().sum()))(x)
+    want = torch.func.vmap(torch.func.grad(lambda a: ref(a).square().sum()))(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,51 @@
+// fastdf._cpu's shared pieces: the 16-lane vector types and helpers its kernels are written
+// in, the CPU check, and the binding hooks of each op family's file (one module, one file
+// per family: attention.cpp defines the module and calls the others' hooks).
+//
+// The vector code is compiled for x86-64-v4 (AVX-512 F/BW/DQ/VL) by a pragma, and called
+// only where has_avx512() says the CPU has it (measured: the same code as x86-64-v3 ran ~14x
+// slower, its 16-lane shuffles split; target_clones ~2x slower than a whole-section target).
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <cstring>
+
+#define INLINE static inline __attribute__((always_inline))
+
+INLINE bool has_avx512() {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+
+// Hooks: each adds its family's functions to the module.
+void add_adaln(pybind11::module_& m);
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+
+#include <immintrin.h>
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16v __attribute__((vector_size(64)));
+
+INLINE v16 splat(float x) { return (v16){} + x; }
+INLINE v16 load(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
+INLINE void store(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
+INLINE v16 from_bits(i16v b) { v16 v; std::memcpy(&v, &b, sizeof v); return v; }
+
+// Lanes [0, n) of a row's last (n < 16) or any (n >= 16: all) 16-wide block; masked lanes
+// read as 0 and are never written (the row's end may be the buffer's end).
+INLINE __mmask16 lanes(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
+INLINE v16 load_n(const float* p, __mmask16 m) { return (v16)_mm512_maskz_loadu_ps(m, p); }
+INLINE void store_n(float* p, v16 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, (__m512)v); }
+INLINE v16 keep(v16 v, __mmask16 m) { return (v16)_mm512_maskz_mov_ps(m, (__m512)v); }
+
+INLINE float hsum(v16 v) {
+    float x = 0.0f;
+    for (int e = 0; e < 16; ++e) x += v[e];
+    return x;
+}
+
+#pragma GCC pop_options
