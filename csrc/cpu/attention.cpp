@@ -35,6 +35,7 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace py = pybind11;
@@ -232,6 +233,81 @@ INLINE void untranspose_keys(const float* src, int KP, int T, int D, float* dst,
         }
 }
 
+// rows[r] = row i0 + r of src (row stride st) for a block's rows r < ROWS (rows past nr
+// repeat the last one).
+INLINE void block_rows(const float* src, int64_t st, int i0, int nr, const float** rows) {
+    for (int r = 0; r < ROWS; ++r) rows[r] = src + (i0 + std::min(r, nr - 1)) * st;
+}
+
+// s[r][c] = scale * sum_d x[r][d] * yT[d][c] for the block's ROWS rows and keys c below
+// kend rounded up to 16 (yT [D, KP], zero past the keys). 8 rows x 32 keys a step: 16
+// accumulators, and per d two vector loads and 8 broadcasts for 16 FMAs (with 16 keys a
+// step, 9 loads for 8 FMAs). One product per call, so its 8 row pointers stay in registers
+// (the backward's fused scores + dP loop had 16, which the compiler reloaded from the stack
+// at every FMA: measured ~20% of the backward).
+INLINE void products(const float* const* x, const float* yT, int KP, int D, int kend, float scale,
+                     float (*s)[MAX_KEYS]) {
+    int c = 0;
+    for (; c + 32 <= kend || (c + 16 < kend && c + 32 <= KP); c += 32) {
+        v16 a0[ROWS] = {}, a1[ROWS] = {};
+        for (int d = 0; d < D; ++d) {
+            const v16 y0 = load(yT + d * KP + c), y1 = load(yT + d * KP + c + 16);
+            for (int r = 0; r < ROWS; ++r) {
+                a0[r] += x[r][d] * y0;
+                a1[r] += x[r][d] * y1;
+            }
+        }
+        for (int r = 0; r < ROWS; ++r) {
+            store(s[r] + c, a0[r] * scale);
+            store(s[r] + c + 16, a1[r] * scale);
+        }
+    }
+    for (; c < kend; c += 16) {
+        v16 acc[ROWS] = {};
+        for (int d = 0; d < D; ++d) {
+            const v16 y = load(yT + d * KP + c);
+            for (int r = 0; r < ROWS; ++r) acc[r] += x[r][d] * y;
+        }
+        for (int r = 0; r < ROWS; ++r) store(s[r] + c, acc[r] * scale);
+    }
+}
+
+// acc[d][c] += sum_r x[r][d] * w[r][c] over the block's nr rows, keys c below kend (a
+// multiple of 16), acc [D, KP]: 32 keys a step, the rows' weights in 16 registers over d.
+INLINE void accumulate_transposed(const float* const* x, float (*w)[MAX_KEYS], int nr, int D, int kend, int KP,
+                                  float* acc) {
+    int c = 0;
+    for (; c + 32 <= kend; c += 32) {
+        v16 w0[ROWS], w1[ROWS];
+        for (int r = 0; r < ROWS; ++r) {
+            w0[r] = r < nr ? load(w[r] + c) : (v16){};
+            w1[r] = r < nr ? load(w[r] + c + 16) : (v16){};
+        }
+        for (int d = 0; d < D; ++d) {
+            v16 e0 = {}, e1 = {}, o0 = {}, o1 = {};
+            for (int r = 0; r < ROWS; r += 2) {
+                e0 += x[r][d] * w0[r];
+                e1 += x[r][d] * w1[r];
+                o0 += x[r + 1][d] * w0[r + 1];
+                o1 += x[r + 1][d] * w1[r + 1];
+            }
+            float* row = acc + d * KP + c;
+            store(row, load(row) + (e0 + o0));
+            store(row + 16, load(row + 16) + (e1 + o1));
+        }
+    }
+    for (; c < kend; c += 16) {
+        v16 wv[ROWS];
+        for (int r = 0; r < ROWS; ++r) wv[r] = r < nr ? load(w[r] + c) : (v16){};
+        for (int d = 0; d < D; ++d) {  // four partial sums: short dependency chains
+            v16 e[4] = {};
+            for (int r = 0; r < ROWS; ++r) e[r % 4] += x[r][d] * wv[r];
+            float* row = acc + d * KP + c;
+            store(row, load(row) + ((e[0] + e[1]) + (e[2] + e[3])));
+        }
+    }
+}
+
 INLINE bool all_finite(const float* row, int ND) {
     v16 bad = {};
     for (int c = 0; c < ND; ++c) {
@@ -292,15 +368,8 @@ bool attend_head(const Args& a, int b, int hk, int row_lo, int row_hi, float* kT
                 kend = std::max(kend, rg[2] < rg[3] ? rg[3] : rg[1]);
             }
             const float* qr[ROWS];
-            for (int r = 0; r < ROWS; ++r) qr[r] = qb + (i0 + std::min(r, nr - 1)) * a.qs[2];
-            for (int c = 0; c < kend; c += 16) {
-                v16 acc[ROWS] = {};
-                for (int d = 0; d < D; ++d) {
-                    const v16 kv = load(kT + d * KP + c);
-                    for (int r = 0; r < ROWS; ++r) acc[r] += qr[r][d] * kv;
-                }
-                for (int r = 0; r < ROWS; ++r) store(s[r] + c, acc[r] * a.scale);
-            }
+            block_rows(qb, a.qs[2], i0, nr, qr);
+            products(qr, kT, KP, D, kend, a.scale, s);
             float lse_rows[ROWS];
             for (int r = 0; r < nr; ++r) {
                 const int32_t* rg = a.ranges + 4 * (i0 + r);
@@ -395,30 +464,16 @@ bool attend_head_backward(const BwdArgs& a, int b, int hk, float* kT, float* vT,
             for (int r = 0; r < nr; ++r) kend = std::max(kend, rgs[4 * r + 2] < rgs[4 * r + 3] ? rgs[4 * r + 3] : rgs[4 * r + 1]);
             kend = (kend + 15) / 16 * 16;
             const float *qr[ROWS], *gr[ROWS];
-            for (int r = 0; r < ROWS; ++r) {
-                qr[r] = qb + (i0 + std::min(r, nr - 1)) * a.qs[2];
-                gr[r] = gb + (i0 + std::min(r, nr - 1)) * a.gs[2];
-            }
-            for (int c = 0; c < kend; c += 16) {
-                v16 sa[ROWS] = {}, pa[ROWS] = {};
-                for (int d = 0; d < D; ++d) {
-                    const v16 kv = load(kT + d * KP + c), vv = load(vT + d * KP + c);
-                    for (int r = 0; r < ROWS; ++r) {
-                        sa[r] += qr[r][d] * kv;
-                        pa[r] += gr[r][d] * vv;
-                    }
-                }
-                for (int r = 0; r < ROWS; ++r) {
-                    store(S[r] + c, sa[r] * a.scale);
-                    store(P[r] + c, pa[r]);
-                }
-            }
+            block_rows(qb, a.qs[2], i0, nr, qr);
+            block_rows(gb, a.gs[2], i0, nr, gr);
+            products(qr, kT, KP, D, kend, a.scale, S);  // scores
+            products(gr, vT, KP, D, kend, 1.0f, P);      // dP = dO V^T
             for (int r = 0; r < nr; ++r) {
                 const int i = i0 + r;
                 const int32_t* rg = rgs + 4 * r;
                 const bool one = (rg[1] - rg[0]) + (rg[3] - rg[2]) == 1;
                 const float* orow = ob + i * a.os[2];
-                const float* grow = gr[r];
+                const float* grow = gb + i * a.gs[2];
                 v16 dacc = {};
                 for (int c = 0; c < ND; ++c) dacc += load(grow + 16 * c) * load(orow + 16 * c);
                 const float delta = hsum(dacc), lse = lb[i * a.ls[2]];
@@ -433,28 +488,9 @@ bool attend_head_backward(const BwdArgs& a, int b, int hk, float* kT, float* vT,
             }
             weighted_block(S, nr, rgs, kb, a.ks[2], dqb + i0 * a.dqs[2], a.dqs[2], ND);  // dQ = dS K
             for (int r = 0; r < nr; ++r) finite = finite && all_finite(dqb + (i0 + r) * a.dqs[2], ND);
-            // dK^T += Q^T dS, dV^T += dO^T P, 16 keys per vector (the scores' layout): the
-            // block's dS and P chunks stay in registers over d, two partial sums per chunk
-            for (int c = 0; c < kend; c += 16) {
-                v16 sv[ROWS], pv[ROWS];
-                for (int r = 0; r < ROWS; ++r) {
-                    sv[r] = r < nr ? load(S[r] + c) : (v16){};
-                    pv[r] = r < nr ? load(P[r] + c) : (v16){};
-                }
-                for (int d = 0; d < D; ++d) {
-                    v16 k0 = {}, k1 = {}, v0 = {}, v1 = {};
-                    for (int r = 0; r < ROWS; r += 2) {
-                        k0 += qr[r][d] * sv[r];
-                        k1 += qr[r + 1][d] * sv[r + 1];
-                        v0 += gr[r][d] * pv[r];
-                        v1 += gr[r + 1][d] * pv[r + 1];
-                    }
-                    float* kt = dKT + d * KP + c;
-                    float* vt = dVT + d * KP + c;
-                    store(kt, load(kt) + (k0 + k1));
-                    store(vt, load(vt) + (v0 + v1));
-                }
-            }
+            // dK^T += Q^T dS, dV^T += dO^T P, in the scores' layout (16 keys per vector)
+            accumulate_transposed(qr, S, nr, D, kend, KP, dKT);
+            accumulate_transposed(gr, P, nr, D, kend, KP, dVT);
         }
     }
     float* dkb = a.dk + b * a.dks[0] + hk * a.dks[1];
@@ -511,6 +547,28 @@ void merge_weights(const float* la, const float* lb, float* lse, float* w, int64
 void blend_rows_wide(const float* oa, const float* ob, const float* w, float* o, int64_t lo, int64_t hi, int64_t D) {
     FASTDF_BLEND_BODY
 }
+// Whether out[0, n_out) and lse[0, n_lse) are all finite, and max |lse| (the aten route's
+// result check, _accepted in attention.py: one pass in one call instead of three torch
+// reductions, ~6 us of dispatch on a small call).
+std::pair<bool, float> finite_absmax(const float* out, int64_t n_out, const float* lse, int64_t n_lse) {
+    v16 bad = {}, big = {};
+    for (int64_t i = 0; i < n_out; i += 16) {
+        const __mmask16 m = lanes(n_out - i);
+        const v16 o = load_n(out + i, m);
+        bad += o - o;  // 0 where finite, NaN otherwise
+    }
+    for (int64_t i = 0; i < n_lse; i += 16) {
+        const __mmask16 m = lanes(n_lse - i);
+        const v16 l = load_n(lse + i, m);
+        bad += l - l;
+        const v16 a = l < 0.0f ? -l : l;
+        big = a > big ? a : big;
+    }
+    float absmax = 0.0f;
+    for (int e = 0; e < 16; ++e) absmax = std::max(absmax, big[e]);
+    return {hsum(bad) == 0.0f, absmax};
+}
+
 #pragma GCC pop_options
 
 // merge_attention_states for fp32 rows with finite lse, in one pass and one call (a
@@ -683,6 +741,15 @@ PYBIND11_MODULE(_cpu, m) {
         },
         "merge_attention_states of contiguous fp32 [rows, D] states with finite lse: writes o and lse; "
         "false (nothing to use) where some lse_a - lse_b is not finite");
+    m.def(
+        "finite_absmax",
+        [](uintptr_t out, int64_t n_out, uintptr_t lse, int64_t n_lse) {
+            if (n_out < 0 || n_lse < 0) throw std::invalid_argument("fastdf._cpu.finite_absmax: negative length");
+            const auto r = finite_absmax(reinterpret_cast<const float*>(out), n_out,
+                                         reinterpret_cast<const float*>(lse), n_lse);
+            return py::make_tuple(r.first, r.second);
+        },
+        "(every element of the fp32 spans out[0, n_out) and lse[0, n_lse) finite, max |lse|)");
     m.def("has_avx512", &has_avx512, "whether this CPU runs the kernels (AVX-512 F, BW, DQ, VL)");
     add_adaln(m);
 }

@@ -309,11 +309,13 @@ def _flash_cpu_backward():
 # compare both routes).
 CPU_KERNEL = True
 CPU_KERNEL_MAX_KEYS = 512
-# Where every row sees all of at least this many keys, the backward stays on aten's kernel
-# (unmasked, GEMM-based): measured against it (1 thread), the kernel's backward ran 0.82x /
-# 1.00x / 0.93x its speed on 96 x 288 keys at D = 128 / 64 / 32, 0.88x bidirectional 288 x
-# 288 D32, but 1.21x on 16-key heads and 1.23-1.56x wherever a mask hides keys.
-CPU_KERNEL_DENSE_BACKWARD_KEYS = 128
+# Where every row sees all of at least this many keys (nothing to skip), both directions stay
+# on aten's flash kernel (unmasked, GEMM-based), measured faster there (1 thread, AVX-512):
+# the backward kernel ran 0.82x / 1.00x / 0.93x its speed on 96 x 288 keys at D = 128 / 64 /
+# 32 (0.83x at D = 32 after its register blocking), 0.88x bidirectional 288 x 288 D32; the
+# forward kernel 0.93x aten's route on 96 x 288 D32 (interleaved, 122 vs 110 us), but
+# 1.21x on 16-key heads and 1.2-1.6x wherever a mask hides keys.
+CPU_KERNEL_DENSE_KEYS = 128
 
 
 def _cpu_kernel_fits(q, k):
@@ -324,12 +326,16 @@ def _cpu_kernel_fits(q, k):
             and Tk <= CPU_KERNEL_MAX_KEYS and _native.cpu_module() is not None)
 
 
+def _dense(tq, tk, mask):
+    """Every row sees all of at least CPU_KERNEL_DENSE_KEYS keys (aten's kernels run)."""
+    return tk >= CPU_KERNEL_DENSE_KEYS and _sees_every_key(tq, tk, **mask)
+
+
 def _cpu_kernel_backward(q, k, out, lse, mask):
-    """Whether the backward runs fastdf._cpu's kernel (see CPU_KERNEL_DENSE_BACKWARD_KEYS)."""
+    """Whether the backward runs fastdf._cpu's kernel (see CPU_KERNEL_DENSE_KEYS)."""
     if not (CPU_KERNEL and out.dtype == torch.float32 and lse.dtype == torch.float32 and _cpu_kernel_fits(q, k)):
         return False
-    Tq, Tk = q.shape[2], k.shape[2]
-    return Tk < CPU_KERNEL_DENSE_BACKWARD_KEYS or not _sees_every_key(Tq, Tk, **mask)
+    return not _dense(q.shape[2], k.shape[2], mask)
 
 
 @functools.lru_cache(maxsize=256)
@@ -646,9 +652,20 @@ LSE_FLOOR_MARGIN = 100.0
 _FLOAT_MAX = {dtype: float(torch.finfo(dtype).max) for dtype in (torch.float32, torch.float64)}  # lse's dtypes
 
 
+def _dense_span(t):
+    """Whether ``t`` (3 or 4 dims) fills one span of memory as [B, H, T, ...] or [B, T, H, ...]."""
+    return t.is_contiguous() or t.transpose(1, 2).is_contiguous()
+
+
 def _accepted(out, lse, scale):
-    """max |lse| if the kernel's ``(out, lse)`` pass the check above, else None (three
-    reductions: on small problems each op's dispatch is a measurable share)."""
+    """max |lse| if the kernel's ``(out, lse)`` pass the check above, else None (one call
+    into fastdf._cpu for fp32 results in one span each, else three reductions: on small
+    problems each op's dispatch is a measurable share)."""
+    mod = _native.cpu_module()
+    if (mod is not None and out.dtype == torch.float32 and lse.dtype == torch.float32 and out.is_cpu
+            and _dense_span(out) and _dense_span(lse)):
+        finite, absmax = mod.finite_absmax(out.data_ptr(), out.numel(), lse.data_ptr(), lse.numel())
+        return absmax if finite and absmax < _FLOAT_MAX[torch.float32] * scale - LSE_FLOOR_MARGIN else None
     total = float(out.sum())  # NaN/inf anywhere; an overflow of a finite sum is a false alarm, safe
     # amax and amin propagate NaN (both are NaN if any is, and max() keeps its first NaN);
     # vector_norm(lse, inf) costs ~3 ns an element on the CPU, the two ~0.2 ns
@@ -665,7 +682,8 @@ def _attention_forward(q, k, v, key_padding_mask, frame_size, causal, window_fra
     passes the check (``lse_absmax`` = max |lse| then), else the careful blocked path or the
     reference (``lse_absmax`` None)."""
     if q.is_cpu and q.numel() and (key_padding_mask is None or bool(key_padding_mask.all())):
-        if CPU_KERNEL and _cpu_kernel_fits(q, k):
+        mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
+        if CPU_KERNEL and _cpu_kernel_fits(q, k) and not _dense(q.shape[2], k.shape[2], mask):
             result = _attention_cpu_kernel(q, k, v, frame_size, causal, window_frames, sink_frames, scale)
             if result is not None:
                 return result
