@@ -309,13 +309,15 @@ def _flash_cpu_backward():
 # compare both routes).
 CPU_KERNEL = True
 CPU_KERNEL_MAX_KEYS = 512
-# Where every row sees all of at least this many keys (nothing to skip), both directions stay
+# Where every row sees all of at least this many keys (nothing to skip), the backward stays
 # on aten's flash kernel (unmasked, GEMM-based), measured faster there (1 thread, AVX-512):
-# the backward kernel ran 0.82x / 1.00x / 0.93x its speed on 96 x 288 keys at D = 128 / 64 /
-# 32 (0.83x at D = 32 after its register blocking), 0.88x bidirectional 288 x 288 D32; the
-# forward kernel 0.93x aten's route on 96 x 288 D32 (interleaved, 122 vs 110 us), but
-# 1.21x on 16-key heads and 1.2-1.6x wherever a mask hides keys.
-CPU_KERNEL_DENSE_KEYS = 128
+# the kernel's backward ran 0.82x / 1.00x / 0.93x its speed on 96 x 288 keys at D = 128 /
+# 64 / 32, 0.88x bidirectional 288 x 288 D32, but 1.21x on 16-key heads and 1.23-1.56x
+# wherever a mask hides keys; after its register blocking, on 96 x 288 D32, 380-420 us
+# against 345 us, each called after an 8 MB copy (caches cold, as between a model's layers).
+# The forward keeps the kernel there: aten's route is faster when called in a loop (110 vs
+# 122 us) but slower cold (162-165 vs 148-150 us; SDPA 143), its Python path being longer.
+CPU_KERNEL_DENSE_BACKWARD_KEYS = 128
 
 
 def _cpu_kernel_fits(q, k):
@@ -327,12 +329,12 @@ def _cpu_kernel_fits(q, k):
 
 
 def _dense(tq, tk, mask):
-    """Every row sees all of at least CPU_KERNEL_DENSE_KEYS keys (aten's kernels run)."""
-    return tk >= CPU_KERNEL_DENSE_KEYS and _sees_every_key(tq, tk, **mask)
+    """Every row sees all of at least CPU_KERNEL_DENSE_BACKWARD_KEYS keys (aten's backward runs)."""
+    return tk >= CPU_KERNEL_DENSE_BACKWARD_KEYS and _sees_every_key(tq, tk, **mask)
 
 
 def _cpu_kernel_backward(q, k, out, lse, mask):
-    """Whether the backward runs fastdf._cpu's kernel (see CPU_KERNEL_DENSE_KEYS)."""
+    """Whether the backward runs fastdf._cpu's kernel (see CPU_KERNEL_DENSE_BACKWARD_KEYS)."""
     if not (CPU_KERNEL and out.dtype == torch.float32 and lse.dtype == torch.float32 and _cpu_kernel_fits(q, k)):
         return False
     return not _dense(q.shape[2], k.shape[2], mask)
@@ -682,8 +684,7 @@ def _attention_forward(q, k, v, key_padding_mask, frame_size, causal, window_fra
     passes the check (``lse_absmax`` = max |lse| then), else the careful blocked path or the
     reference (``lse_absmax`` None)."""
     if q.is_cpu and q.numel() and (key_padding_mask is None or bool(key_padding_mask.all())):
-        mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
-        if CPU_KERNEL and _cpu_kernel_fits(q, k) and not _dense(q.shape[2], k.shape[2], mask):
+        if CPU_KERNEL and _cpu_kernel_fits(q, k):
             result = _attention_cpu_kernel(q, k, v, frame_size, causal, window_frames, sink_frames, scale)
             if result is not None:
                 return result
