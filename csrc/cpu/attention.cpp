@@ -155,32 +155,34 @@ INLINE void weighted_rows(const float* w, const float* vb, int64_t vst, const in
     for (int c = 0; c < ND; ++c) store(orow + 16 * c, acc[0][c]);
 }
 
-// P @ V for four rows at once (D = 16 * ND <= 64): each V row is loaded once for the four.
-// Per range, the keys all four rows see run blocked; each row's own remainder (the nested
-// ranges of token-causal rows differ by a few keys) runs per row. Never a key a row cannot
-// see: its weight is 0 but its value may be NaN.
-template <int ND>
-INLINE void weighted_rows4(const float* const* w, const float* vb, int64_t vst, const int32_t* const* rg,
-                           float* const* orow) {
-    v16 acc[4][ND];
-    for (int r = 0; r < 4; ++r)
+// P @ V for R rows at once (R x ND <= 16 accumulators): each V row is loaded once for the
+// R rows. w: the first row's weights, the others at MAX_KEYS steps (one base register:
+// constant offsets); rg: the first row's ranges, 4 ints a row. Per range, the keys all R
+// rows see run blocked; each row's own remainder (the nested ranges of token-causal rows
+// differ by a few keys) runs per row. Never a key a row cannot see: its weight is 0 but its
+// value may be NaN.
+template <int R, int ND>
+INLINE void weighted_rows_n(const float (*w)[MAX_KEYS], const float* vb, int64_t vst, const int32_t* rg, float* ob,
+                            int64_t ost) {
+    v16 acc[R][ND];
+    for (int r = 0; r < R; ++r)
         for (int c = 0; c < ND; ++c) acc[r][c] = (v16){};
     for (int seg = 0; seg < 2; ++seg) {
         int lo = 0, hi = 1 << 30;
-        for (int r = 0; r < 4; ++r) {
-            lo = std::max(lo, rg[r][2 * seg]);
-            hi = std::min(hi, rg[r][2 * seg + 1]);
+        for (int r = 0; r < R; ++r) {
+            lo = std::max(lo, rg[4 * r + 2 * seg]);
+            hi = std::min(hi, rg[4 * r + 2 * seg + 1]);
         }
         if (lo >= hi) lo = hi = 1 << 30;  // nothing shared: every row on its own below
         for (int j = lo; j < hi; ++j) {
             const float* vr = vb + j * vst;
             v16 vv[ND];
             for (int c = 0; c < ND; ++c) vv[c] = load(vr + 16 * c);
-            for (int r = 0; r < 4; ++r)
+            for (int r = 0; r < R; ++r)
                 for (int c = 0; c < ND; ++c) acc[r][c] += w[r][j] * vv[c];
         }
-        for (int r = 0; r < 4; ++r) {
-            const int rlo = rg[r][2 * seg], rhi = rg[r][2 * seg + 1];
+        for (int r = 0; r < R; ++r) {
+            const int rlo = rg[4 * r + 2 * seg], rhi = rg[4 * r + 2 * seg + 1];
             for (int j = rlo; j < rhi; ++j) {
                 if (j == lo) {  // skip the shared part
                     j = hi - 1;
@@ -191,8 +193,8 @@ INLINE void weighted_rows4(const float* const* w, const float* vb, int64_t vst, 
             }
         }
     }
-    for (int r = 0; r < 4; ++r)
-        for (int c = 0; c < ND; ++c) store(orow[r] + 16 * c, acc[r][c]);
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < ND; ++c) store(ob + r * ost + 16 * c, acc[r][c]);
 }
 
 // P @ V for one row, D = 16 * nd (nd <= 8), dispatched to the unrolled body (inlined into
@@ -321,20 +323,22 @@ INLINE bool all_finite(const float* row, int ND) {
 INLINE void weighted_block(float (*w)[MAX_KEYS], int nr, const int32_t* ranges, const float* vb, int64_t vst,
                            float* ob, int64_t ost, int ND) {
     int r0 = 0;
+    if (ND <= 2)  // eight rows share each V row load: 8 x ND accumulators
+        for (; r0 + 8 <= nr; r0 += 8) {
+            if (ND == 1)
+                weighted_rows_n<8, 1>(w + r0, vb, vst, ranges + 4 * r0, ob + r0 * ost, ost);
+            else
+                weighted_rows_n<8, 2>(w + r0, vb, vst, ranges + 4 * r0, ob + r0 * ost, ost);
+        }
     if (ND <= 4)  // four rows share each V row load: 4 x ND accumulators
         for (; r0 + 4 <= nr; r0 += 4) {
-            const float* wr[4] = {w[r0], w[r0 + 1], w[r0 + 2], w[r0 + 3]};
-            const int32_t* rg[4];
-            float* orow[4];
-            for (int r = 0; r < 4; ++r) {
-                rg[r] = ranges + 4 * (r0 + r);
-                orow[r] = ob + (r0 + r) * ost;
-            }
+            const int32_t* rg = ranges + 4 * r0;
+            float* o = ob + r0 * ost;
             switch (ND) {
-                case 1: weighted_rows4<1>(wr, vb, vst, rg, orow); break;
-                case 2: weighted_rows4<2>(wr, vb, vst, rg, orow); break;
-                case 3: weighted_rows4<3>(wr, vb, vst, rg, orow); break;
-                default: weighted_rows4<4>(wr, vb, vst, rg, orow); break;
+                case 1: weighted_rows_n<4, 1>(w + r0, vb, vst, rg, o, ost); break;
+                case 2: weighted_rows_n<4, 2>(w + r0, vb, vst, rg, o, ost); break;
+                case 3: weighted_rows_n<4, 3>(w + r0, vb, vst, rg, o, ost); break;
+                default: weighted_rows_n<4, 4>(w + r0, vb, vst, rg, o, ost); break;
             }
         }
     for (int r = r0; r < nr; ++r)
