@@ -45,6 +45,30 @@ def torch_backend_eager(device: torch.device) -> bool:
     return request == "torch" or (request == "auto" and device.type == "cpu")
 
 
+_len_dispatch_stack = torch._C._len_torch_dispatch_stack
+_functorch_active = torch._C._are_functorch_transforms_active
+_is_compiling = torch.compiler.is_compiling
+
+
+def cpu_kernel_route() -> bool:
+    """``torch_backend_eager(cpu)`` and no ``__torch_dispatch__`` mode or functorch transform
+    active, in one call: where fastdf._cpu's kernels may take plain CPU tensors. Measured on
+    a 256 KiB gated residual between other ops (caches part cold): the separate calls cost
+    ~10 us a call, each Python function touched being a cost there, not only its lines."""
+    if _is_compiling() or _len_dispatch_stack() or _functorch_active():
+        return False
+    if _requests:
+        request = _requests[-1]
+    else:
+        raw = _ENV_DATA.get(b"FASTDF_BACKEND") if _ENV_DATA is not None else os.environ.get("FASTDF_BACKEND")
+        if raw is None:
+            return True  # auto
+        request = _ENV_CHOICES.get(raw)
+        if request is None:
+            return torch_backend_eager(torch.device("cpu"))  # parses (and refuses) a new value
+    return request == "torch" or request == "auto"
+
+
 # nn.Parameter disables __torch_function__, so it runs as a plain tensor (layer weights are
 # Parameters); other subclasses keep the custom op.
 PLAIN = (torch.Tensor, torch.nn.Parameter)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import _native
 from . import _alloc, _checks
-from ._eager import PLAIN, direct_apply, plain_tensors, torch_backend_eager
+from ._eager import PLAIN, cpu_kernel_route, direct_apply, plain_tensors, torch_backend_eager
 from ._backend import Op
 from ._library import custom_op
 
@@ -281,15 +281,7 @@ def _cpu_route() -> bool:
     """fastdf._cpu's kernels may run now: built for this CPU, the torch backend chosen for
     CPU tensors, nothing tracing, no dispatch mode or functorch transform (the kernels read
     data pointers, which fake or batched tensors do not have)."""
-    return (CPU_KERNEL and torch_backend_eager(_CPU) and _native.cpu_module() is not None
-            and not _len_dispatch_stack() and not _functorch_active())
-
-
-_len_dispatch_stack = torch._C._len_torch_dispatch_stack
-_functorch_active = torch._C._are_functorch_transforms_active
-
-
-_CPU = torch.device("cpu")
+    return CPU_KERNEL and cpu_kernel_route() and _native.cpu_module() is not None
 
 
 # The route tests below are also the public functions' argument checks for the cases they
@@ -326,10 +318,16 @@ def _modulate_on_cpu_kernel(x, shift, scale, weight, bias) -> bool:
 
 
 def _gated_on_cpu_kernel(x, y, gate) -> bool:
-    if not (_rows_ok(x) and type(y) in PLAIN and y.dtype == _F32 and y.is_cpu and y.is_contiguous()):
+    # _rows_ok / _table_ok written out: this op is small enough that each function call
+    # shows (see cpu_kernel_route)
+    if not (type(x) in PLAIN and type(y) in PLAIN and type(gate) in PLAIN and x.dtype == _F32 and y.dtype == _F32
+            and gate.dtype == _F32 and x.is_cpu and y.is_cpu and gate.is_cpu and x.is_contiguous()
+            and y.is_contiguous()):
         return False
-    shape = x.shape
-    return y.shape == shape and _table_ok(gate, *shape) and _cpu_route()
+    shape, table = x.shape, gate.shape
+    return (len(shape) == 3 and y.shape == shape and len(table) == 3 and table[0] == shape[0]
+            and table[2] == shape[2] and table[1] > 0 and shape[1] % table[1] == 0
+            and shape[0] * shape[1] * shape[2] > 0 and gate.stride(2) == 1 and _cpu_route())
 
 
 def _modulate_forward_cpu(x, shift, scale, weight, bias, rms, eps, stats):

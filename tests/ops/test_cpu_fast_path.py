@@ -212,3 +212,41 @@ def _merge_named_checks(o_a, lse_a, o_b, lse_b):
             unittest.mock.patch.object(cascade, "_merge_finite", lambda *a: (None, None)), \
             unittest.mock.patch.object(cascade, "_merge_op", lambda *a: None):
         cascade.merge_attention_states(o_a, lse_a, o_b, lse_b)
+
+
+def test_cpu_kernel_route_is_the_eager_rule_in_one_call(monkeypatch):
+    """cpu_kernel_route() == torch_backend_eager(cpu) and plain_tensors() under every
+    backend request (env var set, changed, refused; fastdf.backend blocks), dispatch modes,
+    functorch transforms and tracing."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastdf.ops._eager import cpu_kernel_route, plain_tensors
+
+    cpu = torch.device("cpu")
+
+    def agree():
+        want = torch_backend_eager(cpu) and plain_tensors()
+        assert cpu_kernel_route() == want
+        return want
+
+    monkeypatch.delenv("FASTDF_BACKEND", raising=False)
+    assert agree()
+    for value, want in (("torch", True), ("auto", True), ("", True), (" Triton", False), ("cuda", False)):
+        monkeypatch.setenv("FASTDF_BACKEND", value)
+        assert agree() == want, value
+    monkeypatch.setenv("FASTDF_BACKEND", "bogus-value-never-seen")
+    with pytest.raises(ValueError, match="FASTDF_BACKEND"):
+        cpu_kernel_route()
+    monkeypatch.delenv("FASTDF_BACKEND")
+    for name, want in (("triton", False), ("torch", True), ("auto", True)):
+        with fastdf.backend(name):
+            assert agree() == want, name
+    with FakeTensorMode():
+        assert not agree()
+    assert not torch.func.vmap(lambda t: t + int(agree()))(torch.zeros(2)).any()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def traced(x):
+        return x + 1 if cpu_kernel_route() else x - 1
+
+    assert torch.equal(traced(torch.zeros(2)), -torch.ones(2))
