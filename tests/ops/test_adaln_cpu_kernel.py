@@ -212,3 +212,25 @@ def test_binding_refuses_what_it_cannot_run():
     with pytest.raises(ValueError, match="affine gradient without its tensor"):
         mod.modulate_backward(x.data_ptr(), x.data_ptr(), table, 0, 0, x.data_ptr(), x.data_ptr(), 0, 0, 0,
                               x.data_ptr(), 0, 2, 6, 3, 8, False, 1)
+
+
+@pytest.mark.parametrize("where", ["x", "shift", "scale", "weight", "y", "gate"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_data_stays_where_the_reference_puts_it(calls, where, value):
+    """A NaN / inf in one element: the kernels' non-finite outputs are exactly the
+    reference's (a row of x, a frame of a table, a channel of the affine), every other
+    element finite and within the rule."""
+    x, shift, scale, weight, bias = _modulate_inputs((2, 12, 3, 20), affine=True, seed=11)
+    g = torch.Generator().manual_seed(12)
+    y, gate = torch.randn(2, 12, 20, generator=g), torch.randn(2, 3, 20, generator=g)
+    tensors = dict(x=x, shift=shift, scale=scale, weight=weight, y=y, gate=gate)
+    tensors[where].view(-1)[5] = value
+    mod = fastdf.adaln_modulate(x, shift, scale, weight=weight, bias=bias)
+    out = fastdf.gated_residual(x, y, gate)
+    ref_mod = adaln_modulate_reference(x, shift, scale, weight=weight, bias=bias)
+    ref_out = gated_residual_reference(x, y, gate)
+    for got, want in ((mod, ref_mod), (out, ref_out)):
+        assert torch.equal(got.isfinite(), want.isfinite())
+        ok = want.isfinite()
+        torch.testing.assert_close(got[ok], want[ok].to(got.dtype), rtol=1e-5, atol=1e-5)
+    assert calls == ["modulate_forward", "gated_forward"]
