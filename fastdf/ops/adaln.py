@@ -363,9 +363,9 @@ class _ModulateCpu(torch.autograd.Function):
         if not grad.is_contiguous():  # a sum's gradient arrives expanded
             grad = grad.contiguous()
         B, T, C = x.shape
-        new = lambda wanted, like: _alloc.empty(like.shape, dtype=torch.float32, device=like.device) if wanted else None  # noqa: E731
-        dx, d_shift, d_scale = new(need[0], x), new(need[1], scale), new(need[2], scale)
-        d_weight, d_bias = new(need[3], weight), new(need[4], bias)
+        dx, d_shift, d_scale, d_weight, d_bias = (
+            _alloc.empty(like.shape, dtype=torch.float32, device=like.device) if wanted else None
+            for wanted, like in zip(need, (x, scale, scale, weight, bias)))
         ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         _native.cpu_module().modulate_backward(
             grad.data_ptr(), x.data_ptr(), _table(scale), ptr(weight), ptr(bias), mean.data_ptr(), rstd.data_ptr(),
@@ -394,7 +394,7 @@ class _GatedCpu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         y, gate = ctx.saved_tensors
-        _, need_y, need_gate = ctx.needs_input_grad
+        need_x, need_y, need_gate = ctx.needs_input_grad
         if not grad.is_contiguous():  # a sum's gradient arrives expanded
             grad = grad.contiguous()
         B, T, C = y.shape
@@ -404,7 +404,7 @@ class _GatedCpu(torch.autograd.Function):
             _native.cpu_module().gated_backward(
                 grad.data_ptr(), y.data_ptr(), _table(gate), 0 if d_y is None else d_y.data_ptr(),
                 0 if d_gate is None else d_gate.data_ptr(), B, T, gate.shape[1], C, torch.get_num_threads())
-        return grad, d_y, d_gate
+        return grad if need_x else None, d_y, d_gate
 
 
 _gated_apply = direct_apply(_GatedCpu)  # the route has checked that no functorch transform is active

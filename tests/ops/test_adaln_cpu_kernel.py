@@ -168,7 +168,8 @@ def test_what_takes_the_kernels(calls):
     assert not used(lambda: fastdf.adaln_modulate(x, shift, scale, weight=torch.ones(16, dtype=torch.float64)))
     assert not used(lambda: fastdf.gated_residual(x, y.transpose(1, 2).contiguous().transpose(1, 2), shift))
     assert not used(lambda: fastdf.gated_residual(x, y.half(), shift))
-    assert not used(lambda: torch.func.vmap(lambda a: fastdf.gated_residual(a, a, a[:, :3]))(x[None].repeat(2, 1, 1, 1)))
+    batch = x[None].repeat(2, 1, 1, 1)
+    assert not used(lambda: torch.func.vmap(lambda a: fastdf.gated_residual(a, a, a[:, :3]))(batch))
     with torch.device("meta"):
         assert not used(lambda: fastdf.gated_residual(x.to("meta"), y.to("meta"), shift.to("meta")))
     from torch._subclasses.fake_tensor import FakeTensorMode
