@@ -34,15 +34,21 @@ def torch_backend_eager(device: torch.device) -> bool:
     exporter is tracing (so plain torch code may stand in for the custom op)."""
     if torch.compiler.is_compiling():
         return False
-    if _requests:  # the innermost fastdf.backend(...) block (requested_backend's rule)
-        request = _requests[-1]
-    else:
-        raw = _ENV_DATA.get(b"FASTDF_BACKEND") if _ENV_DATA is not None else os.environ.get("FASTDF_BACKEND")
-        request = _ENV_CHOICES.get(raw)
-        if request is None:
-            text = os.fsdecode(raw) if isinstance(raw, bytes) else raw
-            request = _ENV_CHOICES[raw] = _check_choice(text or "auto", "FASTDF_BACKEND")
+    request = _request()
     return request == "torch" or (request == "auto" and device.type == "cpu")
+
+
+def _request() -> str:
+    """The backend asked for: the innermost fastdf.backend(...) block, else FASTDF_BACKEND
+    (requested_backend's rule; a new env value is parsed, and refused, once)."""
+    if _requests:
+        return _requests[-1]
+    raw = _ENV_DATA.get(b"FASTDF_BACKEND") if _ENV_DATA is not None else os.environ.get("FASTDF_BACKEND")
+    request = _ENV_CHOICES.get(raw)
+    if request is None:
+        text = os.fsdecode(raw) if isinstance(raw, bytes) else raw
+        request = _ENV_CHOICES[raw] = _check_choice(text or "auto", "FASTDF_BACKEND")
+    return request
 
 
 _len_dispatch_stack = torch._C._len_torch_dispatch_stack
@@ -57,15 +63,7 @@ def cpu_kernel_route() -> bool:
     ~10 us a call, each Python function touched being a cost there, not only its lines."""
     if _is_compiling() or _len_dispatch_stack() or _functorch_active():
         return False
-    if _requests:
-        request = _requests[-1]
-    else:
-        raw = _ENV_DATA.get(b"FASTDF_BACKEND") if _ENV_DATA is not None else os.environ.get("FASTDF_BACKEND")
-        if raw is None:
-            return True  # auto
-        request = _ENV_CHOICES.get(raw)
-        if request is None:
-            return torch_backend_eager(torch.device("cpu"))  # parses (and refuses) a new value
+    request = _request()
     return request == "torch" or request == "auto"
 
 

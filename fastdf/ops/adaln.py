@@ -274,6 +274,11 @@ def _table(t):
     return (t.data_ptr(), t.stride(0), t.stride(1))
 
 
+def _ptr(t):
+    """A tensor's data pointer, 0 for an absent one (the bindings' "not given / not wanted")."""
+    return 0 if t is None else t.data_ptr()
+
+
 _F32 = torch.float32
 
 
@@ -339,9 +344,8 @@ def _modulate_forward_cpu(x, shift, scale, weight, bias, rms, eps, stats):
         mean = _alloc.empty((B, T), dtype=torch.float32, device=x.device)
         rstd = _alloc.empty((B, T), dtype=torch.float32, device=x.device)
     _native.cpu_module().modulate_forward(
-        x.data_ptr(), _table(shift), _table(scale), 0 if weight is None else weight.data_ptr(),
-        0 if bias is None else bias.data_ptr(), y.data_ptr(), 0 if mean is None else mean.data_ptr(),
-        0 if rstd is None else rstd.data_ptr(), B, T, shift.shape[1], C, rms, eps, torch.get_num_threads())
+        x.data_ptr(), _table(shift), _table(scale), _ptr(weight), _ptr(bias), y.data_ptr(), _ptr(mean), _ptr(rstd),
+        B, T, shift.shape[1], C, rms, eps, torch.get_num_threads())
     return y, mean, rstd
 
 
@@ -366,10 +370,9 @@ class _ModulateCpu(torch.autograd.Function):
         dx, d_shift, d_scale, d_weight, d_bias = (
             _alloc.empty(like.shape, dtype=torch.float32, device=like.device) if wanted else None
             for wanted, like in zip(need, (x, scale, scale, weight, bias)))
-        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
         _native.cpu_module().modulate_backward(
-            grad.data_ptr(), x.data_ptr(), _table(scale), ptr(weight), ptr(bias), mean.data_ptr(), rstd.data_ptr(),
-            ptr(dx), ptr(d_shift), ptr(d_scale), ptr(d_weight), ptr(d_bias), B, T, scale.shape[1], C, ctx.rms,
+            grad.data_ptr(), x.data_ptr(), _table(scale), _ptr(weight), _ptr(bias), mean.data_ptr(), rstd.data_ptr(),
+            _ptr(dx), _ptr(d_shift), _ptr(d_scale), _ptr(d_weight), _ptr(d_bias), B, T, scale.shape[1], C, ctx.rms,
             torch.get_num_threads())
         return dx, d_shift, d_scale, d_weight, d_bias, None, None
 
@@ -402,8 +405,8 @@ class _GatedCpu(torch.autograd.Function):
         d_gate = _alloc.empty_like(gate) if need_gate else None
         if need_y or need_gate:
             _native.cpu_module().gated_backward(
-                grad.data_ptr(), y.data_ptr(), _table(gate), 0 if d_y is None else d_y.data_ptr(),
-                0 if d_gate is None else d_gate.data_ptr(), B, T, gate.shape[1], C, torch.get_num_threads())
+                grad.data_ptr(), y.data_ptr(), _table(gate), _ptr(d_y), _ptr(d_gate), B, T, gate.shape[1], C,
+                torch.get_num_threads())
         return grad if need_x else None, d_y, d_gate
 
 

@@ -86,6 +86,11 @@ def grouped_mm_cpu_native(x: Tensor, w: Tensor) -> bool:
             and _aligned_operand(w) and _native_cpu_available())
 
 
+def offs_int32(offs: Tensor) -> Tensor:
+    """``offs`` as ``torch._grouped_mm`` takes it: contiguous int32 (a no-op when it is)."""
+    return offs if offs.dtype == torch.int32 and offs.is_contiguous() else offs.to(torch.int32).contiguous()
+
+
 def grouped_mm_loop(x: Tensor, w: Tensor, offs: Tensor, *, trainable_w: Tensor | None = None,
                     trainable_ids: Tensor | None = None, bounds: list | None = None) -> Tensor:
     """The torch backend's forward (not differentiable): the reference's per-expert
@@ -97,9 +102,7 @@ def grouped_mm_loop(x: Tensor, w: Tensor, offs: Tensor, *, trainable_w: Tensor |
     if bounds is None:
         bounds = [0] + offs.tolist()
     if trainable_ids is None and grouped_mm_cpu_native(x, w):
-        if offs.dtype != torch.int32 or not offs.is_contiguous():
-            offs = offs.to(torch.int32).contiguous()
-        out = torch._grouped_mm(x, w, offs=offs)
+        out = torch._grouped_mm(x, w, offs=offs_int32(offs))
         if bounds[-1] < x.shape[0]:
             out[bounds[-1]:].zero_()  # rows past the last group: zeros, as the loop writes
         return out

@@ -40,7 +40,7 @@ from ._backend import Op, unavailable_reason
 from ._eager import PLAIN, plain_tensors, torch_backend_eager
 from ._library import custom_op
 from .grouped_mm import TRITON_DTYPES, _capturing, _ids_flags, _raise_ids, check_trainable, grouped_mm, \
-    grouped_mm_cpu_native, grouped_mm_loop, slot_map
+    grouped_mm_cpu_native, grouped_mm_loop, offs_int32, slot_map
 
 ROUTE = Op("moe_route", prefer=("cuda", "torch"))
 GATHER = Op("moe_gather", prefer=("cuda", "triton", "torch"))
@@ -796,7 +796,7 @@ def _backward_eager(grad, hidden, topk_weights, gate_up, down, tids, tgu, tdown,
         if grouped:  # the forward's a, rounded as it was
             a_all = acts[1] if acts is not None else (ag * up).to(h1.dtype)
         if grouped and ref.dtype == a_all.dtype == gw.dtype and grouped_mm_cpu_native(gw.t(), a_all):
-            ddown = torch._grouped_mm(gw.t(), a_all, offs=_offs32(offs))
+            ddown = torch._grouped_mm(gw.t(), a_all, offs=offs_int32(offs))
         else:
             ddown = _alloc.empty((len(ids),) + tuple(down.shape[1:]), dtype=ref.dtype, device=dev)
             for j, e in enumerate(ids):
@@ -810,7 +810,7 @@ def _backward_eager(grad, hidden, topk_weights, gate_up, down, tids, tgu, tdown,
         ref = tgu if tids is not None else gate_up
         xs = hidden.index_select(0, tok) if grouped else None
         if grouped and ref.dtype == dh1.dtype == xs.dtype and grouped_mm_cpu_native(dh1.t(), xs):
-            dgu = torch._grouped_mm(dh1.t(), xs, offs=_offs32(offs))
+            dgu = torch._grouped_mm(dh1.t(), xs, offs=offs_int32(offs))
         else:
             dgu = _alloc.empty((len(ids),) + tuple(gate_up.shape[1:]), dtype=ref.dtype, device=dev)
             _TorchPrims.gemm_dw(hidden, dh1, offs, torch.tensor(list(ids), dtype=torch.int64), dgu.transpose(1, 2),
@@ -820,10 +820,6 @@ def _backward_eager(grad, hidden, topk_weights, gate_up, down, tids, tgu, tdown,
         dx = _combine_torch_fast(grouped_mm_loop(dh1, gate_up, offs, trainable_w=tgu, trainable_ids=tids,
                                                  bounds=bounds), inverse, None)
     return dx, dweights, dgu, ddown
-
-
-def _offs32(offs):
-    return offs if offs.dtype == torch.int32 and offs.is_contiguous() else offs.to(torch.int32).contiguous()
 
 
 class _MoeFunction(torch.autograd.Function):
