@@ -20,6 +20,10 @@ chunked reference below wherever that could not match it exactly). Both are one
 whose backward is the custom op ``fastdf::df_attention_backward``.
 On the torch backend outside any compiler or tracer, :func:`df_attention` calls the torch
 implementation directly, without the op's dispatch (see _eager.py); same results bitwise.
+Where every row sees every key (of at least CPU_KERNEL_DENSE_KEYS) and no lse is asked for,
+that direct call is aten's flash kernel as a differentiable op: its backward is aten's own
+autograd node (still the same bits; a backend chosen between forward and backward is not
+consulted there).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from torch import Tensor
 from .. import _native
 from . import _alloc, _checks
 from ._backend import Op
-from ._eager import plain_tensors, torch_backend_eager
+from ._eager import PLAIN, cpu_kernel_route, plain_tensors, torch_backend_eager
 from ._library import custom_op
 
 ATTENTION = Op("df_attention", prefer=("triton", "torch"))
@@ -309,15 +313,15 @@ def _flash_cpu_backward():
 # compare both routes).
 CPU_KERNEL = True
 CPU_KERNEL_MAX_KEYS = 512
-# Where every row sees all of at least this many keys (nothing to skip), the backward stays
-# on aten's flash kernel (unmasked, GEMM-based), measured faster there (1 thread, AVX-512):
-# the kernel's backward ran 0.82x / 1.00x / 0.93x its speed on 96 x 288 keys at D = 128 /
-# 64 / 32, 0.88x bidirectional 288 x 288 D32, but 1.21x on 16-key heads and 1.23-1.56x
-# wherever a mask hides keys; after its register blocking, on 96 x 288 D32, 380-420 us
-# against 345 us, each called after an 8 MB copy (caches cold, as between a model's layers).
-# The forward keeps the kernel there: aten's route is faster when called in a loop (110 vs
-# 122 us) but slower cold (162-165 vs 148-150 us; SDPA 143), its Python path being longer.
-CPU_KERNEL_DENSE_BACKWARD_KEYS = 128
+# Where every row sees all of at least this many keys (nothing to skip), aten's CPU flash
+# kernel runs unmasked, forward and backward (GEMM-based), measured faster there (1 thread,
+# AVX-512): the kernel's backward ran 0.82x / 1.00x / 0.93x its speed on 96 x 288 keys at
+# D = 128 / 64 / 32, 0.88x bidirectional 288 x 288 D32, but 1.21x on 16-key heads and
+# 1.23-1.56x wherever a mask hides keys; its forward ran 0.9x aten's on 96 x 288 D32. With
+# no lse asked for, the eager path calls aten's kernel as a differentiable op (see
+# _attention_dense), so its backward is aten's own autograd node: no Python between the
+# engine and the kernel (issue 11: that host work kept case c at 0.77x SDPA's backward).
+CPU_KERNEL_DENSE_KEYS = 128
 
 
 def _cpu_kernel_fits(q, k):
@@ -328,16 +332,16 @@ def _cpu_kernel_fits(q, k):
             and Tk <= CPU_KERNEL_MAX_KEYS and _native.cpu_module() is not None)
 
 
-def _dense(tq, tk, mask):
-    """Every row sees all of at least CPU_KERNEL_DENSE_BACKWARD_KEYS keys (aten's backward runs)."""
-    return tk >= CPU_KERNEL_DENSE_BACKWARD_KEYS and _sees_every_key(tq, tk, **mask)
+def _dense(tq, tk, frame_size, causal, window_frames, sink_frames):
+    """Every row sees all of at least CPU_KERNEL_DENSE_KEYS keys (aten's kernel runs)."""
+    return tk >= CPU_KERNEL_DENSE_KEYS and _sees_every_key(tq, tk, frame_size, causal, window_frames, sink_frames)
 
 
 def _cpu_kernel_backward(q, k, out, lse, mask):
-    """Whether the backward runs fastdf._cpu's kernel (see CPU_KERNEL_DENSE_BACKWARD_KEYS)."""
+    """Whether the backward runs fastdf._cpu's kernel (see CPU_KERNEL_DENSE_KEYS)."""
     if not (CPU_KERNEL and out.dtype == torch.float32 and lse.dtype == torch.float32 and _cpu_kernel_fits(q, k)):
         return False
-    return not _dense(q.shape[2], k.shape[2], mask)
+    return not _dense(q.shape[2], k.shape[2], **mask)
 
 
 @functools.lru_cache(maxsize=256)
@@ -668,7 +672,9 @@ def _accepted(out, lse, scale):
             and _dense_span(out) and _dense_span(lse)):
         finite, absmax = mod.finite_absmax(out.data_ptr(), out.numel(), lse.data_ptr(), lse.numel())
         return absmax if finite and absmax < _FLOAT_MAX[torch.float32] * scale - LSE_FLOOR_MARGIN else None
-    total = float(out.sum())  # NaN/inf anywhere; an overflow of a finite sum is a false alarm, safe
+    # NaN/inf anywhere; an overflow of a finite sum is a false alarm, safe (detached: out may be
+    # the output of a differentiable op, see _attention_dense)
+    total = float(out.detach().sum())
     # amax and amin propagate NaN (both are NaN if any is, and max() keeps its first NaN);
     # vector_norm(lse, inf) costs ~3 ns an element on the CPU, the two ~0.2 ns
     absmax = max(float(lse.amax()), -float(lse.amin()))
@@ -684,7 +690,8 @@ def _attention_forward(q, k, v, key_padding_mask, frame_size, causal, window_fra
     passes the check (``lse_absmax`` = max |lse| then), else the careful blocked path or the
     reference (``lse_absmax`` None)."""
     if q.is_cpu and q.numel() and (key_padding_mask is None or bool(key_padding_mask.all())):
-        if CPU_KERNEL and _cpu_kernel_fits(q, k):
+        if (CPU_KERNEL and _cpu_kernel_fits(q, k)
+                and not _dense(q.shape[2], k.shape[2], frame_size, causal, window_frames, sink_frames)):
             result = _attention_cpu_kernel(q, k, v, frame_size, causal, window_frames, sink_frames, scale)
             if result is not None:
                 return result
@@ -942,7 +949,11 @@ def _attention_backward_raw(grad_out, q, k, v, out, lse, frame_size, causal, win
         lse = lse.index_fill(2, one_rows, math.inf)
     grad_out, q, k, v, out = _last_dim_contiguous(grad_out, q, k, v, out)
     dq, dk, dv = _flash_backward_pieces(grad_out, q, k, v, out, lse, plan, mask, scale)
-    if not math.isfinite(float(dq.sum())):  # an overflow of a finite sum is a false alarm, safe
+    # Where every row sees every key (one unmasked call) nothing non-finite can cross a mask,
+    # so aten's values stand, as on the eager path's autograd node (see _attention_dense);
+    # elsewhere a non-finite dq sends the call to the careful path (an overflow of a finite
+    # sum is a false alarm, safe).
+    if not _dense(Tq, Tk, **mask) and not math.isfinite(float(dq.sum())):
         return None
     if span is not None:
         r0, r1, k0 = span
@@ -1219,13 +1230,45 @@ def _eager_backward(ctx, grad_out, grad_lse):
 _eager_backward_once = torch.autograd.function.once_differentiable(_eager_backward)
 
 
+def _attention_dense(q, k, v, frame_size, causal, window_frames, sink_frames, scale):
+    """The eager path where every row sees all of >= CPU_KERNEL_DENSE_KEYS keys and no lse is
+    returned: aten's CPU flash kernel on the tensors as they are, as a differentiable op, so
+    autograd records aten's own backward node. Bitwise what the torch backend gives there
+    (its forward's and its backward's single unmasked flash call). ``(out, lse)``, or None
+    where the route does not apply, the result fails _accepted's check, or a backward will
+    run with |lse| > FLASH_BACKWARD_MAX_LSE (that backward recomputes a stable softmax)."""
+    if not (q.is_cpu and q.dtype in _DENSE_DTYPES and q.numel() and q.stride(-1) == 1 and k.stride(-1) == 1
+            and v.stride(-1) == 1 and _dense(q.shape[2], k.shape[2], frame_size, causal, window_frames, sink_frames)):
+        return None
+    flash = _flash_cpu()
+    if flash is None:
+        return None
+    out, lse = flash(q, k, v, scale=scale)
+    absmax = _accepted(out, lse, scale)
+    if absmax is None or (absmax > FLASH_BACKWARD_MAX_LSE and out.requires_grad):
+        return None
+    return out, lse
+
+
+_DENSE_DTYPES = (torch.float32, torch.float64)
+
+
 def _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale, need_lse=True):
     """``(out, lse)`` of checked arguments: the eager path where it may run, else the op.
     With ``need_lse`` False the eager path may return lse as a strided view (the kernel's
     layout), saving a copy nobody reads."""
     args = (q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
-    if not (torch_backend_eager(q.device) and plain_tensors(q, k, v, key_padding_mask)):
+    if q.is_cpu:  # the same rule in fewer calls: each is microseconds beside a small CPU call
+        eager = (cpu_kernel_route() and type(q) in PLAIN and type(k) in PLAIN and type(v) in PLAIN
+                 and (key_padding_mask is None or type(key_padding_mask) in PLAIN))
+    else:
+        eager = torch_backend_eager(q.device) and plain_tensors(q, k, v, key_padding_mask)
+    if not eager:
         return _attention_op(*args)
+    if not need_lse and key_padding_mask is None:
+        result = _attention_dense(q, k, v, frame_size, causal, window_frames, sink_frames, scale)
+        if result is not None:
+            return result
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _AttentionEager.apply(need_lse, *args)
     out, lse, _ = _eager_forward(*args)
@@ -1283,10 +1326,9 @@ def _check_cached(q, k, v, frame_size, causal, window_frames, sink_frames, scale
         key = (type(q), type(k), type(v), q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, q.shape, k.shape,
                v.shape, type(frame_size), frame_size, type(causal), causal, type(window_frames), window_frames,
                type(sink_frames), sink_frames, type(scale), scale, type(return_lse), return_lse)
-        hash(key)
+        result = _CHECKED.get(key)  # hashes the key once
     except (AttributeError, TypeError):  # not tensors, or unhashable knobs: the checks say what is wrong
         return _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse)
-    result = _CHECKED.get(key)
     if result is None:
         result = _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse)
         if len(_CHECKED) >= _CHECKED_MAX:
@@ -1334,13 +1376,10 @@ def _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, retur
 
 
 def _check_key_padding_mask(key_padding_mask, q, k):
-    """None, or the mask checked: bool [B, Tk] on q's device (any strides, views welcome)."""
-    if key_padding_mask is None:
-        return None
+    """Check a given mask: bool [B, Tk] on q's device (any strides, views welcome)."""
     _checks.tensor("key_padding_mask", key_padding_mask, ndim=2, dtypes=(torch.bool,))
     _checks.shape("key_padding_mask", key_padding_mask, (q.shape[0], k.shape[2]), what="([B, Tk] with q's B and k's Tk)")
     _checks.same_device(q=q, key_padding_mask=key_padding_mask)
-    return key_padding_mask
 
 
 def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal: bool = True,
@@ -1394,11 +1433,14 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
     and a non-finite q or upstream gradient of a query never reaches the dk/dv of keys it
     cannot see. A query that sees a non-finite key or value gets NaN (or inf). Note that
     a query whose output is not used (zero upstream gradient) still passes its NaN
-    probabilities to the dk/dv of the keys it does see (0 * NaN), as in PyTorch.
+    probabilities to the dk/dv of the keys it does see (0 * NaN), as in PyTorch. Where
+    every query sees every key, the torch backend's gradients of a non-finite upstream
+    gradient are non-finite where plain autograd's are (an inf reaches dv as inf).
     """
     frame_size, window_frames, sink_frames, scale = _check_cached(q, k, v, frame_size, causal, window_frames,
                                                                   sink_frames, scale, return_lse)
-    key_padding_mask = _check_key_padding_mask(key_padding_mask, q, k)
+    if key_padding_mask is not None:
+        _check_key_padding_mask(key_padding_mask, q, k)
     out, lse = _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale, return_lse)
     return (out, lse) if return_lse else out
 

@@ -516,3 +516,122 @@ def test_eager_path_first_order_under_create_graph_and_no_double_backward():
         assert torch.equal(a, b.detach())
     with pytest.raises(RuntimeError, match="once_differentiable"):
         graph[0].sum().backward()
+
+
+# ---------------------------------------------------------------------------- dense rows
+
+# (B, Hq, Hkv, Tq, Tk, D, mask): every row sees every key, at least CPU_KERNEL_DENSE_KEYS
+DENSE_CASES = {
+    "kv-chunk-window-sink": (1, 2, 2, 40, 160, 16, dict(frame_size=40, window_frames=3, sink_frames=1)),
+    "gqa-one-frame": (2, 4, 2, 24, 130, 8, dict(frame_size=200)),
+    "bidirectional": (1, 2, 2, 128, 128, 8, dict(causal=False)),
+}
+
+
+def _dense(name, dtype=F32, seed=30):
+    B, Hq, Hkv, Tq, Tk, D, mask = DENSE_CASES[name]
+    assert Tk >= A.CPU_KERNEL_DENSE_KEYS
+    return (*_inputs(B, Hq, Hkv, Tq, Tk, D, dtype=dtype, seed=seed), mask)
+
+
+def _same(got, want):
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and a.stride() == b.stride()
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("name", list(DENSE_CASES))
+def test_dense_rows_run_aten_as_a_differentiable_op(spy_eager, name, dtype):
+    """Every row sees every key and no lse is asked for: the eager path calls aten's flash
+    kernel as a differentiable op (aten's autograd node records the backward; the eager
+    forward never runs), bitwise the custom op's out, layout and gradients, and within the
+    2x rule of the fp64 reference."""
+    q, k, v, mask = _dense(name, dtype)
+    out = A.df_attention(*(t.detach().requires_grad_() for t in (q, k, v)), **mask)
+    assert type(out.grad_fn).__name__.startswith("ScaledDotProductFlashAttentionForCpuBackward")
+    assert out.transpose(1, 2).is_contiguous()
+    public = _through(lambda *a: _public(*a, False), q, k, v, False, None, mask, grad_seed=7)
+    assert not spy_eager
+    _same(public, _through(lambda *a: _custom_op(*a, False), q, k, v, False, None, mask, grad_seed=7))
+    with torch.no_grad():
+        assert torch.equal(A.df_attention(q, k, v, **mask), public[0])
+    assert not spy_eager
+    strided = A.df_attention(*(t.detach().repeat_interleave(2, -1)[..., ::2].requires_grad_() for t in (q, k, v)),
+                             **mask)  # rows that are not contiguous: the general path
+    assert type(strided.grad_fn).__name__ == "_AttentionEagerBackward" and len(spy_eager) == 1
+    g = _rand(*q.shape, seed=7, dtype=dtype)
+    want = _grads_reference(q, k, v, g, None, mask)
+    tol = 2e-5 if dtype == F32 else 1e-12
+    for got, ref in zip((public[0], *public[2:]), (want[0], *want[2:])):
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("case", ["clean", "nan-value", "nan-query-row", "large-scores", "with-lse", "padding-mask"])
+def test_dense_rows_elsewhere_agree_with_the_custom_op(spy_eager, case):
+    """What the dense route does not take (a result its check rejects, |lse| beyond the
+    backward's range, lse asked for, a padding mask) runs the general eager path, bitwise
+    the custom op's values, NaN and inf where they are."""
+    q, k, v, mask = _dense("kv-chunk-window-sink")
+    with_lse, kpm, g_seed, taken = False, None, 7, True
+    if case == "nan-value":
+        v = v.clone()
+        v[:, :, 150, 3] = float("nan")
+        taken = False
+    elif case == "nan-query-row":
+        q = q.clone()
+        q[:, :, 5] = float("nan")
+        taken = False
+    elif case == "large-scores":  # |lse| > FLASH_BACKWARD_MAX_LSE: a stable recompute in the backward
+        q = q * 40
+        taken = False
+    elif case == "with-lse":
+        with_lse, taken = True, False
+    elif case == "padding-mask":
+        kpm, taken = torch.ones(1, q.shape[2] * 4, dtype=torch.bool), False
+    got = _through(lambda *a: _public(*a, with_lse), q, k, v, with_lse, kpm, mask, grad_seed=g_seed)
+    assert len(spy_eager) == (0 if taken else 1)
+    want = _through(lambda *a: _custom_op(*a, with_lse), q, k, v, with_lse, kpm, mask, grad_seed=g_seed)
+    _same(got, want)
+    if case == "large-scores":  # without a backward to come aten's result is taken
+        spy_eager.clear()
+        with torch.no_grad():
+            assert torch.equal(A.df_attention(q, k, v, **mask), want[0])
+        assert not spy_eager
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")], ids=["inf", "nan"])
+def test_dense_rows_non_finite_upstream_gradient(bad):
+    """A row's inf / NaN upstream gradient reaches aten's backward as it is (every row sees
+    every key: nothing can cross a mask), on the eager path's node and through the custom
+    op alike: the other rows' dq are bitwise the clean run's, and the gradients are
+    non-finite exactly where plain autograd through the fp64 softmax makes them so."""
+    q, k, v, mask = _dense("kv-chunk-window-sink")
+    g = _rand(*q.shape, seed=9)
+    clean = _fwd_bwd(q, k, v, g, **mask)
+    g[:, :, 7, 1] = bad
+    dirty = _fwd_bwd(q, k, v, g, **mask)
+    rows = torch.arange(q.shape[2]) != 7
+    assert torch.equal(dirty[1][:, :, rows], clean[1][:, :, rows])
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    _same(dirty[1:], torch.autograd.grad((_custom_op(*inputs, None, mask, False) * g).sum(), inputs))
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    scores = inputs[0] @ inputs[1].transpose(-1, -2) * q.shape[-1] ** -0.5
+    plain = torch.autograd.grad(((scores.softmax(-1) @ inputs[2]) * g.double()).sum(), inputs)
+    for got, want in zip(dirty[1:], plain):
+        assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+
+
+def test_dense_rows_have_no_double_backward():
+    """aten's node, like the custom op, has no double backward: differentiating the
+    gradients raises; their first-order values are the plain backward's."""
+    q, k, v, mask = _dense("bidirectional")
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    plain = torch.autograd.grad((A.df_attention(q, k, v, **mask) ** 2).sum(), (q, k, v))
+    graph = torch.autograd.grad((A.df_attention(q, k, v, **mask) ** 2).sum(), (q, k, v), create_graph=True)
+    for a, b in zip(plain, graph):
+        assert torch.equal(a, b.detach())
+    with pytest.raises(RuntimeError, match="not implemented"):
+        graph[0].sum().backward()
