@@ -1247,6 +1247,8 @@ def _attention_dense(q, k, v, frame_size, causal, window_frames, sink_frames, sc
     absmax = _accepted(out, lse, scale)
     if absmax is None or (absmax > FLASH_BACKWARD_MAX_LSE and out.requires_grad):
         return None
+    if not _bthd_layout(out):  # aten's out follows q's layout: the documented one is [B, T, H, D]
+        out = out.transpose(1, 2).contiguous().transpose(1, 2)  # differentiable, as the torch backend's copy
     return out, lse
 
 

@@ -542,16 +542,31 @@ def _same(got, want):
             torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
 
+def _aten_node(out):
+    """Whether aten's flash backward node is in out's graph (behind a layout copy or not)."""
+    fns = [out.grad_fn]
+    while fns:
+        fn = fns.pop()
+        if type(fn).__name__.startswith("ScaledDotProductFlashAttentionForCpuBackward"):
+            return True
+        fns += [f for f, _ in fn.next_functions if f is not None] if fn is not None else []
+    return False
+
+
+@pytest.mark.parametrize("layout", ["bthd", "bhtd"], ids=["BTHD-storage", "BHTD-contiguous"])
 @pytest.mark.parametrize("dtype", [F32, F64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("name", list(DENSE_CASES))
-def test_dense_rows_run_aten_as_a_differentiable_op(spy_eager, name, dtype):
+def test_dense_rows_run_aten_as_a_differentiable_op(spy_eager, name, dtype, layout):
     """Every row sees every key and no lse is asked for: the eager path calls aten's flash
     kernel as a differentiable op (aten's autograd node records the backward; the eager
-    forward never runs), bitwise the custom op's out, layout and gradients, and within the
-    2x rule of the fp64 reference."""
+    forward never runs), bitwise the custom op's out, layout ([B, T, H, D] memory, whatever
+    q's layout: aten's follows q's) and gradients, and within the 2x rule of the fp64
+    reference."""
     q, k, v, mask = _dense(name, dtype)
+    if layout == "bhtd":
+        q, k, v = (t.contiguous() for t in (q, k, v))
     out = A.df_attention(*(t.detach().requires_grad_() for t in (q, k, v)), **mask)
-    assert type(out.grad_fn).__name__.startswith("ScaledDotProductFlashAttentionForCpuBackward")
+    assert _aten_node(out)
     assert out.transpose(1, 2).is_contiguous()
     public = _through(lambda *a: _public(*a, False), q, k, v, False, None, mask, grad_seed=7)
     assert not spy_eager
