@@ -176,14 +176,15 @@ def _attention_with_mask(query, key, value, mask, scale):
     empty = torch.isneginf(scores).all(-1, keepdim=True)
     p = torch.softmax(scores.masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
     out = p @ value.float()[:, :, None]
-    return out.reshape(B, Hq, Tq, D).to(query.dtype)
+    return out.reshape(B, Hq, Tq, value.shape[-1]).to(query.dtype)
 
 
 def fastdf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              attention_mask, dropout: float = 0.0, scaling: float | None = None,
                              is_causal: bool | None = None, **kwargs):
-    """The attention function registered in AttentionInterface: q ``[B, Hq, Tq, D]``, k/v
-    ``[B, Hkv, Tk, D]`` -> ``([B, Tq, Hq, D], None)`` like HF's sdpa_attention_forward."""
+    """The attention function registered in AttentionInterface: q ``[B, Hq, Tq, D]``, k
+    ``[B, Hkv, Tk, D]``, v ``[B, Hkv, Tk, Dv]`` (Dv = D but for latent attention) ->
+    ``([B, Tq, Hq, Dv], None)`` like HF's sdpa_attention_forward."""
     if dropout:
         raise ValueError(f"fastdf attention has no attention dropout (got dropout={dropout}); set the config's "
                          f"attention_dropout to 0")
@@ -229,9 +230,24 @@ def fastdf_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
                          f"the masks its own builder makes (import fastdf.integrations.hf_attention first)")
     if Tq > key.shape[2]:
         raise ValueError(f"fastdf attention needs at most as many queries ({Tq}) as keys ({key.shape[2]})")
+    value_dim = value.shape[-1]
+    if value_dim != query.shape[-1]:
+        # Multi-head latent attention (DeepSeek-V2/V3): value heads narrower (or wider) than
+        # q/k's. Zero columns change neither q . k nor the weights' products, so one head
+        # dim for all three, the output cut back (what HF's flash-attention path does; the
+        # scale was taken from q's own head dim above)
+        query, key, value = _same_head_dim(query, key, value)
     out = df_attention(query, key, value, causal=causal, window_frames=window if causal else None, scale=scale,
                        key_padding_mask=kpm)
+    if out.shape[-1] != value_dim:
+        out = out[..., :value_dim]
     return out.transpose(1, 2), None
+
+
+def _same_head_dim(*ts):
+    """``ts`` zero-padded on the last dim to the widest one's (differentiable)."""
+    width = max(t.shape[-1] for t in ts)
+    return tuple(t if t.shape[-1] == width else torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in ts)
 
 
 def register(name: str = NAME):

@@ -5,6 +5,7 @@ sliding windows, classification heads, 4-D masks): test_hf_attention_models.py."
 
 import copy
 import sys
+import warnings
 
 import pytest
 import torch
@@ -158,3 +159,55 @@ def test_mask_builder_products_survive_create_causal_mask():
     # anything else: the exact boolean mask sdpa would get
     m = fastdf_mask(1, 3, 3, mask_function=lambda b, h, q, k: q >= 0, device="cpu")
     assert m.dtype == torch.bool and m.shape == (1, 1, 3, 3) and bool(m.all())
+
+
+@pytest.mark.parametrize("dims", [(48, 32), (32, 48)], ids=["v-narrower", "v-wider"])
+@pytest.mark.parametrize("mask_kind", ["causal", "padded", "custom"])
+def test_value_heads_of_another_width(dims, mask_kind):
+    """Multi-head latent attention (DeepSeek-V2/V3: v_head_dim != q/k's): out has v's head
+    dim, values and gradients those of SDPA (which takes the two widths as they are), on
+    the kernel (causal, causal + left padding) and on the exact path for other masks."""
+    dqk, dv = dims
+    g = torch.Generator().manual_seed(5)
+    q, k = (torch.randn(2, 4, 9, dqk, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(2, 4, 9, dv, generator=g).requires_grad_()
+    module = torch.nn.Module()
+    rows, mask = torch.ones(2, 9, dtype=torch.bool), None
+    if mask_kind == "padded":  # a boolean 4-D mask as HF prepares it: row 1 left-padded
+        rows[1, :3] = False
+        mask = torch.ones(9, 9, dtype=torch.bool).tril()[None, None] & rows[:, None, None, :]
+    elif mask_kind == "custom":  # no causal / window / padding rule: the exact torch path
+        mask = torch.rand(2, 1, 9, 9, generator=g) < 0.7
+        mask[..., 0] = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the exact path's one-time notice
+        out, weights = fastdf_attention_forward(module, q, k, v, mask, scaling=0.3, is_causal=True)
+    assert weights is None and out.shape == (2, 9, 4, dv)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                           scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(out[rows], want[rows], atol=1e-5, rtol=1e-5)  # padded queries: sdpa's are not 0
+    grad = torch.randn(out.shape, generator=g) * rows[..., None, None]
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    ref = torch.autograd.grad(want, (q, k, v), grad)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_deepseek_v3_latent_attention_matches_sdpa():
+    """A tiny DeepSeek-V3 (q/k heads of 48, v heads of 32) with attention forced to fastdf:
+    sdpa's logits on real tokens and its greedy continuation (left padding, a DynamicCache)."""
+    config = transformers.DeepseekV3Config(
+        vocab_size=97, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=4, kv_lora_rank=16,
+        q_lora_rank=32, qk_rope_head_dim=16, v_head_dim=32, qk_nope_head_dim=32, n_group=2, topk_group=1,
+        num_experts_per_tok=2, first_k_dense_replace=1, max_position_embeddings=128)
+    torch.manual_seed(0)
+    sdpa = transformers.DeepseekV3ForCausalLM._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    ours = transformers.DeepseekV3ForCausalLM._from_config(copy.deepcopy(config), attn_implementation="fastdf").eval()
+    ours.load_state_dict(sdpa.state_dict())
+    ids, mask = _batch([9, 5], 9, seed=6)
+    with torch.no_grad():
+        want, got = sdpa(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-4, rtol=1e-4)
+        kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(ours.generate(ids, **kw), sdpa.generate(ids, **kw))
