@@ -316,7 +316,7 @@ INLINE bool all_finite(const float* row, int ND) {
         const v16 o = load(row + 16 * c);
         bad += o - o;  // 0 where finite, NaN otherwise
     }
-    return hsum(bad) == 0.0f;
+    return all_zero(bad);
 }
 
 // out rows r < nr (row stride ost) = w[r] @ the rows of vb over each row's ranges.
@@ -394,10 +394,9 @@ bool attend_head(const Args& a, int b, int hk, int row_lo, int row_hi, float* kT
                     }
                     mv = sv > mv ? sv : mv;
                 }
-                float m = -INFINITY;
-                for (int e = 0; e < 16; ++e) m = mv[e] > m ? mv[e] : m;
-                // a NaN score never wins the max; e^(NaN - m) then makes the row NaN, as the
-                // reference's softmax does
+                // a NaN score never wins the max (the select above keeps it out of mv); e^(NaN
+                // - m) then makes the row NaN, as the reference's softmax does
+                const float m = hmax(mv);
                 v16 lsum = {};
                 for (int c = 0; c < end; c += 16) {
                     if (c >= rg[1] && c + 16 <= rg[2]) continue;
@@ -570,7 +569,7 @@ std::pair<bool, float> finite_absmax(const float* out, int64_t n_out, const floa
     }
     float absmax = 0.0f;
     for (int e = 0; e < 16; ++e) absmax = std::max(absmax, big[e]);
-    return {hsum(bad) == 0.0f, absmax};
+    return {all_zero(bad), absmax};
 }
 
 #pragma GCC pop_options

@@ -42,10 +42,15 @@ INLINE v16 load_n(const float* p, __mmask16 m) { return (v16)_mm512_maskz_loadu_
 INLINE void store_n(float* p, v16 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, (__m512)v); }
 INLINE v16 keep(v16 v, __mmask16 m) { return (v16)_mm512_maskz_mov_ps(m, (__m512)v); }
 
-INLINE float hsum(v16 v) {
-    float x = 0.0f;
-    for (int e = 0; e < 16; ++e) x += v[e];
-    return x;
-}
+// Horizontal sum as a tree (8 + 8, 4 + 4, ...): a fixed order, so the same bits every call;
+// four dependent steps where lane by lane was 16 (latency-bound once or twice per row: on
+// 16-key heads the row reductions were ~15% of the attention forward).
+INLINE float hsum(v16 v) { return _mm512_reduce_add_ps((__m512)v); }
+
+// Horizontal max of lanes that hold no NaN (as a tree).
+INLINE float hmax(v16 v) { return _mm512_reduce_max_ps((__m512)v); }
+
+// Every lane 0 (NaN lanes are not): the finite tests' "sum of x - x".
+INLINE bool all_zero(v16 v) { return _mm512_cmp_ps_mask((__m512)v, _mm512_setzero_ps(), _CMP_EQ_OQ) == 0xFFFF; }
 
 #pragma GCC pop_options
