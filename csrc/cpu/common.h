@@ -42,13 +42,31 @@ INLINE v16 load_n(const float* p, __mmask16 m) { return (v16)_mm512_maskz_loadu_
 INLINE void store_n(float* p, v16 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, (__m512)v); }
 INLINE v16 keep(v16 v, __mmask16 m) { return (v16)_mm512_maskz_mov_ps(m, (__m512)v); }
 
-// Horizontal sum as a tree (8 + 8, 4 + 4, ...): a fixed order, so the same bits every call;
-// four dependent steps where lane by lane was 16 (latency-bound once or twice per row: on
-// 16-key heads the row reductions were ~15% of the attention forward).
-INLINE float hsum(v16 v) { return _mm512_reduce_add_ps((__m512)v); }
+// Horizontal sum as a tree (lanes i and i + 8, then i + 4, ...): a fixed order, so the same
+// bits every call; four dependent steps where lane by lane was 16 (latency-bound once or
+// twice per row: on 16-key heads the row reductions were ~15% of the attention forward).
+// Written with shuffles: GCC 12's _mm512_reduce_* warn about an undefined operand.
+INLINE v16 fold(v16 v, i16v lanes) { return __builtin_shuffle(v, lanes); }
+constexpr i16v FOLD8 = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};
+constexpr i16v FOLD4 = {4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11};
+constexpr i16v FOLD2 = {2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13};
+constexpr i16v FOLD1 = {1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14};
+
+INLINE float hsum(v16 v) {
+    v = v + fold(v, FOLD8);
+    v = v + fold(v, FOLD4);
+    v = v + fold(v, FOLD2);
+    return (v + fold(v, FOLD1))[0];
+}
 
 // Horizontal max of lanes that hold no NaN (as a tree).
-INLINE float hmax(v16 v) { return _mm512_reduce_max_ps((__m512)v); }
+INLINE v16 vmax(v16 a, v16 b) { return a > b ? a : b; }
+INLINE float hmax(v16 v) {
+    v = vmax(v, fold(v, FOLD8));
+    v = vmax(v, fold(v, FOLD4));
+    v = vmax(v, fold(v, FOLD2));
+    return vmax(v, fold(v, FOLD1))[0];
+}
 
 // Every lane 0 (NaN lanes are not): the finite tests' "sum of x - x".
 INLINE bool all_zero(v16 v) { return _mm512_cmp_ps_mask((__m512)v, _mm512_setzero_ps(), _CMP_EQ_OQ) == 0xFFFF; }
