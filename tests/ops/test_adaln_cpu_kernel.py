@@ -112,6 +112,25 @@ def test_gated_one_token_per_frame_is_pytorch_s_own(calls):
     assert calls == ["gated_forward"]
 
 
+def test_gated_one_token_per_frame_needs_no_kernel(monkeypatch):
+    """The per-token route is PyTorch's own ops, so it holds where fastdf._cpu is off (or
+    not built for this CPU); under vmap or a fake-tensor mode the op's own paths run."""
+    from fastdf.ops import adaln as AD
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(AD, "CPU_KERNEL", False)
+    g = torch.Generator().manual_seed(9)
+    x, y, gate = (torch.randn(2, 24, 40, generator=g) for _ in range(3))
+    assert torch.equal(fastdf.gated_residual(x, y, gate), torch.addcmul(x, gate, y))
+    out = fastdf.gated_residual(*(t.clone().requires_grad_() for t in (x, y, gate)))
+    assert type(out.grad_fn).__name__ == "AddBackward0"
+    batched = torch.func.vmap(fastdf.gated_residual)(x[None], y[None], gate[None])
+    torch.testing.assert_close(batched[0], x + gate * y)
+    with FakeTensorMode() as mode:
+        fake = fastdf.gated_residual(*(mode.from_tensor(t) for t in (x, y, gate)))
+    assert fake.shape == x.shape
+
+
 @pytest.mark.parametrize("wanted", [(0,), (1,), (2,), (1, 2), (3,), (0, 4)])
 def test_modulate_computes_only_the_wanted_gradients(calls, wanted):
     """Each subset of inputs needing a gradient gets exactly those, equal to the full run's."""
