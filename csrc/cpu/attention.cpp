@@ -73,7 +73,10 @@ INLINE v16 vexp(v16 x) {
     const float hi = 88.7228391f, lo = -104.0f;
     v16 xc = x > hi ? splat(hi) : x;
     xc = xc < lo ? splat(lo) : xc;
-    const v16 nf = (v16)_mm512_roundscale_ps((__m512)(xc * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT);
+    // the all-lanes maskz forms: the plain intrinsics pass GCC 12 an undefined operand,
+    // which it warns about
+    const __m512 t = (__m512)(xc * 1.44269504088896341f);
+    const v16 nf = (v16)_mm512_maskz_roundscale_ps(0xFFFF, t, _MM_FROUND_TO_NEAREST_INT);
     v16 r = xc - nf * 0.693359375f - nf * -2.12194440e-4f;
     v16 p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
@@ -82,7 +85,7 @@ INLINE v16 vexp(v16 x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    v16 out = (v16)_mm512_scalef_ps((__m512)p, (__m512)nf);
+    v16 out = (v16)_mm512_maskz_scalef_ps(0xFFFF, (__m512)p, (__m512)nf);
     out = x < lo ? splat(0.0f) : out;
     return x > hi ? splat(INFINITY) : out;
 }
@@ -565,9 +568,7 @@ std::pair<bool, float> finite_absmax(const float* out, int64_t n_out, const floa
         const v16 a = l < 0.0f ? -l : l;
         big = a > big ? a : big;
     }
-    float absmax = 0.0f;
-    for (int e = 0; e < 16; ++e) absmax = std::max(absmax, big[e]);
-    return {all_zero(bad), absmax};
+    return {all_zero(bad), hmax(big)};  // big holds no NaN: the select above keeps it out
 }
 
 #pragma GCC pop_options

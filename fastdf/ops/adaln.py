@@ -687,20 +687,18 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
         ``[B, T, C]`` in x's dtype (computed in fp32). Differentiable in x, y and gate (gate's gradient is
         reduced per frame inside the kernel).
     """
-    if _gated_per_token(x, y, gate):
-        # One token per frame is plain elementwise work, and PyTorch's own ops are the
-        # fastest there (issue 11; 1 thread, 256 KiB): fastdf._cpu's forward ran 0.55x one
-        # addcmul's speed (hot and with caches cold), and with autograd its Python node
-        # cost more than its one-pass backward saved (0.83-0.89x `x + gate * y`).
-        # With autograd: eager's two native nodes, the sum made in place in the product
-        # (one [B, T, C] allocation fewer than `x + gate * y`, the same bits).
-        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad):
-            return torch.mul(gate, y).add_(x)
-        return torch.addcmul(x, gate, y)
-    if _gated_on_cpu_kernel(x, y, gate):
-        if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad):
-            return _gated_apply(x, y, gate)
-        return _gated_forward_cpu(x, y, gate)
+    per_token = _gated_per_token(x, y, gate)
+    if per_token or _gated_on_cpu_kernel(x, y, gate):
+        grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad)
+        if per_token:
+            # One token per frame is plain elementwise work, and PyTorch's own ops are the
+            # fastest there (issue 11; 1 thread, 256 KiB): fastdf._cpu's forward ran 0.55x
+            # one addcmul's speed (hot and with caches cold), and with autograd its Python
+            # node cost more than its one-pass backward saved (0.83-0.89x `x + gate * y`).
+            # With autograd: eager's two native nodes, the sum made in place in the product
+            # (one [B, T, C] allocation fewer than `x + gate * y`, the same bits).
+            return torch.mul(gate, y).add_(x) if grad else torch.addcmul(x, gate, y)
+        return _gated_apply(x, y, gate) if grad else _gated_forward_cpu(x, y, gate)
     if not _gated_args_ok(x, y, gate):  # the checks below name what is wrong
         _checks.tensor("x", x, ndim=3, dtypes=_DTYPES)
         _checks.tensor("y", y, ndim=3, dtypes=_DTYPES)
