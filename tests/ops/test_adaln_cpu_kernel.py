@@ -270,3 +270,19 @@ def test_non_finite_data_stays_where_the_reference_puts_it(calls, where, value):
         ok = want.isfinite()
         torch.testing.assert_close(got[ok], want[ok].to(got.dtype), rtol=1e-5, atol=1e-5)
     assert calls == ["modulate_forward", "gated_forward"]
+
+
+def test_gated_kernel_one_token_per_frame_through_the_binding():
+    """gated_residual routes a per-token gate to PyTorch's own ops, but the kernel still takes
+    F = T (its direct-write branch for one row per frame): its forward and backward equal
+    x + gate * y and its gradients (dy = g gate, d gate = g y, no sums to round) exactly,
+    apart from the forward's fused multiply-add."""
+    g = torch.Generator().manual_seed(10)
+    x, y, gate, grad = (torch.randn(2, 20, 33, generator=g) for _ in range(4))
+    gate_view = torch.randn(2, 20, 99, generator=g)[..., 33:66].copy_(gate)  # a chunk view, strided rows
+    out = adaln._gated_forward_cpu(x, y, gate_view)
+    torch.testing.assert_close(out, torch.addcmul(x, gate, y), rtol=2e-7, atol=2e-7)
+    leaves = [t.clone().requires_grad_() for t in (x, y)] + [gate_view.detach().requires_grad_()]
+    d_x, d_y, d_gate = torch.autograd.grad(adaln._gated_apply(*leaves), leaves, grad)
+    assert d_x is grad or torch.equal(d_x, grad)
+    assert torch.equal(d_y, grad * gate) and torch.equal(d_gate, grad * y)
