@@ -63,7 +63,12 @@ def cpu_kernel_route() -> bool:
     ~10 us a call, each Python function touched being a cost there, not only its lines."""
     if _is_compiling() or _len_dispatch_stack() or _functorch_active():
         return False
-    request = _request()
+    # _request() inlined for the common case (no block, a value parsed before): one Python
+    # frame fewer, ~1-2% of a 120 us per-token gated residual with its backward
+    if _requests:
+        request = _requests[-1]
+    elif _ENV_DATA is None or (request := _ENV_CHOICES.get(_ENV_DATA.get(b"FASTDF_BACKEND"))) is None:
+        request = _request()
     return request == "torch" or request == "auto"
 
 

@@ -335,15 +335,6 @@ def _gated_on_cpu_kernel(x, y, gate) -> bool:
             and shape[0] * shape[1] * shape[2] > 0 and gate.stride(2) == 1 and _cpu_route())
 
 
-def _gated_per_token(x, y, gate) -> bool:
-    """Plain fp32 CPU tensors, one gate row per token ([B, T, C] all three, any strides), the
-    torch backend chosen, nothing tracing: the argument checks of this case in one
-    expression, shapes first (a per-frame gate fails there), and no fastdf._cpu needed."""
-    return (type(gate) in PLAIN and type(x) in PLAIN and gate.shape == x.shape and type(y) in PLAIN
-            and y.shape == x.shape and len(x.shape) == 3 and x.dtype == _F32 and y.dtype == _F32
-            and gate.dtype == _F32 and x.is_cpu and y.is_cpu and gate.is_cpu and cpu_kernel_route())
-
-
 def _modulate_forward_cpu(x, shift, scale, weight, bias, rms, eps, stats):
     """``(y, mean, rstd)`` (statistics None unless ``stats``) from fastdf._cpu."""
     B, T, C = x.shape
@@ -687,17 +678,23 @@ def gated_residual(x: Tensor, y: Tensor, gate: Tensor) -> Tensor:
         ``[B, T, C]`` in x's dtype (computed in fp32). Differentiable in x, y and gate (gate's gradient is
         reduced per frame inside the kernel).
     """
-    per_token = _gated_per_token(x, y, gate)
-    if per_token or _gated_on_cpu_kernel(x, y, gate):
+    # One token per frame (gate [B, T, C] like x) on plain fp32 CPU tensors, the torch
+    # backend chosen, nothing tracing: plain elementwise work, and PyTorch's own ops are the
+    # fastest there (issue 11; 1 thread, 256 KiB): fastdf._cpu's forward ran 0.55x one
+    # addcmul's speed, and with autograd its Python node cost more than its one-pass
+    # backward saved (0.83-0.89x `x + gate * y`). With autograd: eager's two native nodes,
+    # the sum made in place in the product (one [B, T, C] allocation fewer than
+    # `x + gate * y`, the same bits). The test is written out here, shapes first (a
+    # per-frame gate fails there): each Python call in front of these ~120 us was ~2%.
+    if type(x) in PLAIN and type(y) in PLAIN and type(gate) in PLAIN:
+        shape = x.shape
+        if (gate.shape == shape and y.shape == shape and len(shape) == 3 and x.dtype is _F32 and y.dtype is _F32
+                and gate.dtype is _F32 and x.is_cpu and y.is_cpu and gate.is_cpu and cpu_kernel_route()):
+            if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad):
+                return torch.mul(gate, y).add_(x)
+            return torch.addcmul(x, gate, y)
+    if _gated_on_cpu_kernel(x, y, gate):
         grad = torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad)
-        if per_token:
-            # One token per frame is plain elementwise work, and PyTorch's own ops are the
-            # fastest there (issue 11; 1 thread, 256 KiB): fastdf._cpu's forward ran 0.55x
-            # one addcmul's speed (hot and with caches cold), and with autograd its Python
-            # node cost more than its one-pass backward saved (0.83-0.89x `x + gate * y`).
-            # With autograd: eager's two native nodes, the sum made in place in the product
-            # (one [B, T, C] allocation fewer than `x + gate * y`, the same bits).
-            return torch.mul(gate, y).add_(x) if grad else torch.addcmul(x, gate, y)
         return _gated_apply(x, y, gate) if grad else _gated_forward_cpu(x, y, gate)
     if not _gated_args_ok(x, y, gate):  # the checks below name what is wrong
         _checks.tensor("x", x, ndim=3, dtypes=_DTYPES)
