@@ -129,15 +129,19 @@ def time_cpu_interleaved(fns: dict[str, Callable[[], object]], quick: bool) -> d
         if settled or time.perf_counter() - start > 0.5:
             break
     # Sampling: at least 3 rounds, then rounds until the budget (per provider, as when they
-    # were timed one by one) or 50 rounds.
+    # were timed one by one) or 50 rounds, but never less than `floor` seconds: 50 rounds of a
+    # ~100 us case are ~15 ms, whose medians moved +-3% from one run to the next (one
+    # process, the same inputs); ~0.25 s of rounds moved +-0.5%.
     samples: dict[str, list[float]] = {name: [] for name in live}
     budget = (0.5 if quick else 2.0) * max(len(live), 1)
+    floor = 0.1 if quick else 0.25
     gc_was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
         rounds, start, rng, previous = 0, time.perf_counter(), random.Random(0), None
-        while live and (rounds < 3 or (time.perf_counter() - start < budget and rounds < 50)):
+        while live and (rounds < 3 or (time.perf_counter() - start < budget
+                                       and (rounds < 50 or time.perf_counter() - start < floor))):
             # A fresh (seeded) order each round, never starting with the provider that
             # ended the last one: what runs just before a call matters (after its own call
             # a provider finds a warm cache, ~8 us of a 30 us merge; after a 500 ms baseline
