@@ -655,12 +655,26 @@ def _reference_rows(o, l, s, e, pieces, bad, q, k, v, scale, mask):
 # A key = -inf component with q . k = -inf for every row seeing it passes (weight 0 in the
 # kernel and the reference alike); keys no piece holds are never read.
 LSE_FLOOR_MARGIN = 100.0
+_F32 = torch.float32
 _FLOAT_MAX = {dtype: float(torch.finfo(dtype).max) for dtype in (torch.float32, torch.float64)}  # lse's dtypes
 
 
 def _dense_span(t):
-    """Whether ``t`` (3 or 4 dims) fills one span of memory as [B, H, T, ...] or [B, T, H, ...]."""
-    return t.is_contiguous() or t.transpose(1, 2).is_contiguous()
+    """Whether ``t`` ([B, H, T] or [B, H, T, D]) fills one span of memory as [B, H, T, ...]
+    or [B, T, H, ...]. The second layout by its strides (aten's lse is [B, T, H] memory, its
+    out follows q's): ``transpose`` + ``is_contiguous`` were ~1 us of dispatch each."""
+    if t.is_contiguous():
+        return True
+    shape, stride = t.shape, t.stride()
+    if len(shape) == 4:
+        B, H, T, D = shape
+        sb, sh, st, sd = stride
+        return (D == 1 or sd == 1) and (H == 1 or sh == D) and (T == 1 or st == H * D) and (B == 1 or sb == T * H * D)
+    if len(shape) == 3:
+        B, H, T = shape
+        sb, sh, st = stride
+        return (H == 1 or sh == 1) and (T == 1 or st == H) and (B == 1 or sb == T * H)
+    return t.transpose(1, 2).is_contiguous()
 
 
 def _accepted(out, lse, scale):
@@ -668,8 +682,8 @@ def _accepted(out, lse, scale):
     into fastdf._cpu for fp32 results in one span each, else three reductions: on small
     problems each op's dispatch is a measurable share)."""
     mod = _native.cpu_module()
-    if (mod is not None and out.dtype == torch.float32 and lse.dtype == torch.float32 and out.is_cpu
-            and _dense_span(out) and _dense_span(lse)):
+    if (mod is not None and out.dtype is _F32 and lse.dtype is _F32 and out.is_cpu and _dense_span(out)
+            and _dense_span(lse)):
         finite, absmax = mod.finite_absmax(out.data_ptr(), out.numel(), lse.data_ptr(), lse.numel())
         return absmax if finite and absmax < _FLOAT_MAX[torch.float32] * scale - LSE_FLOOR_MARGIN else None
     # NaN/inf anywhere; an overflow of a finite sum is a false alarm, safe (detached: out may be
@@ -1237,17 +1251,33 @@ def _attention_dense(q, k, v, frame_size, causal, window_frames, sink_frames, sc
     (its forward's and its backward's single unmasked flash call). ``(out, lse)``, or None
     where the route does not apply, the result fails _accepted's check, or a backward will
     run with |lse| > FLASH_BACKWARD_MAX_LSE (that backward recomputes a stable softmax)."""
+    # _dense, _bthd_layout and _accepted's common case written out: each Python call is ~1-2 us
+    # here when the caches are cold (case c of the CPU bench: ~130 us a call between other
+    # providers, ~80 us hot), and this route is the whole call
+    tk = k.shape[2]
     if not (q.is_cpu and q.dtype in _DENSE_DTYPES and q.numel() and q.stride(-1) == 1 and k.stride(-1) == 1
-            and v.stride(-1) == 1 and _dense(q.shape[2], k.shape[2], frame_size, causal, window_frames, sink_frames)):
+            and v.stride(-1) == 1 and tk >= CPU_KERNEL_DENSE_KEYS
+            and _sees_every_key(q.shape[2], tk, frame_size, causal, window_frames, sink_frames)):
         return None
     flash = _flash_cpu()
     if flash is None:
         return None
     out, lse = flash(q, k, v, scale=scale)
-    absmax = _accepted(out, lse, scale)
-    if absmax is None or (absmax > FLASH_BACKWARD_MAX_LSE and out.requires_grad):
+    B, H, T, D = out.shape
+    bthd = out.stride() == (T * H * D, D, H * D, 1)
+    mod = _native.cpu_module()
+    if (mod is not None and bthd and out.dtype is _F32 and lse.dtype is _F32
+            and lse.stride() in ((T * H, 1, H), (H * T, T, 1))):  # aten's fp32 layouts: one span each
+        finite, absmax = mod.finite_absmax(out.data_ptr(), out.numel(), lse.data_ptr(), lse.numel())
+        if not (finite and absmax < _FLOAT_MAX[_F32] * scale - LSE_FLOOR_MARGIN):
+            return None
+    else:
+        absmax = _accepted(out, lse, scale)
+        if absmax is None:
+            return None
+    if absmax > FLASH_BACKWARD_MAX_LSE and out.requires_grad:
         return None
-    if not _bthd_layout(out):  # aten's out follows q's layout: the documented one is [B, T, H, D]
+    if not (bthd or _bthd_layout(out)):  # aten's out follows q's layout: the documented one is [B, T, H, D]
         out = out.transpose(1, 2).contiguous().transpose(1, 2)  # differentiable, as the torch backend's copy
     return out, lse
 
@@ -1259,18 +1289,18 @@ def _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sin
     """``(out, lse)`` of checked arguments: the eager path where it may run, else the op.
     With ``need_lse`` False the eager path may return lse as a strided view (the kernel's
     layout), saving a copy nobody reads."""
-    args = (q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
     if q.is_cpu:  # the same rule in fewer calls: each is microseconds beside a small CPU call
         eager = (cpu_kernel_route() and type(q) in PLAIN and type(k) in PLAIN and type(v) in PLAIN
                  and (key_padding_mask is None or type(key_padding_mask) in PLAIN))
+        if eager and not need_lse and key_padding_mask is None:
+            result = _attention_dense(q, k, v, frame_size, causal, window_frames, sink_frames, scale)
+            if result is not None:
+                return result
     else:
         eager = torch_backend_eager(q.device) and plain_tensors(q, k, v, key_padding_mask)
+    args = (q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
     if not eager:
         return _attention_op(*args)
-    if not need_lse and key_padding_mask is None:
-        result = _attention_dense(q, k, v, frame_size, causal, window_frames, sink_frames, scale)
-        if result is not None:
-            return result
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _AttentionEager.apply(need_lse, *args)
     out, lse, _ = _eager_forward(*args)

@@ -465,6 +465,36 @@ def test_accepted_rejects_what_the_kernel_cannot_promise():
     assert A._accepted(out, lse, 1e-37) is None  # |lse| 2 is within 100 of max * scale = 34
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 5, 4), (1, 3, 5, 4), (2, 1, 5, 4), (2, 3, 1, 4), (1, 1, 1, 1), (2, 3, 5),
+                                   (1, 3, 5), (2, 1, 5), (1, 1, 1)])
+def test_dense_span_by_strides_is_the_layout_rule(shape):
+    """_dense_span's stride test (the [B, T, H, ...] layout, size-1 dims free) against its
+    definition, on both one-span layouts and on views that leave gaps or overlap."""
+    def rule(t):
+        return t.is_contiguous() or t.transpose(1, 2).is_contiguous()
+
+    base = torch.zeros(shape)
+    swapped = (shape[0], shape[2], shape[1]) + tuple(shape[3:])
+    views = [base, torch.zeros(swapped).transpose(1, 2), base.transpose(1, 2),
+             torch.zeros(shape[:-1] + (shape[-1] + 1,))[..., :shape[-1]],  # a gap after each row
+             torch.zeros(swapped[:-1] + (swapped[-1] + 1,))[..., :swapped[-1]].transpose(1, 2),
+             torch.zeros(shape[1:]).expand(shape)]  # B rows overlapping
+    if len(shape) == 4:
+        views.append(torch.zeros(shape[0], shape[3], shape[1], shape[2]).permute(0, 2, 3, 1))
+    # the [B, T, H, ...] strides with one of them wrong (0: overlapping; one more: gaps)
+    right = list(torch.zeros(swapped).transpose(1, 2).stride())
+    spare = torch.zeros(4 * base.numel() + 8)
+    for i in range(len(shape)):
+        for wrong in (0, right[i] + 1):
+            if shape[i] > 1:
+                strides = list(right)
+                strides[i] = wrong
+                views.append(spare.as_strided(shape, strides))
+    for t in views:
+        assert A._dense_span(t) == rule(t), (tuple(t.shape), t.stride())
+    assert any(A._dense_span(t) for t in views) and (max(shape) == 1 or not all(A._dense_span(t) for t in views))
+
+
 def test_small_problems_run_as_one_masked_piece(monkeypatch):
     """Where the keys a plan skips cost less than its extra kernel calls (DENSE_CALL_WORK),
     one masked piece over every row runs (one call forward, one backward); a large problem
@@ -582,6 +612,27 @@ def test_dense_rows_run_aten_as_a_differentiable_op(spy_eager, name, dtype, layo
     tol = 2e-5 if dtype == F32 else 1e-12
     for got, ref in zip((public[0], *public[2:]), (want[0], *want[2:])):
         torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+def test_dense_rows_scan_aten_s_result_only_where_it_is_one_span(monkeypatch):
+    """The dense route's result check reads out and lse as raw spans only in aten's layouts;
+    an lse of any other layout (here every other element of a NaN buffer) goes through the
+    strided check: the same values are accepted (aten called once), not rejected for the
+    NaN between them (the raw scan of lse.numel() elements would have read those)."""
+    q, k, v, mask = _dense("bidirectional")
+    flash, calls = A._flash_cpu(), []
+
+    def spread(q, k, v, **kw):
+        calls.append(1)
+        out, lse = flash(q, k, v, **kw)
+        wide = torch.full(lse.shape + (2,), float("nan"))
+        wide[..., 0] = lse
+        return out, wide[..., 0]
+
+    monkeypatch.setattr(A, "_flash_cpu", lambda: spread)
+    out = A.df_attention(q, k, v, **mask)
+    assert len(calls) == 1
+    torch.testing.assert_close(out, flash(q, k, v, scale=q.shape[-1] ** -0.5)[0], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("case", ["clean", "nan-value", "nan-query-row", "large-scores", "with-lse", "padding-mask"])
