@@ -90,6 +90,28 @@ INLINE v16 vexp(v16 x) {
     return x > hi ? splat(INFINITY) : out;
 }
 
+// vexp for the softmax's x = s - max <= 0 (or -inf, or NaN), with vexp's bits there and
+// ~25% fewer instructions (vexp's clamps and selects, four compare + blend pairs, are one
+// compare mask here). Lanes x < -104 (masked keys: -inf) come out of scalef's zeroing mask
+// as 0, vexp's value there, without computing 2^n: a scalef whose result is subnormal takes
+// a microcode assist (~70 ns a vector here, 20x the whole exponential), which computing
+// those lanes and selecting 0 afterwards had paid on every masked key. NaN passes the
+// unordered compare and stays NaN. Not for x > 88.7 (vexp saturates to inf there).
+INLINE v16 vexp_nonpositive(v16 x) {
+    const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, (__m512)splat(-104.0f), _CMP_NLT_UQ);
+    const __m512 t = (__m512)(x * 1.44269504088896341f);
+    const v16 nf = (v16)_mm512_maskz_roundscale_ps(0xFFFF, t, _MM_FROUND_TO_NEAREST_INT);
+    v16 r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
+    v16 p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    return (v16)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)nf);
+}
+
 typedef int32_t m16 __attribute__((vector_size(64)));
 
 // 16 x 16 transpose of r[0..16) in registers: four rounds of two-source permutes, each
@@ -401,7 +423,7 @@ bool attend_head(const Args& a, int b, int hk, int row_lo, int row_hi, float* kT
                 v16 lsum = {};
                 for (int c = 0; c < end; c += 16) {
                     if (c >= rg[1] && c + 16 <= rg[2]) continue;
-                    const v16 p = vexp(load(sr + c) - m);
+                    const v16 p = vexp_nonpositive(load(sr + c) - m);
                     store(sr + c, p);
                     lsum += p;
                 }
@@ -484,7 +506,7 @@ bool attend_head_backward(const BwdArgs& a, int b, int hk, float* kT, float* vT,
                 const v16 zero = {};
                 for (int c = 0; c < kend; c += 16) {
                     const i16v vis = in_ranges(c, rg);
-                    const v16 p = vexp(load(S[r] + c) - lse);
+                    const v16 p = vexp_nonpositive(load(S[r] + c) - lse);
                     const v16 ds = p * (load(P[r] + c) - delta) * a.scale;
                     store(P[r] + c, vis ? (one ? splat(1.0f) : p) : zero);
                     store(S[r] + c, one ? zero : (vis ? ds : zero));
