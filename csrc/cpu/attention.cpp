@@ -109,7 +109,16 @@ INLINE v16 vexp_nonpositive(v16 x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    return (v16)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)nf);
+    const __mmask16 tiny = _mm512_mask_cmp_ps_mask(keep, (__m512)nf, (__m512)splat(-126.0f), _CMP_LT_OQ);
+    if (__builtin_expect(tiny == 0, 1)) return (v16)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)nf);
+    // Subnormal results (x in (-104, -87.3): probabilities below 2^-126, rows whose scores
+    // span more than ~87) without the assist: p 2^(n + 149) is a normal number (exact: a
+    // power-of-two scaling), and its round-to-nearest-even integer k is the subnormal
+    // k 2^-149 that scalef would round to, as a bit pattern (k = 2^23: the least normal).
+    const __m512 up = _mm512_maskz_scalef_ps(tiny, (__m512)p, (__m512)(nf + 149.0f));
+    const __m512i k = _mm512_maskz_cvt_roundps_epi32(tiny, up, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 normal = _mm512_maskz_scalef_ps(keep & ~tiny, (__m512)p, (__m512)nf);
+    return (v16)_mm512_mask_mov_ps(normal, tiny, _mm512_castsi512_ps(k));
 }
 
 typedef int32_t m16 __attribute__((vector_size(64)));
