@@ -97,7 +97,7 @@ INLINE v16 vexp(v16 x) {
 // a microcode assist (~70 ns a vector here, 20x the whole exponential), which computing
 // those lanes and selecting 0 afterwards had paid on every masked key. NaN passes the
 // unordered compare and stays NaN. Not for x > 88.7 (vexp saturates to inf there).
-INLINE v16 vexp_nonpositive(v16 x) {
+INLINE v16 vexp_nonpositive(v16 x, __mmask16& subnormal) {
     const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, (__m512)splat(-104.0f), _CMP_NLT_UQ);
     const __m512 t = (__m512)(x * 1.44269504088896341f);
     const v16 nf = (v16)_mm512_maskz_roundscale_ps(0xFFFF, t, _MM_FROUND_TO_NEAREST_INT);
@@ -111,6 +111,7 @@ INLINE v16 vexp_nonpositive(v16 x) {
     p = p * r * r + r + 1.0f;
     const __mmask16 tiny = _mm512_mask_cmp_ps_mask(keep, (__m512)nf, (__m512)splat(-126.0f), _CMP_LT_OQ);
     if (__builtin_expect(tiny == 0, 1)) return (v16)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)nf);
+    subnormal |= tiny;
     // Subnormal results (x in (-104, -87.3): probabilities below 2^-126, rows whose scores
     // span more than ~87) without the assist: p 2^(n + 149) is a normal number (exact: a
     // power-of-two scaling), and its round-to-nearest-even integer k is the subnormal
@@ -430,16 +431,32 @@ bool attend_head(const Args& a, int b, int hk, int row_lo, int row_hi, float* kT
                 // - m) then makes the row NaN, as the reference's softmax does
                 const float m = hmax(mv);
                 v16 lsum = {};
+                __mmask16 subnormal = 0;
                 for (int c = 0; c < end; c += 16) {
                     if (c >= rg[1] && c + 16 <= rg[2]) continue;
-                    const v16 p = vexp_nonpositive(load(sr + c) - m);
+                    const v16 p = vexp_nonpositive(load(sr + c) - m, subnormal);
                     store(sr + c, p);
                     lsum += p;
                 }
                 const float l = hsum(lsum);
                 const float inv = 1.0f / l;
-                for (int c = 0; c < end; c += 16)
-                    if (!(c >= rg[1] && c + 16 <= rg[2])) store(sr + c, load(sr + c) * inv);
+                if (__builtin_expect(subnormal == 0, 1)) {
+                    for (int c = 0; c < end; c += 16)
+                        if (!(c >= rg[1] && c + 16 <= rg[2])) store(sr + c, load(sr + c) * inv);
+                } else {
+                    // A sharp row (scores spanning > 87): weights below 2^-125 are dropped, not
+                    // formed: a product with a subnormal result takes a ~20x microcode assist
+                    // per vector, and so would each P @ V sum it starts. What they would add
+                    // to out is below 2^-125 sum |v| (fp32's own sum loses it beside any
+                    // normal weight); NaN lanes pass the unordered compare.
+                    const v16 floor = splat(l * 0x1p-125f);
+                    for (int c = 0; c < end; c += 16)
+                        if (!(c >= rg[1] && c + 16 <= rg[2])) {
+                            const v16 p = load(sr + c);
+                            const __mmask16 big = _mm512_cmp_ps_mask((__m512)p, (__m512)floor, _CMP_NLT_UQ);
+                            store(sr + c, (v16)_mm512_maskz_mul_ps(big, (__m512)p, (__m512)splat(inv)));
+                        }
+                }
                 lse_rows[r] = m + std::log(l);
             }
             weighted_block(s, nr, a.ranges + 4 * i0, vb, vst, ob + i0 * a.os[2], a.os[2], ND);
@@ -515,7 +532,8 @@ bool attend_head_backward(const BwdArgs& a, int b, int hk, float* kT, float* vT,
                 const v16 zero = {};
                 for (int c = 0; c < kend; c += 16) {
                     const i16v vis = in_ranges(c, rg);
-                    const v16 p = vexp_nonpositive(load(S[r] + c) - lse);
+                    __mmask16 subnormal = 0;  // the backward keeps every probability (dV of a key seen only faintly)
+                    const v16 p = vexp_nonpositive(load(S[r] + c) - lse, subnormal);
                     const v16 ds = p * (load(P[r] + c) - delta) * a.scale;
                     store(P[r] + c, vis ? (one ? splat(1.0f) : p) : zero);
                     store(S[r] + c, one ? zero : (vis ? ds : zero));

@@ -313,3 +313,36 @@ def test_subnormal_probabilities_are_exact(backward_calls):
     assert (tiny < 2.0 ** -126).all() and (tiny > 0).all(), "the keys' dV rows must be subnormal"
     torch.testing.assert_close(dv[0, 0, 1:], ref[0, 0, 1:], rtol=2e-2, atol=Tq * 2.0 ** -149)
     torch.testing.assert_close(out, want.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("poison", [None, "score", "value"])
+def test_sharp_rows_drop_only_what_fp32_cannot_hold(kernel_calls, poison):
+    """A row whose scores span more than ~87 (subnormal probabilities) normalises without
+    forming subnormal weights (each would cost a microcode assist): out and lse still match
+    the fp64 reference by the 2x rule, and a NaN score or value the row sees still makes
+    the row NaN (the dropped lanes are only finite tiny ones; a NaN lane stays)."""
+    D, Tq, Tk = 16, 16, 64
+    q = torch.zeros(1, 1, Tq, D)
+    q[..., 0] = 4.0
+    k = _rand(1, 1, Tk, D, seed=8) * 0.01
+    k[0, 0, 0::2, 0] = -torch.linspace(0.0, 3.0, Tk // 2)  # the normal weights
+    k[0, 0, 1::2, 0] = -torch.linspace(88.0, 110.0, Tk // 2)  # subnormal ones, and zeros
+    v = _rand(1, 1, Tk, D, seed=9)
+    if poison == "score":  # 0 * NaN: a NaN score of key 5 in every (sharp) row
+        k[0, 0, 5, 1] = float("nan")
+    if poison == "value":
+        v[0, 0, 5, 2] = float("nan")
+    with fastdf.backend("torch"):
+        out, lse = fastdf.df_attention(q, k, v, causal=False, return_lse=True)
+    assert kernel_calls, "the forward kernel must run"
+    assert_matches_reference((out, lse), lambda *t: df_attention_reference(*t, causal=False), q, k, v)
+    if poison:  # every row sees the poisoned key
+        assert out.isnan().all() and lse.isnan().all() == (poison == "score")
+        # the kernel's own rows too (the public call sends non-finite rows to the careful path)
+        raw, raw_lse = torch.full_like(out, 7.0), torch.full_like(lse, 7.0)
+        ranges = A._key_ranges(Tq, Tk, Tk, False, None, 0)
+        finite, _ = _native.cpu_module().attention_forward(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), raw.data_ptr(), raw_lse.data_ptr(), 1, 1, 1, Tq, Tk, D,
+            q.stride()[:3], k.stride()[:3], v.stride()[:3], raw.stride()[:3], raw_lse.stride(), ranges.data_ptr(),
+            D ** -0.5, 1)
+        assert not finite and raw.isnan().any(-1).all()  # a NaN value: its column; the public call: the row

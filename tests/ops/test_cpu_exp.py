@@ -28,7 +28,8 @@ int main() {
     alignas(64) float buf[16];
     for (uint64_t b = 0x80000000u; b <= 0xFFFFFFFFu; b += 16) {
         for (int i = 0; i < 16; ++i) { const uint32_t u = (uint32_t)(b + i); std::memcpy(&buf[i], &u, 4); }
-        const v16 x = load(buf), a = vexp(x), c = vexp_nonpositive(x);
+        __mmask16 seen = 0;
+        const v16 x = load(buf), a = vexp(x), c = vexp_nonpositive(x, seen);
         for (int i = 0; i < 16; ++i) {
             uint32_t ua, uc;
             std::memcpy(&ua, &a[i], 4);
@@ -62,7 +63,7 @@ int main() {
 
 
 def _function(source: str, name: str) -> str:
-    match = re.search(r"^INLINE v16 " + name + r"\(v16 x\) \{\n.*?^\}\n", source, re.S | re.M)
+    match = re.search(r"^INLINE v16 " + name + r"\(v16 x[^)]*\) \{\n.*?^\}\n", source, re.S | re.M)
     assert match, f"{name} not found in {SOURCE}"
     return match.group(0)
 
