@@ -63,6 +63,9 @@ namespace {
 constexpr int MAX_KEYS = 512;  // keys per head this kernel takes (the scratch per thread)
 constexpr int MAX_DIM = 256;
 constexpr int ROWS = 8;         // query rows per score block
+// |lse| beyond which the backward recomputes a row's max and sum instead of exp(s - lse)
+// (see attend_head_backward)
+constexpr float SHARP_LSE = 16.0f;
 
 // e^x on 16 lanes: Cephes expf (x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, within
 // ~1 ulp); n from one round-to-nearest and 2^n applied by vscalefps, which rounds once into
@@ -528,12 +531,38 @@ bool attend_head_backward(const BwdArgs& a, int b, int hk, float* kT, float* vT,
                 const float* grow = gb + i * a.gs[2];
                 v16 dacc = {};
                 for (int c = 0; c < ND; ++c) dacc += load(grow + 16 * c) * load(orow + 16 * c);
-                const float delta = hsum(dacc), lse = lb[i * a.ls[2]];
+                // P = exp(S - lse) where |lse| <= SHARP_LSE. Beyond it lse's own rounding (ulp
+                // ~|lse| 2^-24) would be P's relative error, so the row's max m and sum l are
+                // recomputed from S, as the forward formed them: P = exp(S - m) / l. The bound is
+                // low (benign rows have |lse| ~ log Tk) because at 100 the token-causal test
+                // case's dK left the 2x rule. Rows beyond 100 had left this kernel for a stable
+                // recompute 2-8x slower.
+                const float delta = hsum(dacc);
+                float norm = 0.0f;
+                const float lse = lb[i * a.ls[2]];
+                const bool sharp = std::isfinite(lse) && std::fabs(lse) > SHARP_LSE && !one;
                 const v16 zero = {};
+                if (sharp) {
+                    v16 mv = splat(-INFINITY);
+                    for (int c = 0; c < kend; c += 16) {
+                        const v16 sv = load(S[r] + c);
+                        mv = (in_ranges(c, rg) && sv > mv) ? sv : mv;  // a NaN score never wins
+                    }
+                    const float m = hmax(mv);
+                    v16 ls = {};
+                    for (int c = 0; c < kend; c += 16) {
+                        __mmask16 subnormal = 0;
+                        const v16 e = vexp_nonpositive(load(S[r] + c) - m, subnormal);
+                        const v16 ev = in_ranges(c, rg) ? e : zero;
+                        store(S[r] + c, ev);  // the scores are not needed past this
+                        ls += ev;
+                    }
+                    norm = 1.0f / hsum(ls);
+                }
                 for (int c = 0; c < kend; c += 16) {
                     const i16v vis = in_ranges(c, rg);
-                    __mmask16 subnormal = 0;  // the backward keeps every probability (dV of a key seen only faintly)
-                    const v16 p = vexp_nonpositive(load(S[r] + c) - lse, subnormal);
+                    __mmask16 subnormal = 0;  // subnormal P flush to 0 here anyway (FTZ: see attention_backward)
+                    const v16 p = sharp ? load(S[r] + c) * norm : vexp_nonpositive(load(S[r] + c) - lse, subnormal);
                     const v16 ds = p * (load(P[r] + c) - delta) * a.scale;
                     store(P[r] + c, vis ? (one ? splat(1.0f) : p) : zero);
                     store(S[r] + c, one ? zero : (vis ? ds : zero));

@@ -986,9 +986,9 @@ def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, w
     """The CPU flash kernel's backward on _plan's pieces, each given the whole row's out and
     lse (so each piece's share is exact), or None where it cannot match the reference.
 
-    First on the data as it is (_attention_backward_raw) where the forward's out is finite
-    (``lse_absmax`` given: the eager forward checked it; else read here) and |lse| is in
-    range. Otherwise, and where that fails, non-finite data: zeroed for the kernel (a NaN
+    First on the data as it is (fastdf._cpu's kernel, or _attention_backward_raw) where the
+    forward's out is finite (``lse_absmax`` given: the eager forward checked it; else read
+    here) and, for aten's kernel, |lse| is in range. Otherwise, and where that fails, non-finite data: zeroed for the kernel (a NaN
     behind a mask would spread through its 0 * NaN), the affected rows' gradients zeroed,
     and their dq and the dk/dv of the keys they see taken from the reference; everything
     else is bitwise that of clean data."""
@@ -996,7 +996,9 @@ def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, w
         lse_absmax = float(torch.linalg.vector_norm(lse, float("inf")))
     mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
     kernel = _cpu_kernel_backward(q, k, out, lse, mask)
-    if lse_absmax is not None and lse_absmax <= FLASH_BACKWARD_MAX_LSE:
+    # fastdf._cpu's backward recomputes the max and sum of rows with |lse| beyond the bound
+    # (aten's uses exp(s - lse) everywhere, which loses accuracy there)
+    if lse_absmax is not None and (kernel or lse_absmax <= FLASH_BACKWARD_MAX_LSE):
         if kernel:
             grads = _attention_backward_cpu_kernel(grad_out, q, k, v, out, lse, scale=scale, **mask)
         else:
@@ -1009,7 +1011,7 @@ def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, w
         return None
     (qf, kf, vf), bad = (t if t.stride(-1) == 1 else t.contiguous() for t in data[:3]), data[3]
     finite_lse = None
-    if not float(torch.linalg.vector_norm(lse, float("inf"))) <= FLASH_BACKWARD_MAX_LSE:  # one op when all is well
+    if not kernel and not float(torch.linalg.vector_norm(lse, float("inf"))) <= FLASH_BACKWARD_MAX_LSE:
         finite_lse = torch.isfinite(lse)
         if bool((lse.abs() > FLASH_BACKWARD_MAX_LSE).logical_and_(finite_lse).any()):
             return None
@@ -1455,7 +1457,9 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
     maximum. Backward: the torch backend recomputes a stable float32 softmax wherever
     ``|lse| > 100`` (and for fp16/bf16 or a gradient through lse), so its gradients are as
     exact as plain PyTorch's over the same range (below that, on CPU tensors, it uses the
-    CPU flash kernel's ``exp(s - lse)``, measured within the rule there); the triton backend
+    CPU flash kernel's ``exp(s - lse)``, measured within the rule there; fastdf._cpu's
+    kernel, fp32 heads of up to 512 keys, recomputes each row's max and sum itself wherever
+    ``|lse| > 16``, at any ``|lse|``); the triton backend
     recomputes probabilities as ``exp(s - lse)`` (as FlashAttention does), whose relative
     error grows with ``|lse| * 2**-24``: it meets the rule while the scaled scores stay
     below about 1e4 in magnitude, and far beyond (|scores| ~ 1e30) its dk/dv are wrong.

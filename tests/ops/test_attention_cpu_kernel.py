@@ -349,3 +349,27 @@ def test_sharp_rows_drop_only_what_fp32_cannot_hold(kernel_calls, poison):
             q.stride()[:3], k.stride()[:3], v.stride()[:3], raw.stride()[:3], raw_lse.stride(), ranges.data_ptr(),
             D ** -0.5, 1)
         assert not finite and raw.isnan().any(-1).all()  # a NaN value: its column; the public call: the row
+
+
+@pytest.mark.parametrize("mask", [{}, dict(frame_size=32), dict(frame_size=16, window_frames=3, sink_frames=1)],
+                         ids=["token", "frames", "window-sink"])
+@pytest.mark.parametrize("spread", [5.5, 20.0])
+def test_backward_of_sharp_rows_stays_in_the_kernel(backward_calls, spread, mask):
+    """Rows with |lse| > 100 (sharp attention: q and k scaled by ``spread``) run the kernel's
+    backward, which recomputes their max and sum from the scores (exp(s - lse) would carry
+    lse's rounding, ~|lse| 2^-24, into every probability): gradients by the 2x rule."""
+    B, H, T, D = 1, 2, 96, 32
+    q, k, v = (t * s for t, s in zip(_inputs(B, H, H, T, T, D, seed=11), (spread, spread, 1.0)))
+    g = _rand(B, H, T, D, seed=14)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with fastdf.backend("torch"):
+        out, lse = fastdf.df_attention(*leaves, return_lse=True, **mask)
+        got = torch.autograd.grad(out, leaves, g)
+    assert float(lse.detach().abs().max()) > A.FLASH_BACKWARD_MAX_LSE and backward_calls
+
+    def grads(q, k, v):
+        ls = [t.requires_grad_() for t in (q, k, v)]
+        o = df_attention_reference(*ls, **mask)[0]
+        return torch.autograd.grad((o * g.to(o.dtype)).sum(), ls)
+
+    assert_matches_reference(got, grads, q, k, v)
