@@ -337,11 +337,13 @@ def _dense(tq, tk, frame_size, causal, window_frames, sink_frames):
     return tk >= CPU_KERNEL_DENSE_KEYS and _sees_every_key(tq, tk, frame_size, causal, window_frames, sink_frames)
 
 
-def _cpu_kernel_backward(q, k, out, lse, mask):
-    """Whether the backward runs fastdf._cpu's kernel (see CPU_KERNEL_DENSE_KEYS)."""
+def _cpu_kernel_backward(q, k, out, lse, mask, sharp=False):
+    """Whether the backward runs fastdf._cpu's kernel (see CPU_KERNEL_DENSE_KEYS): also on
+    dense rows where some |lse| is beyond FLASH_BACKWARD_MAX_LSE (``sharp``), which aten's
+    kernel cannot take within the rule and this one can."""
     if not (CPU_KERNEL and out.dtype == torch.float32 and lse.dtype == torch.float32 and _cpu_kernel_fits(q, k)):
         return False
-    return not _dense(q.shape[2], k.shape[2], **mask)
+    return sharp or not _dense(q.shape[2], k.shape[2], **mask)
 
 
 @functools.lru_cache(maxsize=256)
@@ -831,10 +833,12 @@ def _attention_backward_fast(grad_out, grad_lse, q, k, v, frame_size, causal, wi
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
-# The flash kernel's backward recomputes P = exp(s - lse) from the forward's float32 lse,
-# whose rounding, ulp(|lse|), P inherits: within plain PyTorch's error (the 2x rule,
-# measured) for |lse| up to about this; beyond, the blocked recompute (a stable softmax).
-FLASH_BACKWARD_MAX_LSE = 100.0
+# aten's flash backward recomputes P = exp(s - lse) from the forward's float32 lse, whose
+# rounding, ulp(|lse|), P inherits: within plain PyTorch's error (the 2x rule) for |lse| up
+# to about this; beyond, fastdf._cpu's kernel (it recomputes such rows' max and sum) or the
+# blocked recompute (a stable softmax). Measured on 128-key dense heads (D = 32, scores of
+# std 4-25): gradients left the rule from max |lse| ~17 on (this was 100 until then).
+FLASH_BACKWARD_MAX_LSE = 16.0
 
 
 def _affected(q, k, v, grad_out, blocks, mask):
@@ -995,7 +999,8 @@ def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, w
     if lse_absmax is None and math.isfinite(float(out.sum())):
         lse_absmax = float(torch.linalg.vector_norm(lse, float("inf")))
     mask = dict(frame_size=frame_size, causal=causal, window_frames=window_frames, sink_frames=sink_frames)
-    kernel = _cpu_kernel_backward(q, k, out, lse, mask)
+    kernel = _cpu_kernel_backward(q, k, out, lse, mask,
+                                  sharp=lse_absmax is None or lse_absmax > FLASH_BACKWARD_MAX_LSE)
     # fastdf._cpu's backward recomputes the max and sum of rows with |lse| beyond the bound
     # (aten's uses exp(s - lse) everywhere, which loses accuracy there)
     if lse_absmax is not None and (kernel or lse_absmax <= FLASH_BACKWARD_MAX_LSE):
@@ -1455,7 +1460,7 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
     scaled scores ``scale * q . k`` (and, on the triton backend, the raw ``q . k``) are
     finite in float32, however negative (-3e38 works), and any finite v up to the dtype's
     maximum. Backward: the torch backend recomputes a stable float32 softmax wherever
-    ``|lse| > 100`` (and for fp16/bf16 or a gradient through lse), so its gradients are as
+    ``|lse| > 16`` (and for fp16/bf16 or a gradient through lse), so its gradients are as
     exact as plain PyTorch's over the same range (below that, on CPU tensors, it uses the
     CPU flash kernel's ``exp(s - lse)``, measured within the rule there; fastdf._cpu's
     kernel, fp32 heads of up to 512 keys, recomputes each row's max and sum itself wherever

@@ -13,6 +13,7 @@ import torch
 import fastdf
 from fastdf.ops import attention as A
 from fastdf.ops.attention import df_attention_mask, df_attention_reference
+from fastdf.testing import assert_matches_reference
 
 F32, F64, F16 = torch.float32, torch.float64, torch.float16
 
@@ -701,3 +702,30 @@ def test_dense_rows_have_no_double_backward():
         assert torch.equal(a, b.detach())
     with pytest.raises(RuntimeError, match="not implemented"):
         graph[0].sum().backward()
+
+
+@pytest.mark.parametrize("D", [32, 8], ids=["kernel-D32", "blocked-D8"])
+@pytest.mark.parametrize("spread", [1.0, 2.5, 4.5])
+def test_dense_rows_of_peaky_attention_meet_the_rule(D, spread):
+    """Every row sees all 128 keys, scores of std spread^2 (max |lse| ~6 / ~28 / ~88): the
+    gradients meet the 2x rule against fp64. aten's backward (exp(s - lse)) left it from
+    max |lse| ~17 on, so beyond FLASH_BACKWARD_MAX_LSE (16) such rows run fastdf._cpu's
+    kernel (fp32, D % 16 == 0; it recomputes their max and sum) or the blocked recompute."""
+    g = torch.Generator().manual_seed(int(spread * 10) + D)
+    q, k = ((torch.randn(1, 128, 2, D, generator=g) * spread).transpose(1, 2) for _ in range(2))
+    v = torch.randn(1, 128, 2, D, generator=g).transpose(1, 2)
+    grad = torch.randn(1, 2, 128, D, generator=g)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse = A.df_attention(*leaves, causal=False, return_lse=True)
+    got = torch.autograd.grad(out, leaves, grad)
+    assert (float(lse.detach().abs().max()) > A.FLASH_BACKWARD_MAX_LSE) == (spread > 1.0)
+
+    def grads(q, k, v):
+        ls = [t.requires_grad_() for t in (q, k, v)]
+        o = df_attention_reference(*ls, causal=False)[0]
+        return torch.autograd.grad((o * grad.to(o.dtype)).sum(), ls)
+
+    assert_matches_reference(got, grads, q, k, v)
+    # the public call without lse (the dense route's own decision) gives the same
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    assert_matches_reference(torch.autograd.grad(A.df_attention(*leaves, causal=False), leaves, grad), grads, q, k, v)
