@@ -1466,8 +1466,9 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
     kernel, fp32 heads of up to 512 keys, recomputes each row's max and sum itself wherever
     ``|lse| > 16``, at any ``|lse|``); the triton backend
     recomputes probabilities as ``exp(s - lse)`` (as FlashAttention does), whose relative
-    error grows with ``|lse| * 2**-24``: it meets the rule while the scaled scores stay
-    below about 1e4 in magnitude, and far beyond (|scores| ~ 1e30) its dk/dv are wrong.
+    error grows with ``|lse| * 2**-24``: in float32 its gradients left the 2x rule from
+    max ``|lse|`` ~85 on (peaky rows; measured under the Triton interpreter, 64 keys; bf16
+    and fp16 not measured on a GPU), and far beyond (|scores| ~ 1e30) its dk/dv are wrong.
 
     Causality under non-finite data (both backends, forward and backward): a NaN or inf in
     a key or value that a query cannot see never reaches that query's output, lse or dq,
