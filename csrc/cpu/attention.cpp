@@ -67,27 +67,32 @@ constexpr int ROWS = 8;         // query rows per score block
 // (see attend_head_backward)
 constexpr float SHARP_LSE = 16.0f;
 
-// e^x on 16 lanes: Cephes expf (x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, within
-// ~1 ulp); n from one round-to-nearest and 2^n applied by vscalefps, which rounds once into
-// the subnormals and saturates to inf as libm does (was: a rounding by hand and two
-// multiplies by normal halves of 2^n, ~10 instructions more; the exponential was ~20% of
-// the forward kernel on 288-key rows). NaN stays NaN; x < -104 gives 0, x > 88.73 inf.
-INLINE v16 vexp(v16 x) {
-    const float hi = 88.7228391f, lo = -104.0f;
-    v16 xc = x > hi ? splat(hi) : x;
-    xc = xc < lo ? splat(lo) : xc;
-    // the all-lanes maskz forms: the plain intrinsics pass GCC 12 an undefined operand,
-    // which it warns about
-    const __m512 t = (__m512)(xc * 1.44269504088896341f);
-    const v16 nf = (v16)_mm512_maskz_roundscale_ps(0xFFFF, t, _MM_FROUND_TO_NEAREST_INT);
-    v16 r = xc - nf * 0.693359375f - nf * -2.12194440e-4f;
+// e^x's core (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, within ~1
+// ulp) for x in [-104, 88.73]: e^r as p, and n as nf; 2^n is the caller's (vscalefps, which
+// rounds once into the subnormals and saturates to inf as libm does). The all-lanes maskz
+// forms: the plain intrinsics pass GCC 12 an undefined operand, which it warns about.
+INLINE v16 exp_reduced(v16 x, v16& nf) {
+    const __m512 t = (__m512)(x * 1.44269504088896341f);
+    nf = (v16)_mm512_maskz_roundscale_ps(0xFFFF, t, _MM_FROUND_TO_NEAREST_INT);
+    v16 r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
     v16 p = splat(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    return p * r * r + r + 1.0f;
+}
+
+// e^x on 16 lanes (was: a rounding by hand and two multiplies by normal halves of 2^n, ~10
+// instructions more; the exponential was ~20% of the forward kernel on 288-key rows). NaN
+// stays NaN; x < -104 gives 0, x > 88.73 inf.
+INLINE v16 vexp(v16 x) {
+    const float hi = 88.7228391f, lo = -104.0f;
+    v16 xc = x > hi ? splat(hi) : x;
+    xc = xc < lo ? splat(lo) : xc;
+    v16 nf;
+    const v16 p = exp_reduced(xc, nf);
     v16 out = (v16)_mm512_maskz_scalef_ps(0xFFFF, (__m512)p, (__m512)nf);
     out = x < lo ? splat(0.0f) : out;
     return x > hi ? splat(INFINITY) : out;
@@ -100,18 +105,11 @@ INLINE v16 vexp(v16 x) {
 // a microcode assist (~70 ns a vector here, 20x the whole exponential), which computing
 // those lanes and selecting 0 afterwards had paid on every masked key. NaN passes the
 // unordered compare and stays NaN. Not for x > 88.7 (vexp saturates to inf there).
+// `subnormal` gathers the lanes whose result is subnormal (the forward's sharp rows).
 INLINE v16 vexp_nonpositive(v16 x, __mmask16& subnormal) {
     const __mmask16 keep = _mm512_cmp_ps_mask((__m512)x, (__m512)splat(-104.0f), _CMP_NLT_UQ);
-    const __m512 t = (__m512)(x * 1.44269504088896341f);
-    const v16 nf = (v16)_mm512_maskz_roundscale_ps(0xFFFF, t, _MM_FROUND_TO_NEAREST_INT);
-    v16 r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
-    v16 p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
+    v16 nf;
+    const v16 p = exp_reduced(x, nf);
     const __mmask16 tiny = _mm512_mask_cmp_ps_mask(keep, (__m512)nf, (__m512)splat(-126.0f), _CMP_LT_OQ);
     if (__builtin_expect(tiny == 0, 1)) return (v16)_mm512_maskz_scalef_ps(keep, (__m512)p, (__m512)nf);
     subnormal |= tiny;
@@ -123,6 +121,11 @@ INLINE v16 vexp_nonpositive(v16 x, __mmask16& subnormal) {
     const __m512i k = _mm512_maskz_cvt_roundps_epi32(tiny, up, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 normal = _mm512_maskz_scalef_ps(keep & ~tiny, (__m512)p, (__m512)nf);
     return (v16)_mm512_mask_mov_ps(normal, tiny, _mm512_castsi512_ps(k));
+}
+
+INLINE v16 vexp_nonpositive(v16 x) {
+    __mmask16 subnormal = 0;
+    return vexp_nonpositive(x, subnormal);
 }
 
 typedef int32_t m16 __attribute__((vector_size(64)));
@@ -551,8 +554,7 @@ bool attend_head_backward(const BwdArgs& a, int b, int hk, float* kT, float* vT,
                     const float m = hmax(mv);
                     v16 ls = {};
                     for (int c = 0; c < kend; c += 16) {
-                        __mmask16 subnormal = 0;
-                        const v16 e = vexp_nonpositive(load(S[r] + c) - m, subnormal);
+                        const v16 e = vexp_nonpositive(load(S[r] + c) - m);
                         const v16 ev = in_ranges(c, rg) ? e : zero;
                         store(S[r] + c, ev);  // the scores are not needed past this
                         ls += ev;
@@ -561,8 +563,8 @@ bool attend_head_backward(const BwdArgs& a, int b, int hk, float* kT, float* vT,
                 }
                 for (int c = 0; c < kend; c += 16) {
                     const i16v vis = in_ranges(c, rg);
-                    __mmask16 subnormal = 0;  // subnormal P flush to 0 here anyway (FTZ: see attention_backward)
-                    const v16 p = sharp ? load(S[r] + c) * norm : vexp_nonpositive(load(S[r] + c) - lse, subnormal);
+                    // (a subnormal P is flushed to 0 right after: FTZ, see attention_backward)
+                    const v16 p = sharp ? load(S[r] + c) * norm : vexp_nonpositive(load(S[r] + c) - lse);
                     const v16 ds = p * (load(P[r] + c) - delta) * a.scale;
                     store(P[r] + c, vis ? (one ? splat(1.0f) : p) : zero);
                     store(S[r] + c, one ? zero : (vis ? ds : zero));

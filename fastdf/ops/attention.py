@@ -992,7 +992,8 @@ def _attention_backward_flash(grad_out, q, k, v, out, lse, frame_size, causal, w
 
     First on the data as it is (fastdf._cpu's kernel, or _attention_backward_raw) where the
     forward's out is finite (``lse_absmax`` given: the eager forward checked it; else read
-    here) and, for aten's kernel, |lse| is in range. Otherwise, and where that fails, non-finite data: zeroed for the kernel (a NaN
+    here) and, for aten's kernel, |lse| is in range. Otherwise, and where that fails,
+    non-finite data: zeroed for the kernel (a NaN
     behind a mask would spread through its 0 * NaN), the affected rows' gradients zeroed,
     and their dq and the dk/dv of the keys they see taken from the reference; everything
     else is bitwise that of clean data."""
