@@ -714,8 +714,10 @@ def _route_eager(topk_ids, num_experts):
 def _forward_eager(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdown, act, save):
     """``_forward(_TorchPrims, ...)`` for CPU tensors of nonzero sizes with the host work
     cut: one host read for routing and range check, ``torch._grouped_mm`` where it takes
-    the operands, and, when no backward needs h1, the activation written over h1's gate
-    half. The same products and elementwise operations, so the same bits."""
+    the operands. The same products and elementwise operations on operands of the same
+    layouts, so the same bits. (The activation written over h1's gate half, a strided
+    ``a``, saved no allocation, since the product needs its own, and changed the down
+    GEMM's bits on an AMD EPYC: its BLAS sums a row stride of 2I in another order than I.)"""
     E, K = gate_up.shape[0], topk_ids.shape[1]
     order, inverse, offs, bounds = _route_eager(topk_ids, E)
     if tids is not None:
@@ -731,10 +733,8 @@ def _forward_eager(hidden, topk_ids, topk_weights, gate_up, down, tids, tgu, tdo
         ag = _act_torch(act)(gate)
         a = ag * up
         acts = (ag, a)
-    elif save or act not in (0, 3):
+    else:
         a = _act_torch(act)(gate).mul_(up)
-    else:  # h1 is not needed again: the activation in place, a = its gate half (row stride 2I)
-        a = (F.silu(gate, inplace=True) if act == 0 else gate.relu_()).mul_(up)
     h2 = grouped_mm_loop(a, down.transpose(1, 2), offs, trainable_w=_t(tdown), trainable_ids=tids, bounds=bounds)
     del a, gate, up
     out = _combine_torch_fast(h2, inverse, topk_weights)
