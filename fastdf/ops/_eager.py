@@ -56,12 +56,14 @@ _functorch_active = torch._C._are_functorch_transforms_active
 _is_compiling = torch.compiler.is_compiling
 
 
-def cpu_kernel_route() -> bool:
+def cpu_kernel_route(compiling: bool | None = None) -> bool:
     """``torch_backend_eager(cpu)`` and no ``__torch_dispatch__`` mode or functorch transform
     active, in one call: where fastdf._cpu's kernels may take plain CPU tensors. Measured on
     a 256 KiB gated residual between other ops (caches part cold): the separate calls cost
-    ~10 us a call, each Python function touched being a cost there, not only its lines."""
-    if _is_compiling() or _len_dispatch_stack() or _functorch_active():
+    ~10 us a call, each Python function touched being a cost there, not only its lines.
+    ``compiling``: ``torch.compiler.is_compiling()`` where the caller has it already (two
+    Python frames, ~1-2 us with cold caches)."""
+    if (_is_compiling() if compiling is None else compiling) or _len_dispatch_stack() or _functorch_active():
         return False
     # _request() inlined for the common case (no block, a value parsed before): one Python
     # frame fewer, ~1-2% of a 120 us per-token gated residual with its backward

@@ -37,7 +37,7 @@ from torch import Tensor
 from .. import _native
 from . import _alloc, _checks
 from ._backend import Op
-from ._eager import PLAIN, cpu_kernel_route, plain_tensors, torch_backend_eager
+from ._eager import PLAIN, _is_compiling, cpu_kernel_route, plain_tensors, torch_backend_eager
 from ._library import custom_op
 
 ATTENTION = Op("df_attention", prefer=("triton", "torch"))
@@ -1252,20 +1252,19 @@ def _eager_backward(ctx, grad_out, grad_lse):
 _eager_backward_once = torch.autograd.function.once_differentiable(_eager_backward)
 
 
-def _attention_dense(q, k, v, frame_size, causal, window_frames, sink_frames, scale):
-    """The eager path where every row sees all of >= CPU_KERNEL_DENSE_KEYS keys and no lse is
-    returned: aten's CPU flash kernel on the tensors as they are, as a differentiable op, so
-    autograd records aten's own backward node. Bitwise what the torch backend gives there
-    (its forward's and its backward's single unmasked flash call). ``(out, lse)``, or None
-    where the route does not apply, the result fails _accepted's check, or a backward will
-    run with |lse| > FLASH_BACKWARD_MAX_LSE (that backward recomputes a stable softmax)."""
-    # _dense, _bthd_layout and _accepted's common case written out: each Python call is ~1-2 us
-    # here when the caches are cold (case c of the CPU bench: ~130 us a call between other
+def _attention_dense(q, k, v, scale):
+    """The eager path where every row sees all of >= CPU_KERNEL_DENSE_KEYS keys (the caller
+    knows: :func:`_dense`, remembered with the argument checks) and no lse is returned:
+    aten's CPU flash kernel on the tensors as they are, as a differentiable op, so autograd
+    records aten's own backward node. Bitwise what the torch backend gives there (its
+    forward's and its backward's single unmasked flash call). ``(out, lse)``, or None where
+    the route does not apply, the result fails _accepted's check, or a backward will run
+    with |lse| > FLASH_BACKWARD_MAX_LSE (that backward recomputes a stable softmax)."""
+    # _bthd_layout and _accepted's common case written out: each Python call is ~1-2 us here
+    # when the caches are cold (case c of the CPU bench: ~130 us a call between other
     # providers, ~80 us hot), and this route is the whole call
-    tk = k.shape[2]
     if not (q.is_cpu and q.dtype in _DENSE_DTYPES and q.numel() and q.stride(-1) == 1 and k.stride(-1) == 1
-            and v.stride(-1) == 1 and tk >= CPU_KERNEL_DENSE_KEYS
-            and _sees_every_key(q.shape[2], tk, frame_size, causal, window_frames, sink_frames)):
+            and v.stride(-1) == 1):
         return None
     flash = _flash_cpu()
     if flash is None:
@@ -1296,14 +1295,10 @@ _DENSE_DTYPES = (torch.float32, torch.float64)
 def _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale, need_lse=True):
     """``(out, lse)`` of checked arguments: the eager path where it may run, else the op.
     With ``need_lse`` False the eager path may return lse as a strided view (the kernel's
-    layout), saving a copy nobody reads."""
+    layout), saving a copy nobody reads. (df_attention tries :func:`_attention_dense` first.)"""
     if q.is_cpu:  # the same rule in fewer calls: each is microseconds beside a small CPU call
         eager = (cpu_kernel_route() and type(q) in PLAIN and type(k) in PLAIN and type(v) in PLAIN
                  and (key_padding_mask is None or type(key_padding_mask) in PLAIN))
-        if eager and not need_lse and key_padding_mask is None:
-            result = _attention_dense(q, k, v, frame_size, causal, window_frames, sink_frames, scale)
-            if result is not None:
-                return result
     else:
         eager = torch_backend_eager(q.device) and plain_tensors(q, k, v, key_padding_mask)
     args = (q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale)
@@ -1358,23 +1353,33 @@ _CHECKED: dict = {}
 _CHECKED_MAX = 256
 
 
-def _check_cached(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse):
-    """:func:`_check`, remembered for arguments that passed it before."""
-    if torch.compiler.is_compiling():
-        return _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse)
+def _check_cached(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse, compiling):
+    """:func:`_check` and :func:`_dense` of its normalised mask, remembered for arguments that
+    passed it before (``compiling``: torch.compiler.is_compiling(), nothing remembered)."""
+    if compiling:  # the op runs (the eager route is off): no dense test to trace
+        return (*_check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse), False)
     try:
         key = (type(q), type(k), type(v), q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, q.shape, k.shape,
                v.shape, type(frame_size), frame_size, type(causal), causal, type(window_frames), window_frames,
                type(sink_frames), sink_frames, type(scale), scale, type(return_lse), return_lse)
         result = _CHECKED.get(key)  # hashes the key once
     except (AttributeError, TypeError):  # not tensors, or unhashable knobs: the checks say what is wrong
-        return _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse)
+        return _check_dense(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse)
     if result is None:
-        result = _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse)
+        result = _check_dense(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse)
         if len(_CHECKED) >= _CHECKED_MAX:
             _CHECKED.clear()
         _CHECKED[key] = result
     return result
+
+
+def _check_dense(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse):
+    """``(*_check(...), dense)``: whether every row sees all of >= CPU_KERNEL_DENSE_KEYS keys
+    (asked for CPU tensors only: the dense route is aten's CPU kernel)."""
+    frame_size, window_frames, sink_frames, scale = _check(q, k, v, frame_size, causal, window_frames, sink_frames,
+                                                           scale, return_lse)
+    dense = q.is_cpu and _dense(q.shape[2], k.shape[2], frame_size, causal, window_frames, sink_frames)
+    return frame_size, window_frames, sink_frames, scale, dense
 
 
 def _check(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse):
@@ -1480,10 +1485,18 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
     every query sees every key, the torch backend's gradients of a non-finite upstream
     gradient are non-finite where plain autograd's are (an inf reaches dv as inf).
     """
-    frame_size, window_frames, sink_frames, scale = _check_cached(q, k, v, frame_size, causal, window_frames,
-                                                                  sink_frames, scale, return_lse)
+    compiling = _is_compiling()
+    frame_size, window_frames, sink_frames, scale, dense = _check_cached(q, k, v, frame_size, causal, window_frames,
+                                                                         sink_frames, scale, return_lse, compiling)
     if key_padding_mask is not None:
         _check_key_padding_mask(key_padding_mask, q, k)
+    elif (dense and not return_lse and q.is_cpu and cpu_kernel_route(compiling) and type(q) in PLAIN
+          and type(k) in PLAIN and type(v) in PLAIN):
+        # every row sees every key: aten's kernel as it is (the rest of the eager path's rule
+        # in _attention, here so that the dense call is a few Python lines end to end)
+        result = _attention_dense(q, k, v, scale)
+        if result is not None:
+            return result[0]
     out, lse = _attention(q, k, v, key_padding_mask, frame_size, causal, window_frames, sink_frames, scale, return_lse)
     return (out, lse) if return_lse else out
 
