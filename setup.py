@@ -182,7 +182,8 @@ def cpu_extensions():
                              f"(this is {sys.platform} {platform.machine()})")
         return []
     flags = ["-std=c++17", "-O3", "-fopenmp", "-fvisibility=hidden", "-Wno-psabi"]
-    return [Extension("fastdf._cpu", sources=["csrc/cpu/attention.cpp", "csrc/cpu/adaln.cpp"], extra_compile_args=flags,
+    sources = ["csrc/cpu/attention.cpp", "csrc/cpu/adaln.cpp", "csrc/cpu/moe.cpp"]
+    return [Extension("fastdf._cpu", sources=sources, extra_compile_args=flags,
                       extra_link_args=["-fopenmp"], language="c++")]
 
 

@@ -67,36 +67,7 @@ constexpr int ROWS = 8;         // query rows per score block
 // (see attend_head_backward)
 constexpr float SHARP_LSE = 16.0f;
 
-// e^x's core (Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, degree-6 polynomial, within ~1
-// ulp) for x in [-104, 88.73]: e^r as p, and n as nf; 2^n is the caller's (vscalefps, which
-// rounds once into the subnormals and saturates to inf as libm does). The all-lanes maskz
-// forms: the plain intrinsics pass GCC 12 an undefined operand, which it warns about.
-INLINE v16 exp_reduced(v16 x, v16& nf) {
-    const __m512 t = (__m512)(x * 1.44269504088896341f);
-    nf = (v16)_mm512_maskz_roundscale_ps(0xFFFF, t, _MM_FROUND_TO_NEAREST_INT);
-    v16 r = x - nf * 0.693359375f - nf * -2.12194440e-4f;
-    v16 p = splat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    return p * r * r + r + 1.0f;
-}
-
-// e^x on 16 lanes (was: a rounding by hand and two multiplies by normal halves of 2^n, ~10
-// instructions more; the exponential was ~20% of the forward kernel on 288-key rows). NaN
-// stays NaN; x < -104 gives 0, x > 88.73 inf.
-INLINE v16 vexp(v16 x) {
-    const float hi = 88.7228391f, lo = -104.0f;
-    v16 xc = x > hi ? splat(hi) : x;
-    xc = xc < lo ? splat(lo) : xc;
-    v16 nf;
-    const v16 p = exp_reduced(xc, nf);
-    v16 out = (v16)_mm512_maskz_scalef_ps(0xFFFF, (__m512)p, (__m512)nf);
-    out = x < lo ? splat(0.0f) : out;
-    return x > hi ? splat(INFINITY) : out;
-}
+// exp_reduced and vexp (e^x on 16 lanes): common.h.
 
 // vexp for the softmax's x = s - max <= 0 (or -inf, or NaN), with vexp's bits there and
 // ~25% fewer instructions (vexp's clamps and selects, four compare + blend pairs, are one
@@ -843,4 +814,5 @@ PYBIND11_MODULE(_cpu, m) {
         "(every element of the fp32 spans out[0, n_out) and lse[0, n_lse) finite, max |lse|)");
     m.def("has_avx512", &has_avx512, "whether this CPU runs the kernels (AVX-512 F, BW, DQ, VL)");
     add_adaln(m);
+    add_moe(m);
 }

@@ -50,6 +50,9 @@ MOE_BWD = Op("moe_experts_backward", prefer=("cuda", "triton", "torch"))
 
 # Activations fused into the kernels (codes match fastdf.kernels.grouped_mm.ACT_*).
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
+# fastdf._cpu's SwiGLU gradient (csrc/cpu/moe.cpp) in the eager CPU backward of fp32 SiLU
+# experts; False runs torch's three passes instead (tests and benchmarks compare both).
+SWIGLU_KERNEL = True
 _ALIASES = {"swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
@@ -775,14 +778,21 @@ def _backward_eager(grad, hidden, topk_weights, gate_up, down, tids, tgu, tdown,
     del g
     dd = grouped_mm_loop(gw, down, offs, trainable_w=tdown, trainable_ids=tids, bounds=bounds).to(acc)
     gate, up = h1.to(acc).chunk(2, dim=-1)
-    ag = acts[0].to(acc) if acts is not None else _act_torch(act)(gate)
     I = gate.shape[1]
     dh1 = _alloc.empty((h1.shape[0], 2 * I), dtype=acc, device=dev)
-    if act == 0:  # torch's fused SiLU derivative, written into the gate half
-        torch.ops.aten.silu_backward.grad_input(dd * up, gate, grad_input=dh1[:, :I])
+    mod = _native.cpu_module() if SWIGLU_KERNEL and act == 0 and h1.dtype == torch.float32 else None
+    if mod is not None and dd.is_contiguous() and h1.is_contiguous():
+        # the SiLU gradient in one pass over dd, gate and up (three passes and a temporary
+        # in torch): fastdf._cpu, see csrc/cpu/moe.cpp
+        mod.swiglu_backward(dd.data_ptr(), h1.data_ptr(), dh1.data_ptr(), h1.shape[0], I, torch.get_num_threads())
+        ag = acts[0] if acts is not None else None  # act(gate) for ddown: per expert below
     else:
-        torch.mul(dd * up, _act_grad_torch(gate, act), out=dh1[:, :I])
-    torch.mul(dd, ag, out=dh1[:, I:])
+        ag = acts[0].to(acc) if acts is not None else _act_torch(act)(gate)
+        if act == 0:  # torch's fused SiLU derivative, written into the gate half
+            torch.ops.aten.silu_backward.grad_input(dd * up, gate, grad_input=dh1[:, :I])
+        else:
+            torch.mul(dd * up, _act_grad_torch(gate, act), out=dh1[:, :I])
+        torch.mul(dd, ag, out=dh1[:, I:])
     del dd
     dh1 = dh1.to(h1.dtype)
     # Full fine-tuning (every expert trains): each weight gradient is one torch._grouped_mm
@@ -793,15 +803,19 @@ def _backward_eager(grad, hidden, topk_weights, gate_up, down, tids, tgu, tdown,
     if need_ddown:
         ref = tdown if tids is not None else down
         a_all = None
+        if ag is None:  # only the rows ddown reads (with ESFT, the trained experts')
+            ag_rows = lambda lo, hi: _act_torch(act)(gate[lo:hi])  # noqa: E731
+        else:
+            ag_rows = lambda lo, hi: ag[lo:hi]  # noqa: E731
         if grouped:  # the forward's a, rounded as it was
-            a_all = acts[1] if acts is not None else (ag * up).to(h1.dtype)
+            a_all = acts[1] if acts is not None else (ag_rows(0, h1.shape[0]) * up).to(h1.dtype)
         if grouped and ref.dtype == a_all.dtype == gw.dtype and grouped_mm_cpu_native(gw.t(), a_all):
             ddown = torch._grouped_mm(gw.t(), a_all, offs=offs_int32(offs))
         else:
             ddown = _alloc.empty((len(ids),) + tuple(down.shape[1:]), dtype=ref.dtype, device=dev)
             for j, e in enumerate(ids):
                 lo, hi = bounds[e], bounds[e + 1]
-                a = a_all[lo:hi] if a_all is not None else (ag[lo:hi] * up[lo:hi]).to(h1.dtype)
+                a = a_all[lo:hi] if a_all is not None else (ag_rows(lo, hi) * up[lo:hi]).to(h1.dtype)
                 torch.mm(gw[lo:hi].transpose(0, 1), a, out=ddown[j]) if ddown.dtype == a.dtype \
                     else ddown[j].copy_(gw[lo:hi].transpose(0, 1) @ a)
         del a_all
