@@ -1,4 +1,5 @@
-// fastdf._cpu: the SwiGLU gradient of moe_experts' eager CPU backward.
+// fastdf._cpu: pieces of moe_experts' eager CPU backward: the routed rows of the upstream
+// gradient (gathered, weighted, and dotted with h2 in one pass), and the SwiGLU gradient.
 //
 // With h1 = [gate | up] (the grouped GEMM's output, [S, 2I]), a = silu(gate) up, and dd the
 // gradient of a, the gradient of h1 is dh1 = [dd up silu'(gate) | dd silu(gate)], where
@@ -43,7 +44,37 @@ void swiglu_backward_rows(const float* dd, const float* h1, float* dh1, int64_t 
     }
 }
 
+// Routed rows [lo, hi): gw[r] = grad[tok[r]] w[r] and, where dw is given, dw[r] = grad[tok[r]] .
+// h2[r] (the routing weight's gradient; 16 lanes, then a tree). In torch: the gather, a
+// broadcast product and a vecdot (whose product is a temporary): three passes over [S, H].
+void routed_grad_rows(const float* grad, const int64_t* tok, const float* w, const float* h2, float* gw, float* dw,
+                      int64_t H, int64_t lo, int64_t hi) {
+    for (int64_t r = lo; r < hi; ++r) {
+        const float* g = grad + tok[r] * H;
+        const float* h = h2 ? h2 + r * H : nullptr;
+        float* o = gw + r * H;
+        const v16 wr = splat(w[r]);
+        v16 acc = {};
+        for (int64_t c = 0; c < H; c += 16) {
+            const __mmask16 m = lanes(H - c);
+            const v16 gv = load_n(g + c, m);
+            store_n(o + c, gv * wr, m);
+            if (h) acc += gv * load_n(h + c, m);
+        }
+        if (dw) dw[r] = hsum(acc);
+    }
+}
+
 #pragma GCC pop_options
+
+// Rows [0, rows) cut into `threads` static parts (one part below ~64K elements: a parallel
+// region costs more than it saves there).
+template <class Body>
+void rows_parallel(int64_t rows, int64_t width, int threads, Body body) {
+    const int parts = static_cast<int>(std::min<int64_t>(rows * width >= (1 << 16) ? std::max(1, threads) : 1, rows));
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
+    for (int p = 0; p < parts; ++p) body(rows * p / parts, rows * (p + 1) / parts);
+}
 
 }  // namespace
 
@@ -55,12 +86,27 @@ void add_moe(py::module_& m) {
             const auto* d = reinterpret_cast<const float*>(dd);
             const auto* h = reinterpret_cast<const float*>(h1);
             auto* o = reinterpret_cast<float*>(dh1);
-            // below ~64K elements one thread: a parallel region costs more than it saves
-            const int parts = static_cast<int>(std::min<int64_t>(S * I >= (1 << 16) ? std::max(1, threads) : 1, S));
             py::gil_scoped_release release;
-#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
-            for (int p = 0; p < parts; ++p) swiglu_backward_rows(d, h, o, I, S * p / parts, S * (p + 1) / parts);
+            rows_parallel(S, I, threads, [&](int64_t lo, int64_t hi) { swiglu_backward_rows(d, h, o, I, lo, hi); });
         },
         "moe_experts' SwiGLU gradient: dh1 = [dd up silu'(gate) | dd silu(gate)] for contiguous fp32 dd [S, I], "
         "h1 = [gate | up] [S, 2I] and dh1 [S, 2I].");
+    m.def(
+        "routed_grad",
+        [](uintptr_t grad, uintptr_t tok, uintptr_t w, uintptr_t h2, uintptr_t gw, uintptr_t dw, int64_t S, int64_t H,
+           int threads) {
+            if (S < 0 || H <= 0) throw std::invalid_argument("fastdf._cpu.routed_grad: S >= 0 and H > 0");
+            if (dw && !h2) throw std::invalid_argument("fastdf._cpu.routed_grad: dw needs h2");
+            const auto* g = reinterpret_cast<const float*>(grad);
+            const auto* t = reinterpret_cast<const int64_t*>(tok);
+            const auto* wr = reinterpret_cast<const float*>(w);
+            const auto* h = reinterpret_cast<const float*>(h2);
+            auto* o = reinterpret_cast<float*>(gw);
+            auto* d = reinterpret_cast<float*>(dw);
+            py::gil_scoped_release release;
+            rows_parallel(S, H, threads, [&](int64_t lo, int64_t hi) { routed_grad_rows(g, t, wr, h, o, d, H, lo, hi); });
+        },
+        "moe_experts' routed upstream gradient: gw[r] = grad[tok[r]] w[r] and (dw, h2 nonzero) dw[r] = grad[tok[r]] "
+        ". h2[r], for contiguous fp32 grad [T, H], h2 and gw [S, H], w and dw [S], int64 tok [S] (rows of grad: the "
+        "caller's range check).");
 }

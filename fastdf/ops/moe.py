@@ -50,9 +50,10 @@ MOE_BWD = Op("moe_experts_backward", prefer=("cuda", "triton", "torch"))
 
 # Activations fused into the kernels (codes match fastdf.kernels.grouped_mm.ACT_*).
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
-# fastdf._cpu's SwiGLU gradient (csrc/cpu/moe.cpp) in the eager CPU backward of fp32 SiLU
-# experts; False runs torch's three passes instead (tests and benchmarks compare both).
-SWIGLU_KERNEL = True
+# fastdf._cpu's pieces of the eager CPU backward (csrc/cpu/moe.cpp): the routed gradient
+# rows (fp32) and the SwiGLU gradient (fp32 SiLU experts); False runs torch's passes instead
+# (tests and benchmarks compare both).
+CPU_KERNELS = True
 _ALIASES = {"swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
@@ -768,20 +769,28 @@ def _backward_eager(grad, hidden, topk_weights, gate_up, down, tids, tgu, tdown,
     acc = torch.float64 if h1.dtype == torch.float64 else torch.float32
     tok = torch.div(order, K, rounding_mode="floor")
     ids = tids.tolist() if tids is not None else range(gate_up.shape[0])
-    g = grad.index_select(0, tok)
     w_sorted = topk_weights.reshape(-1).index_select(0, order)
     ddown, dgu, dx, dweights = (hidden.new_empty(0) for _ in range(4))  # distinct: outputs may not alias
+    mod = _native.cpu_module() if CPU_KERNELS and acc == torch.float32 else None
+    if (mod is not None and grad.dtype == h2.dtype == w_sorted.dtype == torch.float32 and tok.dtype == torch.int64
+            and grad.is_contiguous() and h2.is_contiguous()):
+        # gather, weight and the routing weights' dot products in one pass (fastdf._cpu)
+        gw = _alloc.empty(h2.shape, dtype=torch.float32, device=dev)
+        dw_sorted = _alloc.empty(w_sorted.shape, dtype=torch.float32, device=dev) if need_dw else None
+        mod.routed_grad(grad.data_ptr(), tok.data_ptr(), w_sorted.data_ptr(), h2.data_ptr(), gw.data_ptr(),
+                        dw_sorted.data_ptr() if need_dw else 0, gw.shape[0], gw.shape[1], torch.get_num_threads())
+    else:
+        g = grad.index_select(0, tok)
+        dw_sorted = torch.linalg.vecdot(g.to(acc), h2.to(acc)) if need_dw else None
+        gw = (g.to(acc) * w_sorted.to(acc).unsqueeze(-1)).to(grad.dtype)
+        del g
     if need_dw:
-        dw_sorted = torch.linalg.vecdot(g.to(acc), h2.to(acc))
         dweights = dw_sorted.index_select(0, inverse.reshape(-1)).view(T, K).to(topk_weights.dtype)
-    gw = (g.to(acc) * w_sorted.to(acc).unsqueeze(-1)).to(grad.dtype)
-    del g
     dd = grouped_mm_loop(gw, down, offs, trainable_w=tdown, trainable_ids=tids, bounds=bounds).to(acc)
     gate, up = h1.to(acc).chunk(2, dim=-1)
     I = gate.shape[1]
     dh1 = _alloc.empty((h1.shape[0], 2 * I), dtype=acc, device=dev)
-    mod = _native.cpu_module() if SWIGLU_KERNEL and act == 0 and h1.dtype == torch.float32 else None
-    if mod is not None and dd.is_contiguous() and h1.is_contiguous():
+    if mod is not None and act == 0 and h1.dtype == torch.float32 and dd.is_contiguous() and h1.is_contiguous():
         # the SiLU gradient in one pass over dd, gate and up (three passes and a temporary
         # in torch): fastdf._cpu, see csrc/cpu/moe.cpp
         mod.swiglu_backward(dd.data_ptr(), h1.data_ptr(), dh1.data_ptr(), h1.shape[0], I, torch.get_num_threads())

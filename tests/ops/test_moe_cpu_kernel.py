@@ -1,7 +1,8 @@
-"""fastdf._cpu's SwiGLU gradient (csrc/cpu/moe.cpp), used by moe_experts' eager CPU
-backward for fp32 SiLU experts: against the float64 formula by the rule, against torch's
-silu_backward where values are not finite, every tail width and thread count, and the
-backward taking it (and its torch fallback) held to the reference."""
+"""fastdf._cpu's pieces of moe_experts' eager CPU backward (csrc/cpu/moe.cpp): the SwiGLU
+gradient against the float64 formula by the rule and against torch's silu_backward where
+values are not finite; the routed gradient rows (gather, weight: torch's bits; the dot
+with h2 by the rule); every tail width and thread count; and the backward taking them (and
+its torch fallback, moe.CPU_KERNELS = False) held to the reference."""
 
 import unittest.mock
 
@@ -64,9 +65,27 @@ def test_swiglu_backward_special_values_as_torch():
     torch.testing.assert_close(got[finite], want[finite], rtol=2e-6, atol=1e-30)
 
 
-def test_moe_backward_uses_the_kernel_and_its_fallback_agrees():
-    """fp32 SiLU experts: the eager backward calls the kernel once; with fastdf._cpu
-    unavailable it runs torch's three passes. Both held to the reference by the rule."""
+@pytest.mark.parametrize("S,T,H", [(1, 1, 1), (9, 5, 12), (64, 40, 16), (300, 150, 130)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_routed_grad_rows(S, T, H, threads):
+    g = torch.Generator().manual_seed(S + H)
+    grad, h2 = torch.randn(T, H, generator=g) * 3, torch.randn(S, H, generator=g)
+    tok, w = torch.randint(0, T, (S,), generator=g), torch.rand(S, generator=g)
+    gw, dw = torch.full((S, H), float("nan")), torch.full((S,), float("nan"))
+    _native.cpu_module().routed_grad(grad.data_ptr(), tok.data_ptr(), w.data_ptr(), h2.data_ptr(), gw.data_ptr(),
+                                     dw.data_ptr(), S, H, threads)
+    rows = grad.index_select(0, tok)
+    assert torch.equal(gw, rows * w[:, None])  # one product per element: torch's bits
+    assert_close_by_rule(dw, torch.linalg.vecdot(rows.double(), h2.double()), torch.linalg.vecdot(rows, h2), name="dw")
+    gw2 = torch.full((S, H), float("nan"))  # no dw wanted: gw alone
+    _native.cpu_module().routed_grad(grad.data_ptr(), tok.data_ptr(), w.data_ptr(), h2.data_ptr(), gw2.data_ptr(), 0,
+                                     S, H, threads)
+    assert torch.equal(gw2, gw)
+
+
+def test_moe_backward_uses_the_kernels_and_its_fallback_agrees():
+    """fp32 SiLU experts: the eager backward calls each kernel once; with fastdf._cpu
+    unavailable it runs torch's passes. Both held to the reference by the rule."""
     T, K, E, H, I = 29, 2, 4, 12, 24
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(T, H, generator=g)
@@ -83,8 +102,12 @@ def test_moe_backward_uses_the_kernel_and_its_fallback_agrees():
             return getattr(module, name)
 
         def swiglu_backward(self, *args):
-            calls.append(args)
+            calls.append("swiglu")
             return module.swiglu_backward(*args)
+
+        def routed_grad(self, *args):
+            calls.append("routed")
+            return module.routed_grad(*args)
 
     def run(hidden, ids, weights, gate_up, down, grad, fn=fastdf.moe_experts):
         h, w = hidden.clone().requires_grad_(), weights.clone().requires_grad_()
@@ -97,8 +120,13 @@ def test_moe_backward_uses_the_kernel_and_its_fallback_agrees():
 
     with unittest.mock.patch.object(_native, "cpu_module", lambda: Spy()):
         fast = run(hidden, ids, weights, gate_up, down, grad)
-    assert len(calls) == 1
+    assert sorted(calls) == ["routed", "swiglu"]
     with unittest.mock.patch.object(_native, "cpu_module", lambda: None):
         fallback = run(hidden, ids, weights, gate_up, down, grad)
+    with unittest.mock.patch.object(moe, "CPU_KERNELS", False), \
+            unittest.mock.patch.object(_native, "cpu_module", lambda: Spy()):
+        switched_off = run(hidden, ids, weights, gate_up, down, grad)
+    assert sorted(calls) == ["routed", "swiglu"]
+    assert all(torch.equal(a, b) for a, b in zip(fallback, switched_off))
     for result in (fast, fallback):
         assert_matches_reference(result, reference, hidden, ids, weights, gate_up, down, grad)
