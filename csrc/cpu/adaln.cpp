@@ -29,7 +29,6 @@ namespace py = pybind11;
 namespace {
 
 constexpr int64_t CHUNK = 64;          // rows per frame-sum chunk
-constexpr int64_t PARALLEL = 1 << 16;  // elements below which one thread runs the op
 
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
@@ -235,15 +234,6 @@ void fold(float* src, double* dst, int64_t n) {
 
 #pragma GCC pop_options
 
-int parts_for(int64_t elements, int threads) { return elements >= PARALLEL ? std::max(1, threads) : 1; }
-
-template <class Body>
-void rows_parallel(const Shape& s, int threads, Body body) {
-    const int64_t rows = s.B * s.T;
-    const int parts = static_cast<int>(std::min<int64_t>(parts_for(rows * s.C, threads), rows));
-#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
-    for (int p = 0; p < parts; ++p) body(rows * p / parts, rows * (p + 1) / parts);
-}
 
 // Frame sums with row work: every frame's S rows are cut into chunks of <= CHUNK rows (the
 // unit of work), each chunk into groups of <= GROUP rows. rows(lo, hi, sums, aff) adds a
@@ -260,7 +250,7 @@ void frame_sums(const Shape& s, int tables, float* const* out, int affine, float
     constexpr int64_t SLOTS = 16, GROUP = 8;
     const int64_t S = s.S(), C = s.C, frames = s.B * s.F, width = (tables + affine) * C;
     if (S == 1 && !affine) {
-        rows_parallel(s, threads, [&](int64_t lo, int64_t hi) {
+        rows_parallel(s.B * s.T, s.C, threads, [&](int64_t lo, int64_t hi) {
             float* own[4] = {};
             for (int i = 0; i < tables; ++i) own[i] = out[i] ? out[i] + lo * C : nullptr;
             rows(std::true_type{}, lo, hi, own, nullptr);
@@ -358,7 +348,7 @@ void add_adaln(py::module_& m) {
                                 ptr<const float>(b), ptr<float>(y), ptr<float>(mean), ptr<float>(rstd),
                                 Shape{B, T, F, C}, rms, eps};
             py::gil_scoped_release release;
-            rows_parallel(a.s, threads, [&](int64_t lo, int64_t hi) { modulate_rows(a, lo, hi); });
+            rows_parallel(a.s.B * a.s.T, a.s.C, threads, [&](int64_t lo, int64_t hi) { modulate_rows(a, lo, hi); });
         },
         "adaln_modulate's forward: y = N(x) (1 + scale) + shift per frame, and mean / rstd (either may be 0: "
         "not written). x, y, weight, bias (0 when absent) contiguous fp32; shift / scale fp32 tables given as "
@@ -395,7 +385,7 @@ void add_adaln(py::module_& m) {
             const Shape s{B, T, F, C};
             const Table gt = table(gate);
             py::gil_scoped_release release;
-            rows_parallel(s, threads, [&](int64_t lo, int64_t hi) {
+            rows_parallel(s.B * s.T, s.C, threads, [&](int64_t lo, int64_t hi) {
                 gated_rows(ptr<const float>(x), ptr<const float>(y), gt, ptr<float>(out), s, lo, hi);
             });
         },

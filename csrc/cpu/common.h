@@ -9,6 +9,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -23,6 +24,18 @@ INLINE bool has_avx512() {
 // Hooks: each adds its family's functions to the module.
 void add_adaln(pybind11::module_& m);
 void add_moe(pybind11::module_& m);
+
+// Row-parallel work: rows [0, rows) of `width` elements each, cut into static parts, one per
+// thread, or one part below PARALLEL elements (a parallel region costs more than it saves).
+constexpr int64_t PARALLEL = 1 << 16;
+INLINE int parts_for(int64_t elements, int threads) { return elements >= PARALLEL ? std::max(1, threads) : 1; }
+
+template <class Body>
+void rows_parallel(int64_t rows, int64_t width, int threads, Body body) {
+    const int parts = static_cast<int>(std::min<int64_t>(parts_for(rows * width, threads), rows));
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
+    for (int p = 0; p < parts; ++p) body(rows * p / parts, rows * (p + 1) / parts);
+}
 
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")

@@ -11,9 +11,6 @@
 // Cephes' within 1 ulp of libm), so the backward is held to the reference by the rule.
 #include "common.h"
 
-#include <omp.h>
-
-#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 
@@ -67,15 +64,6 @@ void routed_grad_rows(const float* grad, const int64_t* tok, const float* w, con
 
 #pragma GCC pop_options
 
-// Rows [0, rows) cut into `threads` static parts (one part below ~64K elements: a parallel
-// region costs more than it saves there).
-template <class Body>
-void rows_parallel(int64_t rows, int64_t width, int threads, Body body) {
-    const int parts = static_cast<int>(std::min<int64_t>(rows * width >= (1 << 16) ? std::max(1, threads) : 1, rows));
-#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
-    for (int p = 0; p < parts; ++p) body(rows * p / parts, rows * (p + 1) / parts);
-}
-
 }  // namespace
 
 void add_moe(py::module_& m) {
@@ -104,7 +92,8 @@ void add_moe(py::module_& m) {
             auto* o = reinterpret_cast<float*>(gw);
             auto* d = reinterpret_cast<float*>(dw);
             py::gil_scoped_release release;
-            rows_parallel(S, H, threads, [&](int64_t lo, int64_t hi) { routed_grad_rows(g, t, wr, h, o, d, H, lo, hi); });
+            rows_parallel(S, H, threads,
+                          [&](int64_t lo, int64_t hi) { routed_grad_rows(g, t, wr, h, o, d, H, lo, hi); });
         },
         "moe_experts' routed upstream gradient: gw[r] = grad[tok[r]] w[r] and (dw, h2 nonzero) dw[r] = grad[tok[r]] "
         ". h2[r], for contiguous fp32 grad [T, H], h2 and gw [S, H], w and dw [S], int64 tok [S] (rows of grad: the "

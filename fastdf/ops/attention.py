@@ -1490,8 +1490,8 @@ def df_attention(q: Tensor, k: Tensor, v: Tensor, *, frame_size: int = 1, causal
                                                                          sink_frames, scale, return_lse, compiling)
     if key_padding_mask is not None:
         _check_key_padding_mask(key_padding_mask, q, k)
-    elif (dense and not return_lse and q.is_cpu and cpu_kernel_route(compiling) and type(q) in PLAIN
-          and type(k) in PLAIN and type(v) in PLAIN):
+    elif (dense and not return_lse and cpu_kernel_route(compiling) and type(q) in PLAIN and type(k) in PLAIN
+          and type(v) in PLAIN):  # dense: CPU tensors (_check_dense)
         # every row sees every key: aten's kernel as it is (the rest of the eager path's rule
         # in _attention, here so that the dense call is a few Python lines end to end)
         result = _attention_dense(q, k, v, scale)
