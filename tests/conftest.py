@@ -14,7 +14,17 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import fastdf  # noqa: E402
+from fastdf import _native  # noqa: E402
 from fastdf.ops import BACKENDS, REGISTRY, unavailable_reason  # noqa: E402
+
+# FASTDF_TEST_NO_AVX512=1: fastdf._cpu reported unusable, as on an x86 CPU without AVX-512,
+# so every op takes the path it takes there (with ATEN_CPU_CAPABILITY=avx2, torch's own
+# kernels too). CI runs on whatever CPU the machine has; .ci/run also runs the CPU-path
+# tests this way, so those fallbacks are exercised on every submission.
+NO_AVX512 = os.environ.get("FASTDF_TEST_NO_AVX512") == "1"
+if NO_AVX512:
+    _native._load_cpu = lambda: (None, "fastdf._cpu's kernels need a CPU with AVX-512 (F, BW, DQ, VL): "
+                                       "switched off by FASTDF_TEST_NO_AVX512=1")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
