@@ -4,6 +4,7 @@ fastdf against every baseline measured in the same run."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -51,12 +52,18 @@ def parse_args(argv=None):
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="measure each case N times and report the medians, with the range of each ratio "
                              "(default 1; CPU ratios near parity swing +-5-15%% run to run)")
+    parser.add_argument("--fresh-processes", action="store_true",
+                        help="with --repeat N: each of the N runs in a new Python process, then combined as "
+                             "--repeat combines them (a process's heap and cache state moves CPU ratios near "
+                             "parity by several percent, the same way for all its repeats)")
     parser.add_argument("--list", action="store_true", help="list the suites and exit")
     args = parser.parse_args(argv)
     if args.quick and args.full:
         parser.error("--quick and --full contradict each other")
     if args.repeat < 1:
         parser.error(f"--repeat {args.repeat}: give a number of runs >= 1")
+    if args.fresh_processes and args.repeat < 2:
+        parser.error("--fresh-processes needs --repeat N with N >= 2 (the runs it spreads over processes)")
     if args.compile and (args.suite or args.markdown or args.plot or args.quick or args.full or args.repeat != 1):
         parser.error("--compile takes only --json (see python -m fastdf.bench.compile --help for its options)")
     if not args.list:
@@ -125,6 +132,63 @@ def check_args(parser, args):
                 parser.error(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) visible")
 
 
+def _run_in_processes(args, device, rows, save):
+    """--fresh-processes: ``args.repeat`` child runs of this CLI (``--repeat 1``, JSON into a
+    temporary folder), one after another, each case's line echoed as the child prints it;
+    then each case's runs combined as core.run combines in-process repeats, into ``rows``
+    (``save(rows)`` after each child). A child that fails stops the run with its output."""
+    import subprocess
+
+    child = [sys.executable, "-m", "fastdf.bench", "--device", str(device), "--repeat", "1", "--no-progress"]
+    for name in args.suite or ():
+        child += ["--suite", name]
+    child += [flag for flag, on in (("--quick", args.quick), ("--full", args.full),
+                                    ("--no-ceilings", args.no_ceilings)) if on]
+    runs: list[list[dict]] = []
+    with tempfile.TemporaryDirectory(prefix="fastdf-bench-") as tmp:
+        for n in range(args.repeat):
+            path = os.path.join(tmp, f"run{n}.json")
+            proc = subprocess.Popen(child + ["--json", path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
+            output = []
+            try:
+                for line in proc.stdout:
+                    output.append(line)
+                    if line.startswith("["):  # the case lines; the child's header and table are this run's
+                        print(f"[process {n + 1}/{args.repeat}] {line}", end="", flush=True)
+                code = proc.wait()
+            except KeyboardInterrupt:
+                proc.kill()
+                proc.wait()
+                raise
+            if code != 0:
+                raise SystemExit(f"run {n + 1} of {args.repeat} ({' '.join(child)}) exited with {code}:\n"
+                                 + "".join(output[-40:]))
+            with open(path) as f:
+                runs.append(json.load(f)["results"])
+            rows[:] = _combine_processes(runs)
+            if save is not None:
+                save(rows)
+
+
+def _combine_processes(runs: list[list[dict]]) -> list[dict]:
+    """Rows of several whole runs (each a list of rows, case after case) as one: each case's
+    rows from every run that has it, through core.combine_runs, in the first run's order."""
+    by_case: list[tuple[tuple, list[list[dict]]]] = []
+    index = {}
+    for run in runs:
+        seen = {}
+        for row in run:
+            key = (row["suite"], row["case"])
+            seen.setdefault(key, []).append(row)
+        for key, case_rows in seen.items():
+            if key not in index:
+                index[key] = len(by_case)
+                by_case.append((key, []))
+            by_case[index[key]][1].append(case_rows)
+    return [row for _, case_runs in by_case for row in core.combine_runs(case_runs)]
+
+
 def main(argv=None):
     args, suites = parse_args(argv)
     if args.list:
@@ -156,9 +220,13 @@ def main(argv=None):
             print("CPU default: the quick case set (--full for every CPU case with full repetitions).")
     rows, interrupted, start = [], False, time.perf_counter()
     save = (lambda done: core.write_json(args.json, done, env)) if args.json else None
+    env["fresh_processes"] = args.fresh_processes
     try:
-        core.run(args.suite or sorted(suites), device, quick, progress=not args.no_progress, rows=rows,
-                 on_case=save, echo=lambda line: print(line, flush=True), repeat=args.repeat)
+        if args.fresh_processes:
+            _run_in_processes(args, device, rows, save)
+        else:
+            core.run(args.suite or sorted(suites), device, quick, progress=not args.no_progress, rows=rows,
+                     on_case=save, echo=lambda line: print(line, flush=True), repeat=args.repeat)
     except KeyboardInterrupt:  # e.g. a time limit in gpu_check.sh: keep what was measured
         interrupted = True
         print(f"interrupted: reporting the {len({(r['suite'], r['case']) for r in rows})} finished case(s)")

@@ -211,3 +211,35 @@ def test_repeat_reports_medians_and_the_range_of_each_ratio(monkeypatch, capsys)
         with pytest.raises(SystemExit):
             cli.main(["--repeat", bad])
         assert "--repeat" in capsys.readouterr().err
+
+
+def test_fresh_processes_combines_whole_runs(tmp_path, capsys):
+    """--fresh-processes: --repeat N as N child runs of the CLI, each case's lines echoed with
+    its process, the cases combined as in-process repeats are (medians, ratio ranges, every
+    run's time); refused without --repeat >= 2."""
+    from fastdf.bench import cli
+
+    runs = [[dict(suite="s", case=c, provider=p, ms=ms, **({} if p == "fastdf" else dict(fastdf_speedup=r)))
+             for c in ("c1", "c2") for p, ms, r in (("fastdf", 1.0, None), ("base", k, k))]
+            for k in (1.1, 0.9, 1.3)]
+    runs[2] = runs[2][:2]  # the last run stopped after its first case
+    rows = cli._combine_processes(runs)
+    assert [(r["case"], r["provider"]) for r in rows] == [("c1", "fastdf"), ("c1", "base"), ("c2", "fastdf"),
+                                                          ("c2", "base")]
+    assert rows[1]["fastdf_speedup"] == 1.1 and rows[1]["fastdf_speedup_range"] == [0.9, 1.3]
+    assert rows[3]["fastdf_speedup"] == 1.0 and rows[3]["fastdf_speedup_range"] == [0.9, 1.1]
+
+    path = tmp_path / "r.json"
+    assert cli.main(["--device", "cpu", "--suite", "cascade", "--quick", "--repeat", "2", "--fresh-processes",
+                     "--no-progress", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "[process 1/2] [1/" in out and "[process 2/2] [1/" in out
+    data = json.loads(path.read_text())
+    assert data["environment"]["fresh_processes"] is True and data["environment"]["repeat"] == 2
+    timed = [r for r in data["results"] if "ms" in r]
+    assert timed and all(len(r["ms_runs"]) == 2 for r in timed)
+    assert all(len(r["fastdf_speedup_range"]) == 2 for r in timed if r["provider"] != "fastdf")
+    for argv in (["--fresh-processes"], ["--fresh-processes", "--repeat", "1"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        assert "--fresh-processes needs --repeat" in capsys.readouterr().err
