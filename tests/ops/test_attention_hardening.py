@@ -296,3 +296,46 @@ def test_flash_attention_rule_fp16_large_scale_torch_backend():
         return (o.detach(), *torch.autograd.grad((o * g).sum(), inputs))
 
     assert_matches_reference((out, *grads), ref, q, k, v, g)
+
+
+LSE_CASES = {"short-kernel": (1, 4, 1, 37, 37, 40, dict(frame_size=3)),
+             "tiled-kernel": (2, 4, 2, 37, 129, 40, dict(frame_size=7, window_frames=3, sink_frames=1))}
+
+
+def _large_lse_xfail():
+    from fastdf.kernels import INTERPRET
+
+    return pytest.mark.xfail(INTERPRET, strict=True, reason=(
+        "known: the Triton backward forms p = exp2(s * qk_scale - lse * log2 e) from an lse stored in ln "
+        "units, ~4 roundings of |lse|'s ulp beyond the reference's; dV leaves the 2x rule at max |lse| ~126 "
+        "under the interpreter (unfused; on a GPU ptxas may fuse it into an FMA: only a GPU run says)"))
+
+
+@pytest.mark.parametrize("gain", [24.0, pytest.param(32.0, marks=_large_lse_xfail())], ids=["lse80", "lse126"])
+@pytest.mark.parametrize("case", list(LSE_CASES))
+def test_triton_fp32_gradients_at_large_lse(case, gain):
+    """fp32 gradients of the Triton kernels with q scaled up (max |lse| ~80 and ~126): the
+    2x rule holds at ~80; at ~126 it is a known miss (benches/notes: what only a GPU can
+    confirm), kept here as a strict xfail so the fix has to remove the mark."""
+    from fastdf.ops import unavailable_reason
+
+    if unavailable_reason("triton", "cpu"):
+        pytest.skip(unavailable_reason("triton", "cpu"))
+    B, Hq, Hkv, Tq, Tk, D, mask = LSE_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, t, D, generator=gen) for h, t in ((Hq, Tq), (Hkv, Tk), (Hkv, Tk)))
+    q = q * gain
+    gen = torch.Generator().manual_seed(100)
+    g_out, g_lse = torch.randn(q.shape, generator=gen), torch.randn(q.shape[:3], generator=gen)
+    inputs = [t.requires_grad_() for t in (q, k, v)]
+    with fastdf.backend("triton"):
+        out, lse = fastdf.df_attention(*inputs, return_lse=True, **mask)
+        grads = torch.autograd.grad((out * g_out).sum() + (lse * g_lse).sum(), inputs)
+    assert float(lse.detach().abs().max()) > 3 * gain  # the regime this test is about
+
+    def ref_grads(q, k, v, g_out, g_lse):
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        o, l = df_attention_reference(*inputs, **mask)
+        return torch.autograd.grad((o * g_out).sum() + (l * g_lse.to(l.dtype)).sum(), inputs)
+
+    assert_matches_reference(grads, ref_grads, q, k, v, g_out, g_lse)
