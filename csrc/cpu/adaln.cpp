@@ -234,7 +234,6 @@ void fold(float* src, double* dst, int64_t n) {
 
 #pragma GCC pop_options
 
-
 // Frame sums with row work: every frame's S rows are cut into chunks of <= CHUNK rows (the
 // unit of work), each chunk into groups of <= GROUP rows. rows(lo, hi, sums, aff) adds a
 // group's rows into fp32 sums (the `tables` wanted, each [C] or null, and `affine` [C]

@@ -174,19 +174,14 @@ def _run_in_processes(args, device, rows, save):
 def _combine_processes(runs: list[list[dict]]) -> list[dict]:
     """Rows of several whole runs (each a list of rows, case after case) as one: each case's
     rows from every run that has it, through core.combine_runs, in the first run's order."""
-    by_case: list[tuple[tuple, list[list[dict]]]] = []
-    index = {}
+    cases: dict[tuple, list[list[dict]]] = {}  # in order of first appearance
     for run in runs:
-        seen = {}
+        rows: dict[tuple, list[dict]] = {}
         for row in run:
-            key = (row["suite"], row["case"])
-            seen.setdefault(key, []).append(row)
-        for key, case_rows in seen.items():
-            if key not in index:
-                index[key] = len(by_case)
-                by_case.append((key, []))
-            by_case[index[key]][1].append(case_rows)
-    return [row for _, case_runs in by_case for row in core.combine_runs(case_runs)]
+            rows.setdefault((row["suite"], row["case"]), []).append(row)
+        for key, case_rows in rows.items():
+            cases.setdefault(key, []).append(case_rows)
+    return [row for case_runs in cases.values() for row in core.combine_runs(case_runs)]
 
 
 def main(argv=None):

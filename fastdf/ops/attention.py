@@ -1253,8 +1253,9 @@ _eager_backward_once = torch.autograd.function.once_differentiable(_eager_backwa
 
 
 def _attention_dense(q, k, v, scale):
-    """The eager path where every row sees all of >= CPU_KERNEL_DENSE_KEYS keys (the caller
-    knows: :func:`_dense`, remembered with the argument checks) and no lse is returned:
+    """The eager path where every row sees all of >= CPU_KERNEL_DENSE_KEYS keys of nonempty
+    CPU tensors in _DENSE_DTYPES (the caller knows: :func:`_check_dense`, remembered with the
+    argument checks) and no lse is returned:
     aten's CPU flash kernel on the tensors as they are, as a differentiable op, so autograd
     records aten's own backward node. Bitwise what the torch backend gives there (its
     forward's and its backward's single unmasked flash call). ``(out, lse)``, or None where
@@ -1263,8 +1264,7 @@ def _attention_dense(q, k, v, scale):
     # _bthd_layout and _accepted's common case written out: each Python call is ~1-2 us here
     # when the caches are cold (case c of the CPU bench: ~130 us a call between other
     # providers, ~80 us hot), and this route is the whole call
-    if not (q.is_cpu and q.dtype in _DENSE_DTYPES and q.numel() and q.stride(-1) == 1 and k.stride(-1) == 1
-            and v.stride(-1) == 1):
+    if not (q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1):  # strides are not in the key
         return None
     flash = _flash_cpu()
     if flash is None:
@@ -1374,11 +1374,13 @@ def _check_cached(q, k, v, frame_size, causal, window_frames, sink_frames, scale
 
 
 def _check_dense(q, k, v, frame_size, causal, window_frames, sink_frames, scale, return_lse):
-    """``(*_check(...), dense)``: whether every row sees all of >= CPU_KERNEL_DENSE_KEYS keys
-    (asked for CPU tensors only: the dense route is aten's CPU kernel)."""
+    """``(*_check(...), dense)``: whether :func:`_attention_dense` may take the call as far
+    as the cache key tells (nonempty CPU tensors of a dtype it runs, every row seeing all of
+    >= CPU_KERNEL_DENSE_KEYS keys), so those tests run once per key, not per call."""
     frame_size, window_frames, sink_frames, scale = _check(q, k, v, frame_size, causal, window_frames, sink_frames,
                                                            scale, return_lse)
-    dense = q.is_cpu and _dense(q.shape[2], k.shape[2], frame_size, causal, window_frames, sink_frames)
+    dense = (q.is_cpu and q.dtype in _DENSE_DTYPES and q.numel() > 0
+             and _dense(q.shape[2], k.shape[2], frame_size, causal, window_frames, sink_frames))
     return frame_size, window_frames, sink_frames, scale, dense
 
 

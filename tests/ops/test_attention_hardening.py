@@ -273,13 +273,14 @@ def test_flash_attention_rule_forward_and_backward(be, kernel, case, dtype):
         out, lse = fastdf.df_attention(*inputs, return_lse=True, **mask)
         grads = torch.autograd.grad((out * g).sum() + (lse * g_lse).sum(), inputs)
     assert_matches_reference((out, lse), df_attention_reference, q, k, v, **mask)
+    assert_matches_reference(grads, _reference_grads, q, k, v, g, g_lse, **mask)
 
-    def ref_grads(q, k, v, g, g_lse):
-        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        o, l = df_attention_reference(*inputs, **mask)
-        return torch.autograd.grad((o * g).sum() + (l * g_lse.to(l.dtype)).sum(), inputs)
 
-    assert_matches_reference(grads, ref_grads, q, k, v, g, g_lse)
+def _reference_grads(q, k, v, g_out, g_lse, **mask):
+    """Gradients of (out * g_out).sum() + (lse * g_lse).sum() through the reference."""
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    o, l = df_attention_reference(*inputs, **mask)
+    return torch.autograd.grad((o * g_out).sum() + (l * g_lse.to(l.dtype)).sum(), inputs)
 
 
 def test_flash_attention_rule_fp16_large_scale_torch_backend():
@@ -333,10 +334,4 @@ def test_triton_fp32_gradients_at_large_lse(device, case, gain):
         out, lse = fastdf.df_attention(*inputs, return_lse=True, **mask)
         grads = torch.autograd.grad((out * g_out).sum() + (lse * g_lse).sum(), inputs)
     assert float(lse.detach().abs().max()) > 3 * gain  # the regime this test is about
-
-    def ref_grads(q, k, v, g_out, g_lse):
-        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-        o, l = df_attention_reference(*inputs, **mask)
-        return torch.autograd.grad((o * g_out).sum() + (l * g_lse.to(l.dtype)).sum(), inputs)
-
-    assert_matches_reference(grads, ref_grads, q, k, v, g_out, g_lse)
+    assert_matches_reference(grads, _reference_grads, q, k, v, g_out, g_lse, **mask)
